@@ -1,0 +1,25 @@
+"""Errors a user can fix: the CLI prints their message (which names the fix), not a traceback."""
+
+from __future__ import annotations
+
+from medfed.config import ConfigError
+from medfed.crypto.context import CiphertextError, KeyMaterialError
+from medfed.crypto.packing import LayoutError
+from medfed.crypto.params import UnsafeParametersError
+from medfed.data import DatasetError, PartitionError
+from medfed.embed import BackboneError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DatasetError,
+    PartitionError,
+    BackboneError,
+    UnsafeParametersError,
+    CiphertextError,
+    KeyMaterialError,
+    LayoutError,
+)
+
+
+def format_user_error(e: BaseException) -> str:
+    return f"medfed: error: {e}"

@@ -1,0 +1,160 @@
+"""The hospital: a Flower ClientApp that holds the data and the secret key.
+
+Each handler loads this hospital's private workspace (cached per process), answers one
+protocol step, and returns only ciphertexts, a bucket count, names and fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from medfed.crypto.context import (
+    CiphertextError,
+    context_fingerprint,
+    decrypt,
+    encrypt,
+    load_ciphertext,
+    load_secret_context,
+    public_context_bytes,
+)
+from medfed.crypto.keyholder import sum_masked_slots
+from medfed.crypto.packing import SlotLayout, n_buckets, pack_hospital
+from medfed.crypto.params import get_preset
+from medfed.fl import messages as M
+from medfed.fl import workspace as W
+from medfed.train.head import accuracy, weights_matrix
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=64)
+def _load(workspace: str, index: int):
+    data, meta = W.load_hospital(Path(workspace), index)
+    ctx = load_secret_context(W.read_secret_context(Path(workspace), index))
+    return data, meta, ctx
+
+
+def stats_vector(features: np.ndarray) -> np.ndarray:
+    """``[sum x (d), sum x^2 (d), n]``: what the shared normalization needs, summed securely."""
+    return np.concatenate([features.sum(0), (features**2).sum(0), [features.shape[0]]])
+
+
+def normalization_from_stats(total: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global mean and standard deviation from the decrypted sum of every hospital's stats."""
+    n = total[2 * d]
+    if not n >= 1:
+        raise ValueError("the securely summed sample count is not positive")
+    mean = total[:d] / n
+    var = np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
+    return mean, np.sqrt(var) + 1e-6
+
+
+def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, scale: float) -> np.ndarray:
+    """The rule every hospital shares: standardize, then scale to unit expected norm."""
+    return scale * (x - mean) / std / np.sqrt(x.shape[1])
+
+
+def _index(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _reply(msg: Message, **values) -> Message:
+    return Message(M.make_content(**values), reply_to=msg)
+
+
+def make_hospital_app(workspace: str | Path) -> ClientApp:
+    """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``."""
+    workspace = str(workspace)
+    app = ClientApp()
+
+    @app.query("stats")
+    def stats(msg: Message, context: Context) -> Message:
+        i = _index(context)
+        data, meta, ctx = _load(workspace, i)
+        features = data.train_features
+        if not np.all(np.isfinite(features)):
+            raise ValueError(
+                f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
+                "feature cache) before joining the federation."
+            )
+        vec = stats_vector(features)
+        public = public_context_bytes(ctx)
+        values = {
+            M.HOSPITAL: data.name,
+            M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
+            M.STATS: encrypt(ctx, vec).serialize(),
+            M.KEY_FINGERPRINT: context_fingerprint(ctx),
+        }
+        if i == 0:
+            values[M.PUBLIC_CONTEXT] = public
+        return _reply(msg, **values)
+
+    @app.train("upload")
+    def upload(msg: Message, context: Context) -> Message:
+        i = _index(context)
+        data, meta, ctx = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
+        d = data.train_features.shape[1]
+        total_ct = load_ciphertext(
+            ctx, rec[M.STATS_TOTAL], size=2 * d + 1, sender="aggregator", item="stats total"
+        )
+        mean, std = normalization_from_stats(decrypt(ctx, total_ct), d)
+        np.savez(W.hospital_dir(Path(workspace), i) / W.NORM, mean=mean, std=std)
+        x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
+        packed = pack_hospital(x, data.train_labels, int(meta["n_classes"]), layout, i)
+        blocks, xs, ys = [], [], []
+        for block, (xb, yb) in sorted(packed.items()):
+            blocks.append(block)
+            xs.extend(encrypt(ctx, col).serialize() for col in xb)
+            ys.append(encrypt(ctx, yb).serialize())
+        return _reply(
+            msg, **{M.HOSPITAL: data.name, M.BLOCKS: blocks, M.FEATURES: xs, M.LABELS: ys}
+        )
+
+    @app.query("sum")
+    def sums(msg: Message, context: Context) -> Message:
+        i = _index(context)
+        data, meta, ctx = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
+        params = get_preset(meta["ckks"])
+        out = sum_masked_slots(ctx, list(rec[M.MASKED]), layout, params)
+        return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
+
+    @app.evaluate("final")
+    def final(msg: Message, context: Context) -> Message:
+        i = _index(context)
+        data, meta, ctx = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
+        vectors = []
+        for j, blob in enumerate(rec[M.WEIGHTS]):
+            vec = load_ciphertext(ctx, blob, size=layout.slots, sender="aggregator", item=f"w{j}")
+            vectors.append(decrypt(ctx, vec))
+        weights = weights_matrix(vectors, layout)
+        if not np.all(np.isfinite(weights)) or np.abs(weights).max() > 1e6:
+            raise CiphertextError(
+                f"{data.name}: the decrypted head is not finite or absurdly large"
+            )
+        with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
+            mean, std = f["mean"], f["std"]
+        x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
+        acc = accuracy(weights, x, data.test_labels) if len(x) else float("nan")
+        result = {
+            "hospital": data.name,
+            "correct": int(round(acc * len(x))) if len(x) else 0,
+            "total": len(x),
+            "weights": weights.tolist(),
+        }
+        (W.hospital_dir(Path(workspace), i) / W.EVAL).write_text(json.dumps(result))
+        return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
+
+    return app

@@ -1,0 +1,54 @@
+"""Run the aggregator and the hospitals: Flower's Ray simulation engine, or in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from medfed.fl.aggregator import (
+    AggregatorSettings,
+    EncryptedEmbeddingsStrategy,
+    make_aggregator_app,
+)
+from medfed.fl.hospital import make_hospital_app
+from medfed.fl.local_grid import LocalGrid
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(
+    workspace: Path,
+    settings: AggregatorSettings,
+    n_hospitals: int,
+    backend: str = "flower",
+    client_cpus: float = 1.0,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure."""
+    client_app = make_hospital_app(workspace)
+    if backend == "local":
+        strategy = EncryptedEmbeddingsStrategy(settings, on_step=on_step)
+        return strategy.run(LocalGrid(client_app, n_hospitals))
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    results: dict = {}
+    server_app = make_aggregator_app(settings, results, on_step=on_step)
+    backend_config = {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n_hospitals,
+        backend_config=backend_config,
+    )
+    if "error" in results or "layout" not in results:
+        raise RuntimeError(
+            f"the federation failed: {results.get('error', 'the ServerApp returned no result')}"
+        )
+    return results

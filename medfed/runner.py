@@ -1,0 +1,135 @@
+"""One federation run, start to finish: the library entry point behind ``medfed.simulate``."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from medfed.config import ConfigError, SimulationConfig
+from medfed.crypto.context import make_secret_context, secret_context_bytes
+from medfed.crypto.params import get_preset
+from medfed.experiments.prepare import prepare
+from medfed.experiments.references import plaintext_reference
+from medfed.experiments.results import write_run
+from medfed.fl.aggregator import AggregatorSettings
+from medfed.fl.launch import run_federation
+from medfed.fl.workspace import provision, read_evaluations
+from medfed.train.head import HeadSchedule
+from medfed.train.poly import fit_sigmoid
+
+log = logging.getLogger(__name__)
+
+
+def _check_depth(cfg: SimulationConfig, approx, params) -> None:
+    if approx.depth > params.depth:
+        from medfed.crypto.params import PRESETS
+
+        fits = [n for n, p in PRESETS.items() if p.depth >= approx.depth]
+        raise ConfigError(
+            f"a degree-{approx.degree} sigmoid needs {approx.depth} CKKS levels per epoch, but "
+            f"preset {cfg.ckks!r} has {params.depth}; use --ckks {fits[0]} or a lower "
+            "--sigmoid-degree."
+        )
+
+
+def run(cfg: SimulationConfig) -> dict:
+    """Prepare data, run the encrypted federation and the references; return metrics."""
+    t0 = time.perf_counter()
+    params = get_preset(cfg.ckks)
+    approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
+    _check_depth(cfg, approx, params)
+    schedule = HeadSchedule(cfg.epochs, cfg.lr, approx)
+
+    data = prepare(cfg)
+    n_classes = data.dataset.n_classes
+    d = data.train_features.shape[1]
+    reference = plaintext_reference(
+        data.hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale
+    )
+
+    secret = make_secret_context(params)  # provisioned to hospitals only (shared-key setup)
+    meta = {
+        "bucket": cfg.bucket,
+        "n_classes": n_classes,
+        "ckks": params.name,
+        "feature_scale": cfg.feature_scale,
+    }
+    settings = AggregatorSettings(
+        params=params,
+        schedule=schedule,
+        n_classes=n_classes,
+        n_features=d,
+        bucket=cfg.bucket,
+        expected_hospitals=cfg.hospitals,
+    )
+    with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
+        workspace = Path(ws)
+        for i, h in enumerate(data.hospitals):
+            provision(workspace, i, h, secret_context_bytes(secret), meta)
+        del secret
+        t_fed = time.perf_counter()
+        with Progress(
+            TextColumn("encrypted training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not cfg.progress,
+        ) as progress:
+            task = progress.add_task("epochs", total=cfg.epochs)
+            fed = run_federation(
+                workspace,
+                settings,
+                cfg.hospitals,
+                backend=cfg.backend,
+                client_cpus=cfg.client_cpus,
+                on_step=lambda step: progress.advance(task),
+            )
+        federation_seconds = time.perf_counter() - t_fed
+        evaluations = read_evaluations(workspace, cfg.hospitals)
+
+    done = [e for e in evaluations if e is not None]
+    total = sum(e["total"] for e in done)
+    correct = sum(e["correct"] for e in done)
+    up = int(sum(fed["bytes_up"].values()))
+    down = int(sum(fed["bytes_down"].values()))
+    parties = {
+        name: {"sent": fed["bytes_up"].get(name, 0), "received": fed["bytes_down"].get(name, 0)}
+        for name in sorted(set(fed["bytes_up"]) | set(fed["bytes_down"]))
+    }
+    parties["aggregator"] = {"sent": down, "received": up}
+    metrics = {
+        "mode": cfg.mode,
+        "keys": cfg.keys,
+        "hospitals": cfg.hospitals,
+        "dataset": data.dataset.name,
+        "n_classes": n_classes,
+        "backbone": data.backbone.name,
+        "backbone_weights": data.backbone.weights,
+        "backbone_pretrained": data.backbone.pretrained,
+        "embed_dim": d,
+        "ckks": {**params.to_dict(), "depth": params.depth, "slots": params.slots},
+        "sigmoid": {"degree": approx.degree, "radius": approx.radius, "coeffs": approx.coeffs},
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "accuracy": correct / total if total else float("nan"),
+        "plaintext_accuracy": reference["plaintext_accuracy"],
+        "exact_accuracy": reference["exact_accuracy"],
+        "test_samples_evaluated": total,
+        "wall_seconds": time.perf_counter() - t0,
+        "federation_seconds": federation_seconds,
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_per_party": parties,
+        "refreshes_per_epoch": 1,
+        "layout": fed["layout"],
+        "excluded": fed["excluded"],
+        "embedding_cache_hits": data.cache_hits,
+    }
+    if cfg.out:
+        rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
+        write_run(Path(cfg.out), cfg.to_dict(), metrics, rounds)
+    return metrics
