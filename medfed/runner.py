@@ -17,7 +17,7 @@ from medfed.experiments.references import plaintext_reference
 from medfed.experiments.results import write_run
 from medfed.fl.aggregator import AggregatorSettings
 from medfed.fl.launch import run_federation
-from medfed.fl.workspace import provision, read_evaluations
+from medfed.fl.workspace import HospitalData, provision, read_evaluations
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
 
@@ -37,20 +37,38 @@ def _check_depth(cfg: SimulationConfig, approx, params) -> None:
 
 
 def run(cfg: SimulationConfig) -> dict:
-    """Prepare data, run the encrypted federation and the references; return metrics."""
-    t0 = time.perf_counter()
+    """Prepare data (load, validate, embed, partition), then :func:`federate`."""
+    started = time.perf_counter()
+    data = prepare(cfg)
+    described = {
+        "dataset": data.dataset.name,
+        "backbone": data.backbone.name,
+        "backbone_weights": data.backbone.weights,
+        "backbone_pretrained": data.backbone.pretrained,
+        "embedding_cache_hits": data.cache_hits,
+    }
+    return federate(cfg, data.hospitals, data.dataset.n_classes, described, started)
+
+
+def federate(
+    cfg: SimulationConfig,
+    hospitals: list[HospitalData],
+    n_classes: int,
+    described: dict,
+    started: float | None = None,
+) -> dict:
+    """Run the encrypted federation and the plaintext references on prepared hospitals."""
+    t0 = started if started is not None else time.perf_counter()
     params = get_preset(cfg.ckks)
     approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
     _check_depth(cfg, approx, params)
     schedule = HeadSchedule(cfg.epochs, cfg.lr, approx)
-
-    data = prepare(cfg)
-    n_classes = data.dataset.n_classes
-    d = data.train_features.shape[1]
+    if len(hospitals) != cfg.hospitals:
+        raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
+    d = hospitals[0].train_features.shape[1]
     reference = plaintext_reference(
-        data.hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale
+        hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale
     )
-
     secret = make_secret_context(params)  # provisioned to hospitals only (shared-key setup)
     meta = {
         "bucket": cfg.bucket,
@@ -68,7 +86,7 @@ def run(cfg: SimulationConfig) -> dict:
     )
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
-        for i, h in enumerate(data.hospitals):
+        for i, h in enumerate(hospitals):
             provision(workspace, i, h, secret_context_bytes(secret), meta)
         del secret
         t_fed = time.perf_counter()
@@ -105,11 +123,8 @@ def run(cfg: SimulationConfig) -> dict:
         "mode": cfg.mode,
         "keys": cfg.keys,
         "hospitals": cfg.hospitals,
-        "dataset": data.dataset.name,
+        **described,
         "n_classes": n_classes,
-        "backbone": data.backbone.name,
-        "backbone_weights": data.backbone.weights,
-        "backbone_pretrained": data.backbone.pretrained,
         "embed_dim": d,
         "ckks": {**params.to_dict(), "depth": params.depth, "slots": params.slots},
         "sigmoid": {"degree": approx.degree, "radius": approx.radius, "coeffs": approx.coeffs},
@@ -117,6 +132,7 @@ def run(cfg: SimulationConfig) -> dict:
         "lr": cfg.lr,
         "accuracy": correct / total if total else float("nan"),
         "plaintext_accuracy": reference["plaintext_accuracy"],
+        "accuracy_gap_pp": None,
         "exact_accuracy": reference["exact_accuracy"],
         "test_samples_evaluated": total,
         "wall_seconds": time.perf_counter() - t0,
@@ -127,8 +143,8 @@ def run(cfg: SimulationConfig) -> dict:
         "refreshes_per_epoch": 1,
         "layout": fed["layout"],
         "excluded": fed["excluded"],
-        "embedding_cache_hits": data.cache_hits,
     }
+    metrics["accuracy_gap_pp"] = 100 * (metrics["accuracy"] - metrics["plaintext_accuracy"])
     if cfg.out:
         rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
         write_run(Path(cfg.out), cfg.to_dict(), metrics, rounds)

@@ -208,6 +208,7 @@ def test_embed_dataset_split_cache(tmp_path, monkeypatch):
         raise AssertionError("cache hit must not build a model")
 
     monkeypatch.setattr(cache_mod, "create_backbone", boom)
+    cache_mod._LAST_BACKBONE.clear()  # forget the memoised model of this run
     with pytest.warns(UntrainedBackboneWarning):  # still loud on a hit
         feats2, info2, hit2 = embed_dataset_split(dataset, "train", images, TINY, None, **kw)
     assert hit2 and info2 == info and np.array_equal(feats, feats2)

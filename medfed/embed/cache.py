@@ -201,6 +201,20 @@ def _load_hit(cache: FeatureCache, key: str, n: int) -> tuple[np.ndarray, Backbo
     return features.astype(np.float32, copy=False), info
 
 
+_LAST_BACKBONE: dict[tuple, tuple] = {}
+
+
+def _memo_backbone(timm_name: str, weights_path: Path | None, img_size, allow_hub: bool):
+    """Build a backbone once for consecutive splits of one run (keeps only the last one)."""
+    key = (timm_name, str(weights_path), img_size, allow_hub)
+    if key not in _LAST_BACKBONE:
+        _LAST_BACKBONE.clear()
+        _LAST_BACKBONE[key] = create_backbone(
+            timm_name, weights=weights_path, img_size=img_size, allow_hub=allow_hub, seed=0
+        )
+    return _LAST_BACKBONE[key]
+
+
 def embed_dataset_split(
     dataset_path: Path,
     split: str,
@@ -251,9 +265,7 @@ def embed_dataset_split(
                 _warn_untrained(timm_name, 0)
             return features, info, True
 
-    model, info = create_backbone(
-        timm_name, weights=weights_path, img_size=img_size, allow_hub=allow_hub, seed=0
-    )
+    model, info = _memo_backbone(timm_name, weights_path, img_size, allow_hub)
     if weights_path is not None:
         identity = identities[0]
     else:

@@ -1,0 +1,53 @@
+"""Whole federations on synthetic hospitals over the in-process Grid (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medfed.config import SimulationConfig
+from medfed.runner import federate
+
+REQUIRED = {
+    "mode",
+    "keys",
+    "hospitals",
+    "accuracy",
+    "plaintext_accuracy",
+    "exact_accuracy",
+    "wall_seconds",
+    "bytes_up",
+    "bytes_down",
+}
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals, n_classes):
+    hospitals = make_hospitals(n_hospitals=3, n=240, d=12, n_classes=n_classes, seed=n_classes)
+    cfg = SimulationConfig(
+        hospitals=3, backend="local", epochs=8, lr=4.0, out=str(tmp_path), progress=False
+    )
+    m = federate(cfg, hospitals, n_classes, {"dataset": "synthetic"})
+    assert REQUIRED <= set(m)
+    assert m["mode"] == "embeddings" and m["keys"] == "shared" and m["hospitals"] == 3
+    # the encrypted head decides like the plaintext one: at most 1 pp apart
+    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.01
+    # and it learned something (not a vacuous comparison of two majority-class heads)
+    majority = max(np.bincount(np.concatenate([h.test_labels for h in hospitals]))) / 120
+    assert m["accuracy"] > majority + 0.1
+    assert m["test_samples_evaluated"] == 120
+    assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+    assert m["excluded"] == []
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["accuracy"] == m["accuracy"]
+    assert (tmp_path / "config.yaml").exists()
+    rounds = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert sum('"refresh"' in r for r in rounds) == cfg.epochs
+
+
+def test_depth_check_names_a_preset_that_fits(make_hospitals):
+    from medfed.config import ConfigError
+
+    cfg = SimulationConfig(hospitals=3, backend="local", sigmoid_degree=5, ckks="fast")
+    with pytest.raises(ConfigError, match="--ckks standard"):
+        federate(cfg, make_hospitals(), 2, {})
