@@ -61,6 +61,23 @@ def config_from_args(argv: list[str] | None = None) -> tuple[SimulationConfig, b
     return SimulationConfig.from_dict({**base.to_dict(), **args}, source="command line"), verbose
 
 
+def configure_logging(verbose: bool) -> None:
+    """medfed's own logs at INFO (DEBUG with -v); Flower, Ray and friends at WARNING."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    if not verbose:  # Flower resets its own logger's level at run time; filter at the handler
+        handler.addFilter(
+            lambda r: not r.name.startswith(("flwr", "ray")) or r.levelno >= logging.ERROR
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("medfed").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("flwr", "ray", "alembic"):  # medfed reports client failures itself
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from medfed.errors import USER_ERRORS, format_user_error
 
@@ -69,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(format_user_error(e), file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose)
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from medfed.embed import UntrainedBackboneWarning
+
+    # logged once by medfed.embed and repeated in the summary; no duplicate Python warning
+    warnings.filterwarnings("ignore", category=UntrainedBackboneWarning)
     from medfed.experiments.results import print_summary
     from medfed.runner import run
 

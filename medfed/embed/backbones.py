@@ -214,7 +214,12 @@ def _warn_untrained(name: str, seed: int) -> None:
         f"(e.g. a timm .safetensors/.pth checkpoint for {name})."
     )
     warnings.warn(message, UntrainedBackboneWarning, stacklevel=3)
-    logger.warning(message)
+    if name not in _LOGGED_UNTRAINED:  # log once per process; the warning stays per call
+        _LOGGED_UNTRAINED.add(name)
+        logger.warning(message)
+
+
+_LOGGED_UNTRAINED: set[str] = set()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -212,6 +212,8 @@ def _memo_backbone(timm_name: str, weights_path: Path | None, img_size, allow_hu
         _LAST_BACKBONE[key] = create_backbone(
             timm_name, weights=weights_path, img_size=img_size, allow_hub=allow_hub, seed=0
         )
+    elif not _LAST_BACKBONE[key][1].pretrained:
+        _warn_untrained(timm_name, 0)  # as loud on reuse as on creation
     return _LAST_BACKBONE[key]
 
 

@@ -184,7 +184,11 @@ class EncryptedEmbeddingsStrategy:
             n_features=self.s.n_features,
         )
         layout_json = json.dumps(layout.to_dict())
-        payloads = {n: {M.STATS_TOTAL: total.serialize(), M.LAYOUT: layout_json} for n in nodes}
+        total_bytes = total.serialize()
+        payloads = {
+            n: {M.STATS_TOTAL: total_bytes, M.LAYOUT: layout_json, M.POSITION: position}
+            for position, n in enumerate(nodes)
+        }
         replies = self._exchange(grid, "upload", payloads, M.MSG_UPLOAD)
         cols = layout.n_columns
         x_blocks: list[list] = [[None] * cols for _ in range(layout.n_blocks)]

@@ -109,7 +109,10 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
         mean, std = normalization_from_stats(decrypt(ctx, total_ct), d)
         np.savez(W.hospital_dir(Path(workspace), i) / W.NORM, mean=mean, std=std)
         x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
-        packed = pack_hospital(x, data.train_labels, int(meta["n_classes"]), layout, i)
+        position = int(rec[M.POSITION])
+        if not 0 <= position < len(layout.allocations):
+            raise ValueError(f"{data.name}: slot position {position} is outside the layout")
+        packed = pack_hospital(x, data.train_labels, int(meta["n_classes"]), layout, position)
         blocks, xs, ys = [], [], []
         for block, (xb, yb) in sorted(packed.items()):
             blocks.append(block)

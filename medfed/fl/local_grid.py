@@ -21,10 +21,11 @@ class LocalGrid:
         for attr in ("_run_id", "_task_id", "_node_id"):  # Messages need a task identity
             if getattr(TaskIdentity, attr) is None:
                 setattr(TaskIdentity, attr, 0)
+        # node ids are deliberately not in partition order (as in Flower, ids are random)
         self.contexts = {
-            NODE_ID_BASE + i: Context(
+            NODE_ID_BASE + num_nodes - 1 - i: Context(
                 run_id=0,
-                node_id=NODE_ID_BASE + i,
+                node_id=NODE_ID_BASE + num_nodes - 1 - i,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},

@@ -24,6 +24,7 @@ PUBLIC_CONTEXT = "public_context"
 KEY_FINGERPRINT = "key_fingerprint"
 STATS_TOTAL = "stats_total"
 LAYOUT = "layout"
+POSITION = "position"  # the hospital's allocation index in the layout
 BLOCKS = "blocks"
 FEATURES = "x"
 LABELS = "y"
