@@ -116,5 +116,28 @@ def _validate(c: SimulationConfig) -> None:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
     if c.sigmoid_degree not in (1, 3, 5):
         raise ConfigError(f"sigmoid_degree={c.sigmoid_degree!r} must be 1, 3 or 5")
+    _check_ckks(c)
     if c.img_size is not None:
         positive_int("img_size", c.img_size, low=16)
+
+
+def _check_ckks(c: SimulationConfig) -> None:
+    """The preset exists and has the levels one epoch needs (checked before any embedding)."""
+    import math
+
+    from medfed.crypto.params import PRESETS, UnsafeParametersError, get_preset
+
+    try:
+        params = get_preset(c.ckks)
+    except UnsafeParametersError as e:
+        raise ConfigError(str(e)) from None
+    needed = 2 + math.ceil(math.log2(c.sigmoid_degree + 1))
+    if needed > params.depth:
+        fits = sorted(
+            (p.poly_modulus_degree, p.depth, n) for n, p in PRESETS.items() if p.depth >= needed
+        )
+        raise ConfigError(
+            f"a degree-{c.sigmoid_degree} sigmoid needs {needed} CKKS levels per epoch, but "
+            f"preset {c.ckks!r} has {params.depth}; use --ckks {fits[0][2]} or a lower "
+            "--sigmoid-degree."
+        )

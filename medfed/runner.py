@@ -24,18 +24,6 @@ from medfed.train.poly import fit_sigmoid
 log = logging.getLogger(__name__)
 
 
-def _check_depth(cfg: SimulationConfig, approx, params) -> None:
-    if approx.depth > params.depth:
-        from medfed.crypto.params import PRESETS
-
-        fits = [n for n, p in PRESETS.items() if p.depth >= approx.depth]
-        raise ConfigError(
-            f"a degree-{approx.degree} sigmoid needs {approx.depth} CKKS levels per epoch, but "
-            f"preset {cfg.ckks!r} has {params.depth}; use --ckks {fits[0]} or a lower "
-            "--sigmoid-degree."
-        )
-
-
 def run(cfg: SimulationConfig) -> dict:
     """Prepare data (load, validate, embed, partition), then :func:`federate`."""
     started = time.perf_counter()
@@ -61,7 +49,6 @@ def federate(
     t0 = started if started is not None else time.perf_counter()
     params = get_preset(cfg.ckks)
     approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
-    _check_depth(cfg, approx, params)
     schedule = HeadSchedule(cfg.epochs, cfg.lr, approx)
     if len(hospitals) != cfg.hospitals:
         raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")

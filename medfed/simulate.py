@@ -38,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=S, help="iid (default) or dirichlet")
     p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration (0.5)")
     p.add_argument("--seed", type=int, default=S, help="partition seed (0)")
-    p.add_argument("--ckks", default=S, help="CKKS preset: fast (default), standard, deep")
+    p.add_argument(
+        "--ckks", default=S, help="CKKS preset: fast (default), standard, deep, fast-shallow"
+    )
     p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (30)")
     p.add_argument("--lr", type=float, default=S, help="learning rate (2.0)")
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
     p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (8)")
+    p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
     p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
     p.add_argument("--backend", default=S, help="flower (Ray simulation, default) or local")
     p.add_argument("--client-cpus", type=float, default=S, help="CPUs per simulated hospital")

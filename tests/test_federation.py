@@ -45,9 +45,10 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
     assert sum('"refresh"' in r for r in rounds) == cfg.epochs
 
 
-def test_depth_check_names_a_preset_that_fits(make_hospitals):
+def test_depth_check_names_a_preset_that_fits_before_any_work():
     from medfed.config import ConfigError
 
-    cfg = SimulationConfig(hospitals=3, backend="local", sigmoid_degree=5, ckks="fast")
     with pytest.raises(ConfigError, match="--ckks standard"):
-        federate(cfg, make_hospitals(), 2, {})
+        SimulationConfig(hospitals=3, backend="local", sigmoid_degree=5, ckks="fast")
+    with pytest.raises(ConfigError, match="Did you mean 'fast'"):
+        SimulationConfig(ckks="fats")

@@ -2,8 +2,9 @@
 
 The aggregator adds fresh uniform noise to every slot before a hospital decrypts, so the
 hospital sees only masked values (statistical hiding: a slot value of magnitude ``v`` is hidden
-behind a mask of width ``2**mask_bits``, distance ``~ v / 2**mask_bits``). The aggregator
-removes the masks' segment sums after the hospital's encrypted reply comes back.
+behind a mask uniform on ``[-2**mask_bits, 2**mask_bits]``: statistical distance
+``|v| / 2**(mask_bits + 1)`` per slot, which adds up over every slot a hospital sees).
+The aggregator removes the masks' segment sums after the hospital's encrypted reply comes back.
 """
 
 from __future__ import annotations

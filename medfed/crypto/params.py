@@ -162,7 +162,7 @@ PRESETS: dict[str, CKKSParams] = {
         (60, 40, 40, 40, 40, 40, 40, 40, 58),
         40,
         name="deep",
-        notes="N=16384, 7 levels for degree-5 sigmoid approximations.",
+        notes="N=16384, 7 levels: headroom for deeper circuits (e.g. several epochs per refresh).",
     ),
     "fast-shallow": CKKSParams(
         8192,

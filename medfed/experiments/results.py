@@ -7,6 +7,7 @@ file that a rerun would trust.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -33,7 +34,18 @@ def write_run(out: Path, config: dict, metrics: dict, rounds: list[dict]) -> Non
     out = Path(out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN/Inf become null: metrics.json stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _mb(n: int) -> str:

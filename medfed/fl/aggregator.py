@@ -120,7 +120,7 @@ class EncryptedEmbeddingsStrategy:
         self.ledger.rounds.append(
             {
                 "stage": stage,
-                "hospitals": [self._name(n) for n in out],
+                "nodes": sorted(out),
                 "seconds": round(time.perf_counter() - t0, 4),
             }
         )
@@ -147,8 +147,12 @@ class EncryptedEmbeddingsStrategy:
         for node, rec in replies.items():
             self.names[node] = str(rec[M.HOSPITAL])
         lead = [rec for rec in replies.values() if M.PUBLIC_CONTEXT in rec]
+        if not lead and replies:  # the lead hospital failed: ask another one
+            node = sorted(replies)[0]
+            extra = self._exchange(grid, "public-context", {node: {}}, M.MSG_PUBLIC_CONTEXT)
+            lead = [rec for rec in extra.values() if M.PUBLIC_CONTEXT in rec]
         if not lead:
-            raise FederationError("the lead hospital did not send the public context")
+            raise FederationError("no hospital sent the public context")
         public = lead[0][M.PUBLIC_CONTEXT]
         self.ctx = load_public_context(public, sender=str(lead[0][M.HOSPITAL]))
         fingerprint = context_fingerprint(self.ctx)
@@ -264,7 +268,14 @@ class EncryptedEmbeddingsStrategy:
             "evaluated_by": evaluated,
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
-            "rounds": self.ledger.rounds,
+            "rounds": [
+                {
+                    "stage": r["stage"],
+                    "hospitals": [self._name(n) for n in r["nodes"]],
+                    "seconds": r["seconds"],
+                }
+                for r in self.ledger.rounds
+            ],
             "refreshes": [r.__dict__ for r in self.refresh_records],
             "excluded": self.ledger.excluded,
         }

@@ -6,6 +6,7 @@ protocol step, and returns only ciphertexts, a bucket count, names and fingerpri
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from functools import lru_cache
@@ -69,12 +70,44 @@ def _reply(msg: Message, **values) -> Message:
     return Message(M.make_content(**values), reply_to=msg)
 
 
+class HospitalStageError(RuntimeError):
+    """What the aggregator learns when a hospital fails: the stage and the error type only."""
+
+
+def guarded(workspace: str, stage: str):
+    """Keep failure details (which may quote data, e.g. sample counts) inside the hospital.
+
+    The full error goes to the hospital's private ``errors.log``; the exception that Flower
+    turns into an error reply names only the hospital, the stage and the error class.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                return fn(msg, context)
+            except Exception as e:  # noqa: BLE001 - re-raised without its message
+                i = _index(context)
+                d = W.hospital_dir(Path(workspace), i)
+                with open(d / W.ERRORS, "a") as f:
+                    f.write(f"{stage}: {type(e).__name__}: {e}\n")
+                raise HospitalStageError(
+                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
+                    "hospital's own errors.log"
+                ) from None
+
+        return handler
+
+    return wrap
+
+
 def make_hospital_app(workspace: str | Path) -> ClientApp:
     """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``."""
     workspace = str(workspace)
     app = ClientApp()
 
     @app.query("stats")
+    @guarded(workspace, "stats")
     def stats(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)
@@ -96,7 +129,14 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
             values[M.PUBLIC_CONTEXT] = public
         return _reply(msg, **values)
 
+    @app.query("publiccontext")
+    @guarded(workspace, "public-context")
+    def public_context(msg: Message, context: Context) -> Message:
+        data, _, ctx = _load(workspace, _index(context))
+        return _reply(msg, **{M.HOSPITAL: data.name, M.PUBLIC_CONTEXT: public_context_bytes(ctx)})
+
     @app.train("upload")
+    @guarded(workspace, "upload")
     def upload(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)
@@ -123,6 +163,7 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
         )
 
     @app.query("sum")
+    @guarded(workspace, "sum")
     def sums(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)
@@ -133,6 +174,7 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
     @app.evaluate("final")
+    @guarded(workspace, "final")
     def final(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)

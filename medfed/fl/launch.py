@@ -18,6 +18,12 @@ from medfed.fl.local_grid import LocalGrid
 log = logging.getLogger(__name__)
 
 
+def _quiet_flower_deprecation() -> None:
+    """``run_simulation`` logs a deprecation banner meant for app authors, not medfed users."""
+    for handler in logging.getLogger("flwr").handlers:
+        handler.addFilter(lambda r: "DEPRECATED FEATURE" not in r.getMessage())
+
+
 def run_federation(
     workspace: Path,
     settings: AggregatorSettings,
@@ -34,6 +40,8 @@ def run_federation(
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
+
+    _quiet_flower_deprecation()
 
     results: dict = {}
     server_app = make_aggregator_app(settings, results, on_step=on_step)

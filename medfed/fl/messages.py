@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, RecordDict
 MSG_STATS = "query.stats"  # hospitals -> encrypted feature sums (for the shared normalization)
 MSG_UPLOAD = "train.upload"  # hospitals -> encrypted feature/label blocks
 MSG_SUM = "query.sum"  # aggregator -> masked products; a hospital -> encrypted sums
+MSG_PUBLIC_CONTEXT = "query.publiccontext"  # fallback when the lead hospital is gone
 MSG_FINAL = "evaluate.final"  # aggregator -> the encrypted head; hospitals decrypt, evaluate
 
 RECORD = "medfed"  # the one ConfigRecord in every message

@@ -18,6 +18,7 @@ DATA = "data.npz"
 META = "meta.json"
 EVAL = "eval.json"
 NORM = "normalization.npz"
+ERRORS = "errors.log"
 
 
 @dataclass(frozen=True)
