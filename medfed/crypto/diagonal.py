@@ -1,0 +1,197 @@
+"""The "diagonal" slot layout (pure numpy; no HE context needed).
+
+Features are cut into groups of ``g`` (a power of two). Within a group, weights live in ONE
+ciphertext as a repeating pattern ``W[s] = w[s mod g]``; the hospitals upload their features as
+``g`` generalized diagonals so that the forward pass is a baby-step/giant-step sum:
+
+    k = b1 * a + b  (a < b2 giant steps, b < b1 baby steps, b1 * b2 = g)
+    D[a, b][s] = x[(s - b1 a) mod S][(s + b) mod g]          (sample i sits at slot i + b1 a)
+    z = sum_a rot( sum_b D[a, b] * rot(W, b), b1 a )          z[i] = sum_f w[f] x[i][f]
+
+so one epoch costs ``n d / S`` ct*ct forward and as many backward, with only ``b1 - 1`` baby and
+``b2 - 1`` giant rotations per group (the products are relinearized once per giant step). The
+backward products ``Q[a, b] = D[a, b] * rot(r, -b1 a)`` are summed into per-feature gradients by
+the key holder, on masked values, with the linear map :func:`gradient_map`; it answers with one
+pattern ciphertext per group, which is the weight layout again.
+
+Rotation convention (SEAL's ``rotate_vector``): ``rot(v, k)[i] = v[(i + k) mod S]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from medfed.crypto.packing import LayoutError, label_targets
+
+
+def rot(v: np.ndarray, k: int) -> np.ndarray:
+    """Plaintext twin of a CKKS slot rotation: ``rot(v, k)[i] = v[(i + k) mod S]``."""
+    return np.roll(v, -k, axis=-1)
+
+
+@dataclass(frozen=True)
+class DiagonalLayout:
+    slots: int
+    n_features: int
+    n_classes: int
+    group: int
+    baby: int
+    bucket: int
+    allocations: tuple[tuple[int, int], ...]  # per hospital: (start, padded length)
+
+    def __post_init__(self) -> None:
+        g = self.group
+        if g & (g - 1) or g < 2 or self.slots % g:
+            raise LayoutError(f"group width {g} must be a power of two dividing {self.slots}")
+        if g % self.baby:
+            raise LayoutError(f"baby steps {self.baby} must divide the group width {g}")
+
+    @property
+    def giant(self) -> int:
+        return self.group // self.baby
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.n_features / self.group)
+
+    @property
+    def n_heads(self) -> int:
+        """Binary tasks train one head; K-class tasks train K one-vs-rest heads."""
+        return 1 if self.n_classes == 2 else self.n_classes
+
+    @property
+    def n_padded(self) -> int:
+        return sum(length for _, length in self.allocations)
+
+    @property
+    def n_blocks(self) -> int:
+        return max(1, math.ceil(self.n_padded / self.slots))
+
+    def blocks_of(self, hospital: int) -> list[int]:
+        start, length = self.allocations[hospital]
+        if length == 0:
+            return []
+        return list(range(start // self.slots, (start + length - 1) // self.slots + 1))
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "diagonal",
+            "slots": self.slots,
+            "n_features": self.n_features,
+            "n_classes": self.n_classes,
+            "group": self.group,
+            "baby": self.baby,
+            "bucket": self.bucket,
+            "allocations": [list(a) for a in self.allocations],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiagonalLayout:
+        return cls(
+            slots=int(d["slots"]),
+            n_features=int(d["n_features"]),
+            n_classes=int(d["n_classes"]),
+            group=int(d["group"]),
+            baby=int(d["baby"]),
+            bucket=int(d["bucket"]),
+            allocations=tuple((int(a), int(b)) for a, b in d["allocations"]),
+        )
+
+
+def choose_group(n_features: int, slots: int) -> tuple[int, int]:
+    """Group width (power of two, at most 64) and baby steps (about sqrt of the width)."""
+    g = min(64, 1 << max(1, math.ceil(math.log2(max(n_features, 2)))), slots)
+    baby = 1 << (int(math.log2(g)) + 1) // 2
+    return g, baby
+
+
+def plan_diagonal(
+    buckets_per_hospital: list[int],
+    *,
+    slots: int,
+    n_classes: int,
+    bucket: int,
+    n_features: int,
+) -> DiagonalLayout:
+    g, baby = choose_group(n_features, slots)
+    allocations, start = [], 0
+    for b in buckets_per_hospital:
+        allocations.append((start, b * bucket))
+        start += b * bucket
+    return DiagonalLayout(slots, n_features, n_classes, g, baby, bucket, tuple(allocations))
+
+
+@dataclass
+class DiagonalBlock:
+    """One block's plaintext slot vectors, before encryption."""
+
+    diagonals: np.ndarray  # (groups, giant, baby, slots)
+    mask: np.ndarray  # (slots,) validity mask: 1 where a real sample sits (alignment a = 0)
+    targets: np.ndarray  # (heads, slots) 0/1 targets
+
+
+def pack_diagonal(
+    features: np.ndarray, labels: np.ndarray, layout: DiagonalLayout, position: int
+) -> dict[int, DiagonalBlock]:
+    """The slot vectors one hospital encrypts, block by block (zeros outside its range)."""
+    x = np.asarray(features, dtype=np.float64)
+    n, d = x.shape
+    if d != layout.n_features:
+        raise LayoutError(f"features have {d} columns, the layout expects {layout.n_features}")
+    start, length = layout.allocations[position]
+    if n > length:
+        raise LayoutError("more samples than the slots allocated to this hospital")
+    G, g, S = layout.n_groups, layout.group, layout.slots
+    xp = np.zeros((n, G * g))
+    xp[:, :d] = x
+    targets = label_targets(labels, layout.n_classes)
+    out: dict[int, DiagonalBlock] = {}
+    for block in layout.blocks_of(position):
+        lo = max(start, block * S)
+        hi = min(start + n, (block + 1) * S)
+        diag = np.zeros((G, layout.giant, layout.baby, S))
+        mask = np.zeros(S)
+        tgt = np.zeros((layout.n_heads, S))
+        if hi > lo:
+            rows = np.arange(lo - start, hi - start)
+            local = np.arange(lo - block * S, hi - block * S)
+            mask[local] = 1.0
+            tgt[:, local] = targets[rows].T
+            for a in range(layout.giant):
+                s = (local + layout.baby * a) % S
+                for b in range(layout.baby):
+                    feat = (s + b) % g
+                    for gi in range(G):
+                        diag[gi, a, b, s] = xp[rows, gi * g + feat]
+        out[block] = DiagonalBlock(diag, mask, tgt)
+    return out
+
+
+def gradient_map(products: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
+    """Per-feature sums from backward products ``(groups, giant, baby, slots)`` -> (groups*g,).
+
+    ``Q[a, b][s]`` holds a term of feature ``(s + b) mod g``; the map is linear, so the key
+    holder applies it to masked values and the aggregator to the masks.
+    """
+    G, g, S = layout.n_groups, layout.group, layout.slots
+    q = np.asarray(products).reshape(G, layout.giant, layout.baby, S // g, g)
+    out = np.zeros((G, g))
+    for b in range(layout.baby):
+        # feature (s + b) mod g at slot s: roll so that column f collects feature f
+        out += np.roll(q[:, :, b].sum(axis=(1, 2)), b, axis=-1)
+    return out.reshape(-1)
+
+
+def weight_pattern(values: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
+    """(groups*g,) weights -> (groups, slots) pattern vectors ``W[s] = w[s mod g]``."""
+    G, g, S = layout.n_groups, layout.group, layout.slots
+    return np.tile(np.asarray(values, dtype=np.float64).reshape(G, g), (1, S // g))
+
+
+def unpattern(vectors: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
+    """Inverse of :func:`weight_pattern` (mean over repeats, robust to CKKS noise)."""
+    G, g, S = layout.n_groups, layout.group, layout.slots
+    return np.asarray(vectors).reshape(G, S // g, g).mean(axis=1).reshape(-1)

@@ -1,0 +1,246 @@
+"""Direct SEAL operations (through the ``tenseal.sealapi`` binding shipped in the tenseal wheel).
+
+TenSEAL's CKKSVector has no rotations and relinearizes after every product. The diagonal layout
+needs both, so the aggregator's hot loop uses SEAL's Evaluator directly: products are summed
+unrelinearized and relinearized once per sum, and rotations use Galois keys for exactly three
+steps (``+1``, ``+baby``, ``-baby``), which every other rotation is chained from.
+
+:class:`SealVec` overloads ``+ - *`` like a numpy array, so the same training code runs on
+numpy slot vectors (plaintext reference) and on ciphertexts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as sa
+
+from medfed.crypto.context import MAX_CIPHERTEXT_BYTES, CiphertextError, KeyMaterialError
+
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+class SealEngine:
+    """Encoder, evaluator and keys of one party, built from a TenSEAL context."""
+
+    def __init__(self, ctx: ts.Context, galois_keys: bytes | None = None) -> None:
+        self.ctx = ctx
+        self.sc = ctx.data.seal_context()
+        self.ev = sa.Evaluator(self.sc)
+        self.encoder = sa.CKKSEncoder(self.sc)
+        self.slots = self.encoder.slot_count()
+        self.scale = float(ctx.global_scale)
+        self.relin = ctx.data.relin_keys()
+        self.encryptor = ctx.data.encryptor()
+        self.private = ctx.is_private()
+        self.decryptor = sa.Decryptor(self.sc, ctx.secret_key().data) if self.private else None
+        self._tmp = tempfile.mkdtemp(prefix="medfed-seal-", dir=_SHM)
+        self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
+        self.parms_ids = []
+        data = self.sc.first_context_data()
+        while data is not None:
+            self.parms_ids.append(tuple(data.parms_id()))
+            data = data.next_context_data()
+
+    # -- keys -------------------------------------------------------------------------------
+    def make_galois_keys(self, steps: Iterable[int]) -> bytes:
+        """Galois keys for the given rotation steps (needs the secret key)."""
+        if not self.private:
+            raise KeyMaterialError("only a hospital (secret key holder) can make Galois keys")
+        keys = sa.GaloisKeys()
+        sa.KeyGenerator(self.sc, self.ctx.secret_key().data).create_galois_keys(list(steps), keys)
+        return self._dump(keys)
+
+    def _load_galois(self, data: bytes) -> sa.GaloisKeys:
+        keys = sa.GaloisKeys()
+        try:
+            self._load(keys, data)
+        except Exception as e:  # noqa: BLE001
+            raise CiphertextError(f"Galois keys are malformed or foreign ({e})") from None
+        return keys
+
+    # -- (de)serialization ------------------------------------------------------------------
+    def _path(self) -> str:
+        return os.path.join(self._tmp, f"{os.getpid()}-{id(self)}.bin")
+
+    def _dump(self, obj) -> bytes:
+        path = self._path()
+        obj.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _load(self, obj, data: bytes) -> None:
+        path = self._path()
+        with open(path, "wb") as f:
+            f.write(data)
+        obj.load(self.sc, path)
+
+    def to_bytes(self, v: SealVec) -> bytes:
+        return self._dump(v.ct)
+
+    def from_bytes(self, data: bytes, *, sender: str, item: str) -> SealVec:
+        if not isinstance(data, bytes | bytearray):
+            raise CiphertextError(f"{item} from {sender}: expected bytes")
+        if len(data) > MAX_CIPHERTEXT_BYTES:
+            raise CiphertextError(f"{item} from {sender} is {len(data)} bytes, over the limit")
+        ct = sa.Ciphertext()
+        try:
+            self._load(ct, bytes(data))
+        except Exception as e:  # noqa: BLE001 - SEAL raises several types
+            raise CiphertextError(
+                f"{item} from {sender} is not a valid ciphertext for this run's parameters "
+                f"({e}); the sender must encrypt under the consortium's key and parameters."
+            ) from None
+        if tuple(ct.parms_id()) not in self.parms_ids or ct.size() not in (2, 3):
+            raise CiphertextError(f"{item} from {sender} does not belong to this run's parameters")
+        return SealVec(self, ct)
+
+    # -- encode / encrypt / decrypt ---------------------------------------------------------
+    def encode(self, values, parms_id=None, scale: float | None = None) -> sa.Plaintext:
+        pt = sa.Plaintext()
+        scale = self.scale if scale is None else scale
+        if isinstance(values, int | float | np.floating):
+            args = (float(values),)
+        else:
+            arr = np.asarray(values, dtype=np.float64)
+            if arr.shape != (self.slots,):
+                raise ValueError(f"expected {self.slots} slot values, got {arr.shape}")
+            args = (arr.tolist(),)
+        if parms_id is None:
+            self.encoder.encode(*args, scale, pt)
+        else:
+            self.encoder.encode(*args, parms_id, scale, pt)
+        return pt
+
+    def encrypt(self, values) -> SealVec:
+        ct = sa.Ciphertext()
+        self.encryptor.encrypt(self.encode(values), ct)
+        return SealVec(self, ct)
+
+    def decrypt(self, v: SealVec) -> np.ndarray:
+        if self.decryptor is None:
+            raise KeyMaterialError("decryption needs a hospital's secret key")
+        pt = sa.Plaintext()
+        self.decryptor.decrypt(v.ct, pt)
+        return np.asarray(self.encoder.decode_double(pt), dtype=np.float64)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def level(self, ct: sa.Ciphertext) -> int:
+        """0 = top level; grows with every rescale."""
+        return self.parms_ids.index(tuple(ct.parms_id()))
+
+    def align(self, a: sa.Ciphertext, b: sa.Ciphertext) -> tuple[sa.Ciphertext, sa.Ciphertext]:
+        """Copies of a and b at the lower of their levels, with equal (nominal) scales."""
+        la, lb = self.level(a), self.level(b)
+        if la < lb:
+            a = self._switch(a, b.parms_id())
+        elif lb < la:
+            b = self._switch(b, a.parms_id())
+        return a, b
+
+    def _switch(self, ct: sa.Ciphertext, parms_id) -> sa.Ciphertext:
+        out = sa.Ciphertext()
+        self.ev.mod_switch_to(ct, parms_id, out)
+        return out
+
+    def rescale(self, ct: sa.Ciphertext) -> sa.Ciphertext:
+        self.ev.rescale_to_next_inplace(ct)
+        ct.scale = self.scale  # primes are ~2^scale_bits: keep the nominal scale (as TenSEAL)
+        return ct
+
+    def dot(self, pairs: Sequence[tuple[SealVec, SealVec]]) -> SealVec:
+        """``sum a * b`` with one relinearization and one rescale for the whole sum."""
+        acc = None
+        tmp = sa.Ciphertext()
+        for a, b in pairs:
+            x, y = self.align(a.ct, b.ct)
+            if acc is None:
+                acc = sa.Ciphertext()
+                self.ev.multiply(x, y, acc)
+            else:
+                self.ev.multiply(x, y, tmp)
+                self.ev.add_inplace(acc, tmp)
+        self.ev.relinearize_inplace(acc, self.relin)
+        return SealVec(self, self.rescale(acc))
+
+    def rotate(self, v: SealVec, step: int) -> SealVec:
+        if self.galois is None:
+            raise KeyMaterialError("this party holds no Galois keys")
+        out = sa.Ciphertext()
+        self.ev.rotate_vector(v.ct, step, self.galois, out)
+        return SealVec(self, out)
+
+    def mod_switch_to_level(self, v: SealVec, level: int) -> SealVec:
+        if self.level(v.ct) == level:
+            return v
+        return SealVec(self, self._switch(v.ct, list(self.parms_ids[level])))
+
+    def close(self) -> None:
+        for name in os.listdir(self._tmp):
+            os.unlink(os.path.join(self._tmp, name))
+        os.rmdir(self._tmp)
+
+    def __del__(self) -> None:  # best effort: temp files live in RAM (/dev/shm)
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class SealVec:
+    """A ciphertext that behaves like a numpy slot vector under ``+ - *``."""
+
+    __slots__ = ("engine", "ct")
+
+    def __init__(self, engine: SealEngine, ct: sa.Ciphertext) -> None:
+        self.engine = engine
+        self.ct = ct
+
+    def _plain(self, other) -> sa.Plaintext:
+        return self.engine.encode(other, self.ct.parms_id(), self.ct.scale)
+
+    def __add__(self, other) -> SealVec:
+        e, out = self.engine, sa.Ciphertext()
+        if isinstance(other, SealVec):
+            a, b = e.align(self.ct, other.ct)
+            b.scale = a.scale
+            e.ev.add(a, b, out)
+        else:
+            e.ev.add_plain(self.ct, self._plain(other), out)
+        return SealVec(e, out)
+
+    __radd__ = __add__
+
+    def __neg__(self) -> SealVec:
+        out = sa.Ciphertext()
+        self.engine.ev.negate(self.ct, out)
+        return SealVec(self.engine, out)
+
+    def __sub__(self, other) -> SealVec:
+        if isinstance(other, SealVec):
+            return self + (-other)
+        return self + (-np.asarray(other, dtype=np.float64) if not np.isscalar(other) else -other)
+
+    def __rsub__(self, other) -> SealVec:
+        return (-self) + other
+
+    def __mul__(self, other) -> SealVec:
+        e, out = self.engine, sa.Ciphertext()
+        if isinstance(other, SealVec):
+            a, b = e.align(self.ct, other.ct)
+            e.ev.multiply(a, b, out)
+            e.ev.relinearize_inplace(out, e.relin)
+        else:
+            pt = e.encode(other, self.ct.parms_id(), e.scale)
+            e.ev.multiply_plain(self.ct, pt, out)
+        return SealVec(e, e.rescale(out))
+
+    __rmul__ = __mul__
+
+    @property
+    def level(self) -> int:
+        return self.engine.level(self.ct)
