@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ class SealEngine:
         self.encryptor = ctx.data.encryptor()
         self.private = ctx.is_private()
         self.decryptor = sa.Decryptor(self.sc, ctx.secret_key().data) if self.private else None
+        self.counts: Counter = Counter()  # (operation, level) -> calls, for op-count floors
         self._tmp = tempfile.mkdtemp(prefix="medfed-seal-", dir=_SHM)
         self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
         self.parms_ids = []
@@ -52,8 +54,21 @@ class SealEngine:
         if not self.private:
             raise KeyMaterialError("only a hospital (secret key holder) can make Galois keys")
         keys = sa.GaloisKeys()
-        sa.KeyGenerator(self.sc, self.ctx.secret_key().data).create_galois_keys(list(steps), keys)
+        elements = sorted({self.galois_element(s) for s in steps})
+        sa.KeyGenerator(self.sc, self.ctx.secret_key().data).create_galois_keys(elements, keys)
         return self._dump(keys)
+
+    def galois_element(self, step: int) -> int:
+        """SEAL's Galois element for a slot rotation by ``step`` (``3^step mod 2N``).
+
+        The binding takes a list of *elements* when every entry is positive, so steps are
+        converted here rather than relying on overload resolution.
+        """
+        n = 2 * self.slots
+        if not 0 < abs(step) < self.slots:
+            raise ValueError(f"rotation step {step} must be in (-{self.slots}, {self.slots})")
+        exponent = step if step > 0 else self.slots + step
+        return pow(3, exponent, 2 * n)
 
     def _load_galois(self, data: bytes) -> sa.GaloisKeys:
         keys = sa.GaloisKeys()
@@ -119,12 +134,14 @@ class SealEngine:
     def encrypt(self, values) -> SealVec:
         ct = sa.Ciphertext()
         self.encryptor.encrypt(self.encode(values), ct)
+        self.counts["encrypt", 0] += 1
         return SealVec(self, ct)
 
     def decrypt(self, v: SealVec) -> np.ndarray:
         if self.decryptor is None:
             raise KeyMaterialError("decryption needs a hospital's secret key")
         pt = sa.Plaintext()
+        self.counts["decrypt", self.level(v.ct)] += 1
         self.decryptor.decrypt(v.ct, pt)
         return np.asarray(self.encoder.decode_double(pt), dtype=np.float64)
 
@@ -148,6 +165,7 @@ class SealEngine:
         return out
 
     def rescale(self, ct: sa.Ciphertext) -> sa.Ciphertext:
+        self.counts["rescale", self.level(ct)] += 1
         self.ev.rescale_to_next_inplace(ct)
         ct.scale = self.scale  # primes are ~2^scale_bits: keep the nominal scale (as TenSEAL)
         return ct
@@ -158,12 +176,14 @@ class SealEngine:
         tmp = sa.Ciphertext()
         for a, b in pairs:
             x, y = self.align(a.ct, b.ct)
+            self.counts["mul_ct", self.level(x)] += 1
             if acc is None:
                 acc = sa.Ciphertext()
                 self.ev.multiply(x, y, acc)
             else:
                 self.ev.multiply(x, y, tmp)
                 self.ev.add_inplace(acc, tmp)
+        self.counts["relin", self.level(acc)] += 1
         self.ev.relinearize_inplace(acc, self.relin)
         return SealVec(self, self.rescale(acc))
 
@@ -171,6 +191,7 @@ class SealEngine:
         if self.galois is None:
             raise KeyMaterialError("this party holds no Galois keys")
         out = sa.Ciphertext()
+        self.counts["rotate", self.level(v.ct)] += 1
         self.ev.rotate_vector(v.ct, step, self.galois, out)
         return SealVec(self, out)
 
@@ -232,10 +253,13 @@ class SealVec:
         e, out = self.engine, sa.Ciphertext()
         if isinstance(other, SealVec):
             a, b = e.align(self.ct, other.ct)
+            e.counts["mul_ct", e.level(a)] += 1
+            e.counts["relin", e.level(a)] += 1
             e.ev.multiply(a, b, out)
             e.ev.relinearize_inplace(out, e.relin)
         else:
             pt = e.encode(other, self.ct.parms_id(), e.scale)
+            e.counts["mul_plain", e.level(self.ct)] += 1
             e.ev.multiply_plain(self.ct, pt, out)
         return SealVec(e, e.rescale(out))
 

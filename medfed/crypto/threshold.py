@@ -372,7 +372,17 @@ class ThresholdContext:
             cc = of.DeserializeCryptoContextString(data[off + 4 + hlen :], of.BINARY)
         except RuntimeError as e:
             raise ThresholdError(f"malformed threshold context: {e}") from None
-        if cc.GetRingDimension() != params.ring_dim or cc.GetBatchSize() != params.batch_size:
+        expected_ks = of.HYBRID if params.key_switching == "HYBRID" else of.BV
+        consistent = (
+            cc.GetRingDimension() == params.ring_dim
+            and cc.GetBatchSize() == params.batch_size
+            and cc.GetMultiplicativeDepth() == params.multiplicative_depth
+            and cc.GetKeySwitchTechnique() == expected_ks
+            and cc.GetScalingTechnique() == of.FIXEDAUTO
+            and (estimate is None) == (not params.noise_flooding)
+            and float(cc.GetNoiseEstimate()) == float(estimate or 0.0)
+        )
+        if not consistent:
             raise ThresholdError("threshold context header and OpenFHE context disagree")
         _enable(cc)
         return cls(params, estimate, cc, data)
@@ -474,9 +484,9 @@ class ThresholdAggregator:
 
     It deserializes ciphertexts and adds them (``EvalAdd``). It has no secret key, no
     partial-decryption or fusion method, and only ever relays sealed hospital-to-hospital
-    messages as opaque bytes. Plaintext-scalar weighting is deliberately not offered: in this
-    context a multiplication consumes the only level and leaves |values| < 2; hospitals send
-    sample-weighted updates (and their sample count) instead.
+    messages as opaque bytes. Plaintext-scalar weighting is deliberately not offered: at
+    depth 1 a multiplication consumes the only level and leaves the first prime alone (with
+    flooding: |values| < 2); hospitals send sample-weighted updates and their sample count.
     """
 
     def __init__(self, context: ThresholdContext | bytes, joint_public_key: bytes | None = None):

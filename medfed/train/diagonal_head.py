@@ -154,6 +154,7 @@ def diagonal_epoch(
     layout: DiagonalLayout,
     schedule: HeadSchedule,
     step: int,
+    targets: list[list[object]] | None = None,
 ) -> tuple[list[list[object]], list[object]]:
     """One full-batch gradient step over computes that each own a range of giant steps.
 
@@ -163,11 +164,12 @@ def diagonal_epoch(
     c = schedule.lr / layout.n_padded
     ranges = split_giant_steps(layout.giant, len(computes))
     computes = computes[: len(ranges)]
+    if targets is None:
+        targets = computes[0].targets()
     handles = [
         submit(comp, "forward", weights, rng) for comp, rng in zip(computes, ranges, strict=True)
     ]
     partial = [h.result() for h in handles]
-    targets = computes_targets(computes)
     residuals = []
     for k in range(layout.n_heads):
         per_block = []
@@ -206,22 +208,21 @@ def submit(compute, method: str, *args):
     return _Done(getattr(compute, method)(*args))
 
 
-def computes_targets(computes: Sequence) -> list[list[object]]:
-    """Per block, per head label vectors (held by the driver's first compute)."""
-    return computes[0].targets()
-
-
 def train_diagonal(
     backend: DiagonalBackend,
     computes: Sequence,
     layout: DiagonalLayout,
     schedule: HeadSchedule,
     on_step: Callable[[int], None] | None = None,
+    targets: list[list[object]] | None = None,
 ) -> tuple[list[list[object]], list[object]]:
+    """Train from zero weights; ``targets[block][head]`` default to the first compute's."""
     weights = [[backend.zeros() for _ in range(layout.n_groups)] for _ in range(layout.n_heads)]
     biases = [backend.zeros() for _ in range(layout.n_heads)]
     for step in range(schedule.epochs):
-        weights, biases = diagonal_epoch(backend, computes, weights, biases, layout, schedule, step)
+        weights, biases = diagonal_epoch(
+            backend, computes, weights, biases, layout, schedule, step, targets
+        )
         if on_step is not None:
             on_step(step)
     return weights, biases

@@ -9,7 +9,10 @@ match the plaintext FedAvg to 2 * tolerance / total count (< 1e-5 here).
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,6 +114,14 @@ def test_context_roundtrip_and_tamper(fed3):
     assert again.noise_estimate == fed3.context.noise_estimate
     with pytest.raises(ThresholdError):
         ThresholdContext.from_bytes(b"garbage" + wire)
+    # a header that misstates the OpenFHE context (e.g. a smaller noise estimate) is refused
+    size = int.from_bytes(wire[8:12], "big")
+    header = json.loads(wire[12 : 12 + size])
+    header["noise_estimate"] = 20.0
+    forged = json.dumps(header).encode()
+    tampered = wire[:8] + len(forged).to_bytes(4, "big") + forged + wire[12 + size :]
+    with pytest.raises(ThresholdError, match="disagree"):
+        ThresholdContext.from_bytes(tampered)
 
 
 # --- the encrypted sum -------------------------------------------------------------------------
@@ -191,6 +202,34 @@ def test_aggregator_holds_no_secret_key(fed3):
         pickle.dumps(fed3.party(1))
     # for comparison: the party does hold a private key object
     assert any(isinstance(o, openfhe.PrivateKey) for o in _walk(fed3.party(1)))
+
+
+AGGREGATOR_PROCESS = """
+import sys
+from medfed.crypto.threshold import ThresholdAggregator
+data = sys.stdin.buffer.read()
+parts, off = [], 0
+while off < len(data):
+    size = int.from_bytes(data[off : off + 8], "big")
+    parts.append(data[off + 8 : off + 8 + size])
+    off += 8 + size
+context, joint, cts = parts[0], parts[1], parts[2:]
+sys.stdout.buffer.write(ThresholdAggregator(context, joint).add(cts))
+"""
+
+
+def test_aggregator_in_its_own_process_works_on_bytes_only(fed3):
+    """A process that never saw a key share gets context, joint key and ciphertexts as bytes."""
+    updates, _ = hospital_updates(3, seed=4)
+    blobs = [fed3.context.to_bytes(), fed3.joint_public_key]
+    blobs += [p.encrypt(u) for p, u in zip(fed3.parties, updates, strict=True)]
+    stdin = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+    done = subprocess.run(
+        [sys.executable, "-c", AGGREGATOR_PROCESS], input=stdin, capture_output=True, check=True
+    )
+    aggregate = done.stdout
+    got = decrypt_together(fed3, aggregate, fed3.parties, fed3.party(2), round=9)
+    assert np.max(np.abs(got - np.sum(updates, axis=0))) <= fed3.context.tolerance
 
 
 def test_aggregator_refuses_foreign_or_excess_ciphertexts(fed3, fed5):

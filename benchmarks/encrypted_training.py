@@ -1,0 +1,375 @@
+"""Encrypted head training: medfed's diagonal layout against the per-sample layout, one run.
+
+Everything is measured side by side in ONE process and ONE run (ratios, never timed asserts):
+
+(a) medfed's encrypted epoch (weights, gradients, features and labels encrypted at the
+    aggregator; one masked-sum round with a key-holding hospital per epoch), in-process and on
+    K Ray workers;
+(b) the per-sample layout (one ciphertext per sample, as in TenSEAL's tutorial and
+    MedBlindTuner) at the same CKKS parameters and polynomial, timed on a subsample and scaled;
+(c) the plaintext reference (same arithmetic on numpy) and exact logistic regression;
+(d) the op-count floor: the epoch's ct*ct, relinearizations, rescales, ct*plain, rotations,
+    encryptions and decryptions, per level, times each op's cost measured in this run.
+
+The last output line is one JSON object. Example::
+
+    python benchmarks/encrypted_training.py                      # 10000 x 192, binary
+    python benchmarks/encrypted_training.py --classes 7 --n 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+from medfed.crypto.context import load_public_context, make_secret_context, public_context_bytes
+from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
+from medfed.crypto.params import get_preset
+from medfed.crypto.seal import SealEngine, SealVec
+from medfed.train.diagonal_head import (
+    Block,
+    DiagonalCompute,
+    EncryptedDiagonalBackend,
+    PlainDiagonalBackend,
+    galois_steps,
+    head_matrix,
+    hospital_sums,
+    train_diagonal,
+)
+from medfed.train.head import HeadSchedule, accuracy
+from medfed.train.poly import fit_sigmoid, scaled_residual
+from medfed.train.reference import train_exact_logreg
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def synthetic(n: int, d: int, classes: int, seed: int):
+    """A learnable task: labels from a random linear model plus noise; unit-norm features."""
+    rng = np.random.default_rng(seed)
+    heads = 1 if classes == 2 else classes
+    w = rng.normal(size=(d, heads))
+
+    def draw(m):
+        x = rng.normal(size=(m, d))
+        s = x @ w + 0.5 * rng.normal(size=(m, heads)) * np.sqrt(d)
+        y = (s[:, 0] > 0).astype(np.int64) if classes == 2 else np.argmax(s, axis=1)
+        return x / np.sqrt(d), y
+
+    return draw(n), draw(max(1000, n // 5))
+
+
+class LocalKeyHolder:
+    """The key-holding hospital, in-process: decrypts masked products, sums, re-encrypts."""
+
+    def __init__(self, engine: SealEngine, layout, mask_bits: int) -> None:
+        self.engine, self.layout, self.mask_bits = engine, layout, mask_bits
+
+    def sum_masked(self, masked, step):
+        return hospital_sums(self.engine, masked, self.layout, self.mask_bits), "hospital-0"
+
+
+def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
+    """Hospital encrypts; aggregator loads the bytes (what the upload round does)."""
+
+    def enc(v):
+        return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
+
+    blocks = []
+    for _, b in sorted(raw.items()):
+        blocks.append(
+            Block(
+                [
+                    [
+                        [enc(b.diagonals[g, a, bb]) for bb in range(layout.baby)]
+                        for a in range(layout.giant)
+                    ]
+                    for g in range(layout.n_groups)
+                ],
+                enc(b.mask),
+                [enc(t) for t in b.targets],
+            )
+        )
+    return blocks
+
+
+def plain_blocks(raw, layout):
+    return [
+        Block(
+            [
+                [list(b.diagonals[g, a]) for a in range(layout.giant)]
+                for g in range(layout.n_groups)
+            ],
+            b.mask,
+            list(b.targets),
+        )
+        for _, b in sorted(raw.items())
+    ]
+
+
+def timed_training(backend, computes, layout, schedule, targets):
+    t0 = time.perf_counter()
+    weights = train_diagonal(backend, computes, layout, schedule, targets=targets)
+    return weights, (time.perf_counter() - t0) / schedule.epochs
+
+
+def per_sample_baseline(params, x, y, samples: int, approx, lr: float) -> tuple[float, Counter]:
+    """One ciphertext per sample: x_i * W, rotate-and-sum over all slots (z replicated),
+    residual, x_i * r, accumulate. Same engine, parameters and polynomial as medfed."""
+    secret = make_secret_context(params)
+    engine = SealEngine(secret)
+    steps = [2**i for i in range(int(math.log2(engine.slots)))]
+    engine.galois = engine._load_galois(engine.make_galois_keys(steps))
+    d = x.shape[1]
+    w = engine.encrypt(np.zeros(engine.slots))
+    c = lr / len(x)
+    grad = None
+    uploaded = []
+    for i in range(samples):  # the upload is not part of an epoch: encrypt before timing
+        xi = np.zeros(engine.slots)
+        xi[:d] = x[i]
+        uploaded.append((engine.encrypt(xi), engine.encrypt(np.full(engine.slots, float(y[i])))))
+    engine.counts.clear()
+    t0 = time.perf_counter()
+    for ex, ey in uploaded:
+        z = ex * w
+        for s in steps:  # rotate-and-sum: every slot ends up holding x_i . w
+            z = z + engine.rotate(z, s)
+        r = scaled_residual(z, ey, approx, c)
+        g = ex * r
+        grad = g if grad is None else grad + g
+    per_sample = (time.perf_counter() - t0) / samples
+    return per_sample, Counter(engine.counts)
+
+
+def _clock(reps: int, fn, *args) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(*args)
+    return (time.perf_counter() - t0) / reps
+
+
+def unit_costs(engine: SealEngine, hospital: SealEngine, depth: int, reps: int = 8) -> dict:
+    """Seconds per op and level, measured now (the floor uses these)."""
+    import tenseal.sealapi as sa
+
+    rng = np.random.default_rng(0)
+    costs: dict[tuple[str, int], float] = {}
+    fresh = hospital.encrypt(rng.normal(size=engine.slots) * 0.1)
+    fresh = engine.from_bytes(hospital.to_bytes(fresh), sender="bench", item="x")
+    ev = engine.ev
+    for level in range(depth + 1):
+        ct = engine.mod_switch_to_level(fresh, level).ct
+        if level < depth:  # at the last level a product's scale no longer fits
+            three = sa.Ciphertext()
+            ev.multiply(ct, ct, three)
+            costs["mul_ct", level] = _clock(reps, ev.multiply, ct, ct, sa.Ciphertext())
+            costs["relin", level] = _clock(
+                reps, ev.relinearize, three, engine.relin, sa.Ciphertext()
+            )
+            costs["rescale", level] = _clock(reps, ev.rescale_to_next, ct, sa.Ciphertext())
+            pt = engine.encode(0.5, ct.parms_id(), engine.scale)
+            costs["mul_plain", level] = _clock(reps, ev.multiply_plain, ct, pt, sa.Ciphertext())
+        if engine.galois is not None:
+            costs["rotate", level] = _clock(
+                reps, ev.rotate_vector, ct, 1, engine.galois, sa.Ciphertext()
+            )
+        hv = hospital.from_bytes(engine.to_bytes(SealVec(engine, ct)), sender="bench", item="x")
+        costs["decrypt", level] = _clock(reps, hospital.decrypt, hv)
+    costs["encrypt", 0] = _clock(reps, hospital.encrypt, np.zeros(engine.slots))
+    return costs
+
+
+def floor_seconds(counts: Counter, costs: dict) -> float:
+    total = 0.0
+    for (op, level), n in counts.items():
+        if (op, level) in costs:
+            total += n * costs[op, level]
+        else:  # fall back to the nearest measured level of that op
+            levels = [lv for (o, lv) in costs if o == op]
+            if levels:
+                total += n * costs[op, min(levels, key=lambda lv: abs(lv - level))]
+    return total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=10000, help="training samples")
+    p.add_argument("--d", type=int, default=192, help="features (deit_tiny: 192)")
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3, help="epochs timed per configuration")
+    p.add_argument("--accuracy-epochs", type=int, default=10, help="epochs for the accuracy run")
+    p.add_argument("--lr", type=float, default=8.0)
+    p.add_argument("--ckks", default="fast")
+    p.add_argument("--workers", default="1,2", help="Ray worker counts to compare (0: skip Ray)")
+    p.add_argument("--baseline-samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    params = get_preset(args.ckks)
+    approx = fit_sigmoid(3, 8.0)
+    (x, y), (xt, yt) = synthetic(args.n, args.d, args.classes, args.seed)
+    bucket = 32
+    layout = plan_diagonal(
+        [math.ceil(args.n / bucket)],
+        slots=params.slots,
+        n_classes=args.classes,
+        bucket=bucket,
+        n_features=args.d,
+    )
+    log(
+        f"layout: {layout.n_blocks} blocks x {layout.n_groups} groups of {layout.group} "
+        f"(baby {layout.baby}, giant {layout.giant}), {layout.n_heads} head(s), CKKS {params.name}"
+    )
+
+    secret = make_secret_context(params)
+    hospital = SealEngine(secret)
+    galois = hospital.make_galois_keys(galois_steps(layout))
+    public = public_context_bytes(secret)
+    aggregator = SealEngine(load_public_context(public), galois_keys=galois)
+    raw = pack_diagonal(x, y, layout, 0)
+    t0 = time.perf_counter()
+    blocks = encrypted_blocks(raw, hospital, aggregator, layout)
+    upload_seconds = time.perf_counter() - t0
+    targets = [b.targets for b in blocks]
+    keyholder = LocalKeyHolder(hospital, layout, params.mask_bits)
+    timing_schedule = HeadSchedule(args.epochs, args.lr, approx)
+
+    # (a) medfed, in-process: also the op counts for the floor
+    backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
+    compute = DiagonalCompute(backend, layout)
+    compute.blocks = blocks
+    train_diagonal(backend, [compute], layout, HeadSchedule(1, args.lr, approx), targets=targets)
+    aggregator.counts.clear()
+    hospital.counts.clear()
+    _, in_process = timed_training(backend, [compute], layout, timing_schedule, targets)
+    counts = aggregator.counts + hospital.counts
+    counts = Counter({k: v / args.epochs for k, v in counts.items()})
+    log(f"medfed in-process: {in_process:.2f} s/epoch")
+    refresh = backend.records[-1]
+
+    by_workers = {"in-process": in_process}
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
+    if worker_counts:
+        import ray
+
+        from medfed.scale.workers import start_workers, stop_workers
+
+        ray.init(
+            address="local", num_cpus=max(worker_counts), include_dashboard=False, log_to_driver=False
+        )
+        try:
+            for k in worker_counts:
+                remotes = start_workers(
+                    k, aggregator, public, galois, layout, params.mask_bits, blocks
+                )
+                train_diagonal(
+                    backend, remotes, layout, HeadSchedule(1, args.lr, approx), targets=targets
+                )
+                _, sec = timed_training(backend, remotes, layout, timing_schedule, targets)
+                by_workers[str(k)] = sec
+                log(f"medfed on {k} Ray worker(s): {sec:.2f} s/epoch")
+                stop_workers(remotes)
+        finally:
+            ray.shutdown()
+    best_key = min(by_workers, key=by_workers.get)
+    seconds_per_epoch = by_workers[best_key]
+
+    # accuracy: encrypted vs the plaintext reference (same code, numpy), vs exact LR
+    acc_schedule = HeadSchedule(args.accuracy_epochs, args.lr, approx)
+    w_enc, b_enc = train_diagonal(backend, [compute], layout, acc_schedule, targets=targets)
+
+    def dec(v):
+        blob = aggregator.to_bytes(v)
+        return hospital.decrypt(hospital.from_bytes(blob, sender="a", item="w"))
+
+    head_enc = head_matrix([[dec(v) for v in wk] for wk in w_enc], [dec(b) for b in b_enc], layout)
+    plain = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+    plain.blocks = plain_blocks(raw, layout)
+    t0 = time.perf_counter()
+    w_pl, b_pl = train_diagonal(PlainDiagonalBackend(layout), [plain], layout, acc_schedule)
+    plain_seconds = (time.perf_counter() - t0) / args.accuracy_epochs
+    head_plain = head_matrix(w_pl, b_pl, layout)
+    t0 = time.perf_counter()
+    exact = train_exact_logreg(
+        x, y, args.classes, args.accuracy_epochs, args.lr * args.n / layout.n_padded
+    )
+    exact_seconds = (time.perf_counter() - t0) / args.accuracy_epochs
+    acc, acc_plain = accuracy(head_enc, xt, yt), accuracy(head_plain, xt, yt)
+
+    # (b) per-sample baseline
+    per_sample, base_counts = per_sample_baseline(
+        params, x, y, args.baseline_samples, approx, args.lr
+    )
+    baseline = per_sample * args.n * layout.n_heads
+    log(f"per-sample layout: {per_sample * 1000:.1f} ms/sample -> {baseline:.0f} s/epoch")
+
+    # (d) floor
+    costs = unit_costs(aggregator, hospital, params.depth)
+    floor = floor_seconds(counts, costs)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "n": args.n,
+        "d": args.d,
+        "classes": args.classes,
+        "ckks": params.name,
+        "layout": {
+            "blocks": layout.n_blocks,
+            "groups": layout.n_groups,
+            "group": layout.group,
+            "baby": layout.baby,
+            "giant": layout.giant,
+        },
+        "seconds_per_epoch": seconds_per_epoch,
+        "seconds_per_epoch_by_workers": by_workers,
+        "workers": best_key,
+        "worker_speedup_2v1": (by_workers["1"] / by_workers["2"])
+        if {"1", "2"} <= set(by_workers)
+        else None,
+        "baseline_seconds_per_epoch": baseline,
+        "baseline_ms_per_sample": per_sample * 1000,
+        "baseline_samples_timed": args.baseline_samples,
+        "speedup_vs_per_sample": baseline / seconds_per_epoch,
+        "speedup_vs_per_sample_in_process": baseline / in_process,
+        "plaintext_seconds_per_epoch": plain_seconds,
+        "exact_numpy_seconds_per_epoch": exact_seconds,
+        "floor_seconds": floor,
+        "floor_fraction": floor / in_process,
+        "op_counts_per_epoch": {
+            f"{op}@{lv}": round(v, 1) for (op, lv), v in sorted(counts.items())
+        },
+        "baseline_op_counts_per_sample": {
+            f"{op}@{lv}": v / args.baseline_samples for (op, lv), v in sorted(base_counts.items())
+        },
+        "unit_costs_ms": {
+            f"{op}@{lv}": round(v * 1000, 3) for (op, lv), v in sorted(costs.items())
+        },
+        "accuracy": acc,
+        "plaintext_accuracy": acc_plain,
+        "exact_accuracy": accuracy(exact, xt, yt),
+        "accuracy_gap_pp": 100 * (acc - acc_plain),
+        "accuracy_epochs": args.accuracy_epochs,
+        "max_weight_error": float(np.abs(head_enc - head_plain).max()),
+        "refreshes_per_epoch": 1,
+        "refresh_bytes": refresh["bytes_to_hospital"] + refresh["bytes_from_hospital"],
+        "refresh_bytes_to_hospital": refresh["bytes_to_hospital"],
+        "refresh_bytes_from_hospital": refresh["bytes_from_hospital"],
+        "upload_seconds": upload_seconds,
+        "peak_rss_mb": rss_mb,
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""A short Markdown report of a sweep: grid, progress, key metrics, plots, failed cells.
+
+Built only from the sweep file and the cell records, so rerunning a finished sweep rewrites
+the very same report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medfed.experiments.results import atomic_write_text
+
+if TYPE_CHECKING:
+    from medfed.experiments.sweep import SweepOutcome, SweepSpec
+
+#: (metric, column header, multiplier, format) of the key-metrics table.
+KEY_METRICS = (
+    ("accuracy", "accuracy", 1.0, "{:.4f}"),
+    ("plaintext_accuracy", "plaintext acc.", 1.0, "{:.4f}"),
+    ("accuracy_gap_pp", "gap (pp)", 1.0, "{:+.2f}"),
+    ("wall_seconds", "wall (s)", 1.0, "{:.1f}"),
+    ("bytes_up", "up (MB)", 1 / 2**20, "{:.1f}"),
+    ("bytes_down", "down (MB)", 1 / 2**20, "{:.1f}"),
+)
+AVERAGED = ("seed",)  # knobs the key-metrics table averages over
+
+
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
+    return lines
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        return None
+    return float(v)
+
+
+def _summary(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt.format(m)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{fmt.format(m)} ± {fmt.format(sd).lstrip('+')}"
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def render(spec: SweepSpec, outcome: SweepOutcome) -> str:
+    cells, records = outcome.cells, outcome.records
+    done = [c for c in cells if records.get(c.cell_id, {}).get("status") == "done"]
+    failed = [c for c in cells if records.get(c.cell_id, {}).get("status") == "failed"]
+    missing = [c for c in cells if c.cell_id not in records]
+    out: list[str] = [f"# Sweep `{spec.name}`", ""]
+    if spec.description:
+        out += [spec.description, ""]
+    out += [
+        f"- sweep file: `{spec.source}`; rerun or resume with "
+        f"`python -m medfed.sweep {spec.source} --out {outcome.out}`",
+        f"- cells: {len(cells)} — done {len(done)}, failed {len(failed)}, not run {len(missing)}",
+        "- results: [results.csv](results.csv) (a row per cell, every knob and metric), "
+        "[results.jsonl](results.jsonl); per cell: `cells/<id>.json`, `runs/<id>/`",
+    ]
+    total = sum(_num(records[c.cell_id].get("seconds")) or 0.0 for c in done + failed)
+    if total:
+        out.append(f"- compute: {total:,.0f} cell-seconds")
+    untrained = [
+        c for c in done if (records[c.cell_id]["metrics"] or {}).get("backbone_pretrained") is False
+    ]
+    if untrained:
+        out.append(
+            f"- **{len(untrained)} cell(s) used an untrained (random-init) backbone**: their "
+            "absolute accuracy is not representative; the encryption gap still is."
+        )
+    out += ["", "## Grid", ""]
+    grid_rows = [[k, ", ".join(map(str, v))] for k, v in spec.grid.items()]
+    out += _table(["knob", "values"], grid_rows) if grid_rows else ["(no grid: one cell)"]
+    if spec.base:
+        out += ["", "Fixed: " + ", ".join(f"`{k}={v}`" for k, v in spec.base.items())]
+    if spec.exclude:
+        excl = "; ".join(", ".join(f"{k}={v}" for k, v in e.items()) for e in spec.exclude)
+        out += ["", f"Excluded combinations: {excl}"]
+
+    out += ["", "## Key metrics", ""]
+    if done:
+        out += _key_metrics(spec, done, records)
+    else:
+        out.append("No cell has finished yet.")
+
+    written = [p for p in outcome.plots if p.path is not None]
+    skipped = [p for p in outcome.plots if p.path is None]
+    out += ["", "## Plots", ""]
+    for p in written:
+        rel = Path(p.path).relative_to(outcome.out).as_posix()
+        out += [f"![{p.title}]({rel})", ""]
+    if not written:
+        out += ["No plot: the grid varies none of the plotted knobs.", ""]
+    if skipped:
+        out.append("Skipped: " + "; ".join(f"{p.name} ({p.skipped})" for p in skipped) + ".")
+
+    if failed:
+        out += ["", "## Failed cells", ""]
+        rows = [
+            [f"`{c.cell_id}`", c.label(), _first_line(records[c.cell_id]["error"])] for c in failed
+        ]
+        out += _table(["cell", "knobs", "error"], rows)
+        out += ["", "Full tracebacks: `cells/<id>.json`. Rerunning the sweep retries them."]
+    if missing:
+        out += ["", f"Not run yet: {len(missing)} cell(s); rerun the command above to resume."]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _key_metrics(spec: SweepSpec, done: list, records: dict) -> list[str]:
+    shown = [k for k in spec.varying if k not in AVERAGED]
+    averaged = [k for k in spec.varying if k in AVERAGED]
+    groups: dict[tuple, list] = {}
+    for c in done:
+        groups.setdefault(tuple(c.knobs.get(k) for k in shown), []).append(c)
+    single = all(len(g) == 1 for g in groups.values())
+    header = [*shown, "cell" if single else "cells"] + [h for _, h, _, _ in KEY_METRICS]
+    rows = []
+    for key, members in groups.items():
+        row: list[Any] = list(key)
+        row.append(f"`{members[0].cell_id}`" if single else len(members))
+        for metric, _, mult, fmt in KEY_METRICS:
+            vals = [_num((records[c.cell_id]["metrics"] or {}).get(metric)) for c in members]
+            row.append(_summary([v * mult for v in vals if v is not None], fmt))
+        rows.append(row)
+    lines = _table(header, rows)
+    if averaged and not single:
+        lines += ["", f"Mean ± sd over {', '.join(averaged)}."]
+    return lines
+
+
+def write_report(path: str | Path, spec: SweepSpec, outcome: SweepOutcome) -> Path:
+    path = Path(path)
+    atomic_write_text(path, render(spec, outcome))
+    return path
