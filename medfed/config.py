@@ -43,6 +43,8 @@ class SimulationConfig:
     feature_scale: float = 1.0
     backend: str = "flower"
     client_cpus: float = 1.0
+    workers: int = 0
+    ray_address: str | None = None
     cache_dir: str | None = None
     out: str | None = None
     progress: bool = True
@@ -106,6 +108,7 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("epochs", c.epochs)
     positive_int("bucket", c.bucket)
     positive_int("seed", c.seed, low=0)
+    positive_int("workers", c.workers, low=0)
     _choice("mode", c.mode, MODES, " Mode 'updates' is planned (issue 4).")
     _choice("keys", c.keys, KEY_SETUPS, " Threshold keys are planned (issue 4).")
     _choice("split", c.split, SPLITS)

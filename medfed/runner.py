@@ -70,6 +70,9 @@ def federate(
         n_features=d,
         bucket=cfg.bucket,
         expected_hospitals=cfg.hospitals,
+        workers=cfg.workers,
+        # under Flower's simulation the hospitals' actors already hold every CPU
+        cpus_per_worker=0.0 if cfg.backend == "flower" else 1.0,
     )
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
@@ -91,6 +94,7 @@ def federate(
                 cfg.hospitals,
                 backend=cfg.backend,
                 client_cpus=cfg.client_cpus,
+                ray_address=cfg.ray_address,
                 on_step=lambda step: progress.advance(task),
             )
         federation_seconds = time.perf_counter() - t_fed
@@ -128,6 +132,7 @@ def federate(
         "bytes_down": down,
         "bytes_per_party": parties,
         "refreshes_per_epoch": 1,
+        "workers": cfg.workers,
         "layout": fed["layout"],
         "excluded": fed["excluded"],
     }

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
     p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
     p.add_argument("--backend", default=S, help="flower (Ray simulation, default) or local")
+    p.add_argument("--workers", type=int, default=S, help="Ray encrypted batch workers (0)")
+    p.add_argument(
+        "--ray-address", default=S, help="join a running Ray cluster (default: $RAY_ADDRESS)"
+    )
     p.add_argument("--client-cpus", type=float, default=S, help="CPUs per simulated hospital")
     p.add_argument("--cache-dir", default=S, help="feature cache folder")
     p.add_argument("--out", default=S, help="write config.yaml, rounds.jsonl, metrics.json here")

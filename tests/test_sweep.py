@@ -159,7 +159,7 @@ def test_cell_id_is_stable_and_ignores_out_progress_key_order_and_int_float():
         ({"base": {"ckks_preset": "fast"}}, r"base: unknown key.*'ckks_preset'"),
         ({"grid": {"hospitals": 3}}, r"grid.hospitals must be a non-empty list"),
         ({"grid": {"hospitals": []}}, r"grid.hospitals must be a non-empty list"),
-        ({"base": {"out": "x"}}, r"'out' is set by the sweep"),
+        ({"base": {"out": "x"}}, r"'out' is set by the sweep itself \(use --out DIR"),
         ({"exclude": {"ckks": "fast"}}, r"exclude must be a list"),
         ({"exclude": [{"ckk": "fast"}]}, r"exclude\[0\]: unknown key"),
         ({"max_concurrency": 0}, r"max_concurrency must be an integer >= 1"),

@@ -24,6 +24,8 @@ ALLOWED_REPLY_KEYS = {
     M.LABELS,
     M.SUMS,
     M.OK,
+    M.GALOIS_KEYS,
+    M.MASKS,
 }
 
 
@@ -82,17 +84,22 @@ def test_every_byte_payload_is_public_context_or_ciphertext(federation):
                 n_bytes += 1
                 if key == M.PUBLIC_CONTEXT:
                     assert not ts.context_from(item).is_private()
-                else:
-                    ts.ckks_vector_from(strategy.ctx, item)  # parses as a ciphertext
+                elif key == M.GALOIS_KEYS:
+                    strategy.engine._load_galois(item)  # parses as Galois (public) keys
+                else:  # parses as a ciphertext under the run's parameters
+                    strategy.engine.from_bytes(item, sender="test", item=key)
     assert n_bytes > 0
 
 
 def test_ciphertexts_do_not_decrypt_with_the_aggregators_context(federation):
+    from medfed.crypto.context import KeyMaterialError
+
     strategy, grid, *_ = federation
     blob = next(item for r in grid.received for k, item in _values(r) if k == M.FEATURES)
-    vec = ts.ckks_vector_from(strategy.ctx, blob)
-    with pytest.raises(ValueError, match="secret_key"):
-        vec.decrypt()
+    vec = strategy.engine.from_bytes(blob, sender="test", item="x")
+    assert strategy.engine.decryptor is None
+    with pytest.raises(KeyMaterialError, match="secret key"):
+        strategy.engine.decrypt(vec)
 
 
 def test_exact_sample_counts_never_reach_the_aggregator(federation):

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfed.crypto.packing import n_buckets, pack_hospital, plan_layout
+from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
+from medfed.crypto.packing import n_buckets
 from medfed.fl.hospital import normalization_from_stats, normalize, stats_vector
 from medfed.fl.workspace import HospitalData
-from medfed.train.head import HeadSchedule, PlainBackend, accuracy, train_head, weights_matrix
+from medfed.train.diagonal_head import (
+    Block,
+    DiagonalCompute,
+    PlainDiagonalBackend,
+    head_matrix,
+    train_diagonal,
+)
+from medfed.train.head import HeadSchedule, accuracy
 from medfed.train.reference import train_exact_logreg
 
 
@@ -42,25 +50,36 @@ def plaintext_reference(
     bucket: int,
     feature_scale: float,
 ) -> dict:
+    """The encrypted path's own training code on numpy, and exact logistic regression."""
     train, test = normalized(hospitals, feature_scale)
     d = train[0].shape[1]
-    layout = plan_layout(
+    layout = plan_diagonal(
         [n_buckets(len(x), bucket) for x in train],
         slots=slots,
         n_classes=n_classes,
         bucket=bucket,
         n_features=d,
     )
-    x_blocks = [[np.zeros(slots) for _ in range(d + 1)] for _ in range(layout.n_blocks)]
-    y_blocks = [np.zeros(slots) for _ in range(layout.n_blocks)]
+    sums: dict[int, list] = {}
     for i, (x, h) in enumerate(zip(train, hospitals, strict=True)):
-        for block, (xb, yb) in pack_hospital(x, h.train_labels, n_classes, layout, i).items():
-            for j in range(d + 1):
-                x_blocks[block][j] += xb[j]
-            y_blocks[block] += yb
-    w = weights_matrix(
-        train_head(PlainBackend(layout), x_blocks, y_blocks, layout, schedule), layout
-    )
+        for block, b in pack_diagonal(x, h.train_labels, layout, i).items():
+            if block in sums:
+                sums[block][0] += b.diagonals
+                sums[block][1] += b.mask
+                sums[block][2] += b.targets
+            else:
+                sums[block] = [b.diagonals.copy(), b.mask.copy(), b.targets.copy()]
+    compute = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+    compute.blocks = [
+        Block(
+            [[list(dg[g, a]) for a in range(layout.giant)] for g in range(layout.n_groups)],
+            mask,
+            list(targets),
+        )
+        for _, (dg, mask, targets) in sorted(sums.items())
+    ]
+    w, b = train_diagonal(PlainDiagonalBackend(layout), [compute], layout, schedule)
+    head = head_matrix(w, b, layout)
     n = sum(len(x) for x in train)
     # same effective step as the slot path, which averages gradients over padded positions
     exact = train_exact_logreg(
@@ -71,8 +90,8 @@ def plaintext_reference(
         schedule.lr * n / layout.n_padded,
     )
     return {
-        "plaintext_accuracy": _test_accuracy(w, hospitals, test),
+        "plaintext_accuracy": _test_accuracy(head, hospitals, test),
         "exact_accuracy": _test_accuracy(exact, hospitals, test),
-        "plaintext_weights": w,
+        "plaintext_weights": head,
         "n_padded": layout.n_padded,
     }

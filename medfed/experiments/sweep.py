@@ -9,7 +9,8 @@ A sweep file (YAML) holds::
     exclude: [{ckks: fast-shallow, sigmoid_degree: 3}]      # optional: drop combinations
     max_concurrency: 2              # optional (alias: parallel): cells in flight at once
     cpus_per_cell: 1                # optional: Ray CPUs reserved per cell
-    isolate: auto                   # optional: run each cell in a child process (auto: flower)
+    isolate: auto                   # optional: each cell in a child process with a private
+                                    # Ray (always / never; auto: cells that start Ray themselves)
 
 Every cell is validated by ``SimulationConfig.from_dict`` (values, CKKS preset, depth) before
 anything runs. A cell's id is a stable hash of its resolved config (without ``out`` and
@@ -70,8 +71,8 @@ SPEC_KEYS = (
     "cpus_per_cell",
     "isolate",
 )
-#: Config keys the sweep sets itself; they are not part of a cell's identity.
-SWEEP_OWNED = ("out", "progress")
+#: Config keys the sweep sets itself (and the flag that does it); not part of a cell's identity.
+SWEEP_OWNED = {"out": "--out DIR", "progress": "--no-progress", "ray_address": "--ray-address"}
 RECORD_VERSION = 1
 
 
@@ -147,9 +148,10 @@ def _knob_mapping(data: Any, where: str) -> dict[str, Any]:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     owned = [k for k in data if k in SWEEP_OWNED]
     if owned:
+        flags = " / ".join(SWEEP_OWNED[k] for k in owned)
         raise SweepError(
-            f"{where}: {', '.join(map(repr, owned))} is set by the sweep itself "
-            "(use --out DIR / --no-progress on the command line); remove it."
+            f"{where}: {', '.join(map(repr, owned))} is set by the sweep itself (use {flags} "
+            "on the command line); remove it."
         )
     _unknown(data, knob_names(), where)
     return data
@@ -166,7 +168,7 @@ class SweepSpec:
     description: str = ""
     max_concurrency: int | None = None
     cpus_per_cell: float = 1.0
-    isolate: str = "auto"  # "auto" (child process for backend flower), "always", "never"
+    isolate: str = "auto"  # "always", "never", "auto" (see _isolate)
     source: str = "sweep"
 
     @classmethod
@@ -647,6 +649,15 @@ class SweepOutcome:
         return [c.cell_id for c in self.cells if c.cell_id not in self.records]
 
 
+def _isolate(policy: str, cfg: SimulationConfig) -> bool:
+    """auto: a child process (with a private Ray) for cells that start Ray themselves, i.e.
+    Flower's simulation engine or encrypted batch workers; a Ray task holding a CPU cannot
+    safely wait for actors on the same, possibly full, cluster."""
+    if policy != "auto":
+        return policy == "always"
+    return cfg.backend == "flower" or bool(getattr(cfg, "workers", 0))
+
+
 def _default_runner() -> Runner:
     from medfed.runner import run
 
@@ -725,7 +736,7 @@ def run_sweep(
             identity(c.config),
             c.knobs,
             runner,
-            spec.isolate == "always" or (spec.isolate == "auto" and c.config.backend == "flower"),
+            _isolate(spec.isolate, c.config),
         )
         for c in todo
     ]

@@ -23,22 +23,22 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import tenseal as ts
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from medfed.crypto.context import (
-    CiphertextError,
-    context_fingerprint,
-    load_ciphertext,
-    load_public_context,
-)
-from medfed.crypto.packing import SlotLayout, plan_layout
+from medfed.crypto.context import CiphertextError, context_fingerprint, load_public_context
+from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
+from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
-from medfed.train.encrypted import EncryptedBackend
-from medfed.train.head import HeadSchedule, train_head
+from medfed.train.diagonal_head import (
+    Block,
+    DiagonalCompute,
+    EncryptedDiagonalBackend,
+    train_diagonal,
+)
+from medfed.train.head import HeadSchedule
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class AggregatorSettings:
     min_hospitals: int = 1
     node_wait_seconds: float = 120.0
     reply_timeout: float | None = None
+    workers: int = 0  # Ray encrypted batch workers (0: in-process)
+    cpus_per_worker: float = 1.0
 
 
 class EncryptedEmbeddingsStrategy:
@@ -89,7 +91,8 @@ class EncryptedEmbeddingsStrategy:
         self.on_step = on_step
         self.names: dict[int, str] = {}
         self.ctx: ts.Context | None = None
-        self.layout: SlotLayout | None = None
+        self.engine: SealEngine | None = None
+        self.layout: DiagonalLayout | None = None
 
     # -- plumbing -------------------------------------------------------------------------
     def _exchange(
@@ -142,7 +145,7 @@ class EncryptedEmbeddingsStrategy:
         return nodes
 
     # -- stages ---------------------------------------------------------------------------
-    def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[ts.CKKSVector, dict[int, int]]:
+    def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[SealVec, dict[int, int]]:
         replies = self._exchange(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
         for node, rec in replies.items():
             self.names[node] = str(rec[M.HOSPITAL])
@@ -153,34 +156,35 @@ class EncryptedEmbeddingsStrategy:
             lead = [rec for rec in extra.values() if M.PUBLIC_CONTEXT in rec]
         if not lead:
             raise FederationError("no hospital sent the public context")
-        public = lead[0][M.PUBLIC_CONTEXT]
-        self.ctx = load_public_context(public, sender=str(lead[0][M.HOSPITAL]))
+        sender = str(lead[0][M.HOSPITAL])
+        self.public_bytes = lead[0][M.PUBLIC_CONTEXT]
+        self.galois_bytes = lead[0][M.GALOIS_KEYS]
+        self.ctx = load_public_context(self.public_bytes, sender=sender)
+        self.engine = SealEngine(self.ctx, galois_keys=self.galois_bytes)
         fingerprint = context_fingerprint(self.ctx)
         total, buckets = None, {}
-        d = self.s.n_features
         for node, rec in replies.items():
             name = self.names[node]
             if rec[M.KEY_FINGERPRINT] != fingerprint:
                 self.ledger.exclude("stats", name, "encrypts under a different key set")
                 continue
             try:
-                vec = load_ciphertext(
-                    self.ctx, rec[M.STATS], size=2 * d + 1, sender=name, item="stats"
-                )
-            except CiphertextError as e:
+                vec = self.engine.from_bytes(rec[M.STATS], sender=name, item="stats")
+                n_buckets = int(rec[M.BUCKETS])
+                if not 0 <= n_buckets <= self.s.params.slots:
+                    raise CiphertextError(f"{name} announced {n_buckets} buckets")
+            except (CiphertextError, ValueError, TypeError) as e:
                 self.ledger.exclude("stats", name, str(e))
                 continue
-            buckets[node] = int(rec[M.BUCKETS])
+            buckets[node] = n_buckets
             total = vec if total is None else total + vec
         if total is None or len(buckets) < self.s.min_hospitals:
             raise FederationError("too few hospitals sent usable statistics")
         return total, buckets
 
-    def upload(
-        self, grid: Grid, total: ts.CKKSVector, buckets: dict[int, int]
-    ) -> tuple[list[list[ts.CKKSVector]], list[ts.CKKSVector]]:
+    def upload(self, grid: Grid, total: SealVec, buckets: dict[int, int]) -> list[Block]:
         nodes = sorted(buckets)
-        self.layout = layout = plan_layout(
+        self.layout = layout = plan_diagonal(
             [buckets[n] for n in nodes],
             slots=self.s.params.slots,
             n_classes=self.s.n_classes,
@@ -188,68 +192,117 @@ class EncryptedEmbeddingsStrategy:
             n_features=self.s.n_features,
         )
         layout_json = json.dumps(layout.to_dict())
-        total_bytes = total.serialize()
+        total_bytes = self.engine.to_bytes(total)
         payloads = {
             n: {M.STATS_TOTAL: total_bytes, M.LAYOUT: layout_json, M.POSITION: position}
             for position, n in enumerate(nodes)
         }
         replies = self._exchange(grid, "upload", payloads, M.MSG_UPLOAD)
-        cols = layout.n_columns
-        x_blocks: list[list] = [[None] * cols for _ in range(layout.n_blocks)]
-        y_blocks: list = [None] * layout.n_blocks
+        G, A, B, H = layout.n_groups, layout.giant, layout.baby, layout.n_heads
+        per_block = G * A * B
+        sums: dict[int, dict] = {}
+        e = self.engine
         for position, node in enumerate(nodes):
             if node not in replies:
                 continue
             rec, name = replies[node], self._name(node)
             try:
                 blocks = [int(b) for b in rec[M.BLOCKS]]
-                if blocks != layout.blocks_of(position):
+                expected = layout.blocks_of(position)
+                if blocks != expected:
+                    raise CiphertextError(f"{name} sent blocks {blocks}, expected {expected}")
+                xs, ms, ys = list(rec[M.FEATURES]), list(rec[M.MASKS]), list(rec[M.LABELS])
+                if (len(xs), len(ms), len(ys)) != (
+                    len(blocks) * per_block,
+                    len(blocks),
+                    len(blocks) * H,
+                ):
                     raise CiphertextError(
-                        f"{name} sent blocks {blocks}, expected {layout.blocks_of(position)}"
+                        f"{name} sent {len(xs)}/{len(ms)}/{len(ys)} feature/mask/label "
+                        f"ciphertexts, expected {len(blocks) * per_block}/{len(blocks)}/"
+                        f"{len(blocks) * H}"
                     )
-                xs, ys = list(rec[M.FEATURES]), list(rec[M.LABELS])
-                if len(xs) != len(blocks) * cols or len(ys) != len(blocks):
-                    raise CiphertextError(
-                        f"{name} sent {len(xs)} feature and {len(ys)} label ciphertexts, expected "
-                        f"{len(blocks) * cols} and {len(blocks)}"
+                loaded = {
+                    blk: (
+                        [
+                            e.from_bytes(v, sender=name, item="feature")
+                            for v in xs[k * per_block : (k + 1) * per_block]
+                        ],
+                        e.from_bytes(ms[k], sender=name, item="mask"),
+                        [
+                            e.from_bytes(v, sender=name, item="labels")
+                            for v in ys[k * H : (k + 1) * H]
+                        ],
                     )
-                loaded_x = [
-                    load_ciphertext(
-                        self.ctx, b, size=layout.slots, sender=name, item=f"feature {k}"
-                    )
-                    for k, b in enumerate(xs)
-                ]
-                loaded_y = [
-                    load_ciphertext(self.ctx, b, size=layout.slots, sender=name, item="labels")
-                    for b in ys
-                ]
-            except (CiphertextError, KeyError, ValueError) as e:
-                self.ledger.exclude("upload", name, str(e))
+                    for k, blk in enumerate(blocks)
+                }
+            except (CiphertextError, KeyError, ValueError) as err:
+                self.ledger.exclude("upload", name, str(err))
                 continue
-            for k, block in enumerate(blocks):
-                for j in range(cols):
-                    v = loaded_x[k * cols + j]
-                    cur = x_blocks[block][j]
-                    x_blocks[block][j] = v if cur is None else cur + v
-                y_blocks[block] = (
-                    loaded_y[k] if y_blocks[block] is None else y_blocks[block] + loaded_y[k]
-                )
-        used = [b for b in range(layout.n_blocks) if y_blocks[b] is not None]
-        if not used:
+            for blk, (x, m, y) in loaded.items():
+                if blk not in sums:
+                    sums[blk] = {"x": x, "m": m, "y": y}
+                else:
+                    cur = sums[blk]
+                    cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
+                    cur["m"] = cur["m"] + m
+                    cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
+        if not sums:
             raise FederationError("no hospital uploaded usable ciphertexts")
-        return [x_blocks[b] for b in used], [y_blocks[b] for b in used]
+        out = []
+        for blk in sorted(sums):
+            x = sums[blk]["x"]
+            diagonals = [
+                [[x[(g * A + a) * B + b] for b in range(B)] for a in range(A)] for g in range(G)
+            ]
+            out.append(Block(diagonals, sums[blk]["m"], sums[blk]["y"]))
+        return out
 
-    def train(self, grid: Grid, x_blocks, y_blocks) -> list[ts.CKKSVector]:
+    def train(self, grid: Grid, blocks: list[Block]) -> tuple[list, list]:
         keyholder = FlowerKeyHolder(self, grid)
-        backend = EncryptedBackend(self.ctx, self.s.params, self.layout, keyholder)
-        weights = train_head(
-            backend, x_blocks, y_blocks, self.layout, self.s.schedule, on_step=self.on_step
+        backend = EncryptedDiagonalBackend(
+            self.engine, self.layout, keyholder, self.s.params.mask_bits
         )
+        targets = [b.targets for b in blocks]
+        if self.s.workers > 0:
+            from medfed.scale.workers import start_workers, stop_workers
+
+            computes = start_workers(
+                self.s.workers,
+                self.engine,
+                self.public_bytes,
+                self.galois_bytes,
+                self.layout,
+                self.s.params.mask_bits,
+                blocks,
+                cpus_per_worker=self.s.cpus_per_worker,
+            )
+        else:
+            compute = DiagonalCompute(backend, self.layout)
+            compute.blocks = blocks
+            computes = [compute]
+        try:
+            weights = train_diagonal(
+                backend,
+                computes,
+                self.layout,
+                self.s.schedule,
+                on_step=self.on_step,
+                targets=targets,
+            )
+        finally:
+            if self.s.workers > 0:
+                stop_workers(computes)
         self.refresh_records = backend.records
         return weights
 
-    def final(self, grid: Grid, weights: list[ts.CKKSVector]) -> list[str]:
-        blobs = [w.serialize() for w in weights]
+    def final(self, grid: Grid, weights: tuple[list, list]) -> list[str]:
+        w, b = weights
+        e = self.engine
+        blobs = []
+        for wk, bk in zip(w, b, strict=True):
+            blobs.extend(e.to_bytes(v) for v in wk)
+            blobs.append(e.to_bytes(bk))
         layout_json = json.dumps(self.layout.to_dict())
         payloads = {n: {M.WEIGHTS: blobs, M.LAYOUT: layout_json} for n in self.names}
         replies = self._exchange(grid, "final", payloads, M.MSG_FINAL)
@@ -259,8 +312,8 @@ class EncryptedEmbeddingsStrategy:
         t0 = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         total, buckets = self.stats(grid, nodes)
-        x_blocks, y_blocks = self.upload(grid, total, buckets)
-        weights = self.train(grid, x_blocks, y_blocks)
+        blocks = self.upload(grid, total, buckets)
+        weights = self.train(grid, blocks)
         evaluated = self.final(grid, weights)
         return {
             "aggregator_seconds": time.perf_counter() - t0,
@@ -276,7 +329,7 @@ class EncryptedEmbeddingsStrategy:
                 }
                 for r in self.ledger.rounds
             ],
-            "refreshes": [r.__dict__ for r in self.refresh_records],
+            "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,
         }
 
@@ -296,10 +349,8 @@ class FlowerKeyHolder:
             node = nodes[(step + attempt) % len(nodes)]
             payload = {M.MASKED: masked, M.LAYOUT: layout_json, M.STEP: step}
             replies = self.strategy._exchange(self.grid, f"sum-{step}", {node: payload}, M.MSG_SUM)
-            if node in replies:
-                sums = list(replies[node][M.SUMS])
-                if len(sums) == len(masked):
-                    return sums, self.strategy._name(node)
+            if node in replies:  # the backend checks the count and every ciphertext
+                return list(replies[node][M.SUMS]), self.strategy._name(node)
             self.failed.add(node)
         raise FederationError(f"no hospital could answer the masked-sum round of epoch {step}")
 
@@ -321,7 +372,3 @@ def make_aggregator_app(
             raise
 
     return app
-
-
-def as_array(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)

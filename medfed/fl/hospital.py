@@ -19,18 +19,17 @@ from flwr.clientapp import ClientApp
 from medfed.crypto.context import (
     CiphertextError,
     context_fingerprint,
-    decrypt,
-    encrypt,
-    load_ciphertext,
     load_secret_context,
     public_context_bytes,
 )
-from medfed.crypto.keyholder import sum_masked_slots
-from medfed.crypto.packing import SlotLayout, n_buckets, pack_hospital
+from medfed.crypto.diagonal import DiagonalLayout, choose_group, pack_diagonal
+from medfed.crypto.packing import n_buckets
 from medfed.crypto.params import get_preset
+from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
-from medfed.train.head import accuracy, weights_matrix
+from medfed.train.diagonal_head import head_matrix, hospital_sums
+from medfed.train.head import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +100,19 @@ def guarded(workspace: str, stage: str):
     return wrap
 
 
+def _engine(workspace: str, index: int) -> SealEngine:
+    return _engines(workspace, index)
+
+
+@lru_cache(maxsize=64)
+def _engines(workspace: str, index: int) -> SealEngine:
+    return SealEngine(_load(workspace, index)[2])
+
+
+def _layout(rec) -> DiagonalLayout:
+    return DiagonalLayout.from_dict(json.loads(rec[M.LAYOUT]))
+
+
 def make_hospital_app(workspace: str | Path) -> ClientApp:
     """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``."""
     workspace = str(workspace)
@@ -111,80 +123,104 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
     def stats(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)
+        engine = _engine(workspace, i)
         features = data.train_features
         if not np.all(np.isfinite(features)):
             raise ValueError(
                 f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
                 "feature cache) before joining the federation."
             )
-        vec = stats_vector(features)
-        public = public_context_bytes(ctx)
+        vec = np.zeros(engine.slots)
+        sv = stats_vector(features)
+        vec[: len(sv)] = sv
         values = {
             M.HOSPITAL: data.name,
             M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
-            M.STATS: encrypt(ctx, vec).serialize(),
+            M.STATS: engine.to_bytes(engine.encrypt(vec)),
             M.KEY_FINGERPRINT: context_fingerprint(ctx),
         }
         if i == 0:
-            values[M.PUBLIC_CONTEXT] = public
+            values.update(_public_material(engine, ctx, features.shape[1]))
         return _reply(msg, **values)
 
     @app.query("publiccontext")
     @guarded(workspace, "public-context")
     def public_context(msg: Message, context: Context) -> Message:
-        data, _, ctx = _load(workspace, _index(context))
-        return _reply(msg, **{M.HOSPITAL: data.name, M.PUBLIC_CONTEXT: public_context_bytes(ctx)})
+        i = _index(context)
+        data, _, ctx = _load(workspace, i)
+        values = _public_material(_engine(workspace, i), ctx, data.train_features.shape[1])
+        return _reply(msg, **{M.HOSPITAL: data.name, **values})
 
     @app.train("upload")
     @guarded(workspace, "upload")
     def upload(msg: Message, context: Context) -> Message:
         i = _index(context)
         data, meta, ctx = _load(workspace, i)
+        engine = _engine(workspace, i)
         rec = msg.content[M.RECORD]
-        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
+        layout = _layout(rec)
         d = data.train_features.shape[1]
-        total_ct = load_ciphertext(
-            ctx, rec[M.STATS_TOTAL], size=2 * d + 1, sender="aggregator", item="stats total"
+        total = engine.decrypt(
+            engine.from_bytes(rec[M.STATS_TOTAL], sender="aggregator", item="stats")
         )
-        mean, std = normalization_from_stats(decrypt(ctx, total_ct), d)
+        mean, std = normalization_from_stats(total[: 2 * d + 1], d)
         np.savez(W.hospital_dir(Path(workspace), i) / W.NORM, mean=mean, std=std)
         x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
         position = int(rec[M.POSITION])
         if not 0 <= position < len(layout.allocations):
             raise ValueError(f"{data.name}: slot position {position} is outside the layout")
-        packed = pack_hospital(x, data.train_labels, int(meta["n_classes"]), layout, position)
-        blocks, xs, ys = [], [], []
-        for block, (xb, yb) in sorted(packed.items()):
+        packed = pack_diagonal(x, data.train_labels, layout, position)
+        blocks, xs, masks, ys = [], [], [], []
+        for block, b in sorted(packed.items()):
             blocks.append(block)
-            xs.extend(encrypt(ctx, col).serialize() for col in xb)
-            ys.append(encrypt(ctx, yb).serialize())
+            xs.extend(
+                engine.to_bytes(engine.encrypt(v)) for v in b.diagonals.reshape(-1, layout.slots)
+            )
+            masks.append(engine.to_bytes(engine.encrypt(b.mask)))
+            ys.extend(engine.to_bytes(engine.encrypt(t)) for t in b.targets)
         return _reply(
-            msg, **{M.HOSPITAL: data.name, M.BLOCKS: blocks, M.FEATURES: xs, M.LABELS: ys}
+            msg,
+            **{
+                M.HOSPITAL: data.name,
+                M.BLOCKS: blocks,
+                M.FEATURES: xs,
+                M.MASKS: masks,
+                M.LABELS: ys,
+            },
         )
 
     @app.query("sum")
     @guarded(workspace, "sum")
     def sums(msg: Message, context: Context) -> Message:
         i = _index(context)
-        data, meta, ctx = _load(workspace, i)
+        data, meta, _ = _load(workspace, i)
         rec = msg.content[M.RECORD]
-        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
         params = get_preset(meta["ckks"])
-        out = sum_masked_slots(ctx, list(rec[M.MASKED]), layout, params)
+        out = hospital_sums(
+            _engine(workspace, i), list(rec[M.MASKED]), _layout(rec), params.mask_bits
+        )
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
     @app.evaluate("final")
     @guarded(workspace, "final")
     def final(msg: Message, context: Context) -> Message:
         i = _index(context)
-        data, meta, ctx = _load(workspace, i)
+        data, meta, _ = _load(workspace, i)
+        engine = _engine(workspace, i)
         rec = msg.content[M.RECORD]
-        layout = SlotLayout.from_dict(json.loads(rec[M.LAYOUT]))
-        vectors = []
-        for j, blob in enumerate(rec[M.WEIGHTS]):
-            vec = load_ciphertext(ctx, blob, size=layout.slots, sender="aggregator", item=f"w{j}")
-            vectors.append(decrypt(ctx, vec))
-        weights = weights_matrix(vectors, layout)
+        layout = _layout(rec)
+        blobs = list(rec[M.WEIGHTS])
+        per_head = layout.n_groups + 1
+        if len(blobs) != per_head * layout.n_heads:
+            raise CiphertextError(f"expected {per_head * layout.n_heads} head ciphertexts")
+        vals = [
+            engine.decrypt(engine.from_bytes(b, sender="aggregator", item="head")) for b in blobs
+        ]
+        weights = head_matrix(
+            [vals[k * per_head : (k + 1) * per_head - 1] for k in range(layout.n_heads)],
+            [vals[(k + 1) * per_head - 1] for k in range(layout.n_heads)],
+            layout,
+        )
         if not np.all(np.isfinite(weights)) or np.abs(weights).max() > 1e6:
             raise CiphertextError(
                 f"{data.name}: the decrypted head is not finite or absurdly large"
@@ -203,3 +239,12 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
         return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
 
     return app
+
+
+def _public_material(engine: SealEngine, ctx, n_features: int) -> dict:
+    """What the aggregator needs: public + relinearization keys, Galois keys for 3 steps."""
+    _, baby = choose_group(n_features, engine.slots)
+    return {
+        M.PUBLIC_CONTEXT: public_context_bytes(ctx),
+        M.GALOIS_KEYS: engine.make_galois_keys(sorted({1, baby, -baby})),
+    }

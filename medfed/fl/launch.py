@@ -31,12 +31,18 @@ def run_federation(
     backend: str = "flower",
     client_cpus: float = 1.0,
     on_step: Callable[[int], None] | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure."""
     client_app = make_hospital_app(workspace)
     if backend == "local":
         strategy = EncryptedEmbeddingsStrategy(settings, on_step=on_step)
-        return strategy.run(LocalGrid(client_app, n_hospitals))
+        if settings.workers == 0:
+            return strategy.run(LocalGrid(client_app, n_hospitals))
+        from medfed.scale.cluster import ray_session, resolve_address
+
+        with ray_session(resolve_address(ray_address)):
+            return strategy.run(LocalGrid(client_app, n_hospitals))
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
@@ -45,9 +51,16 @@ def run_federation(
 
     results: dict = {}
     server_app = make_aggregator_app(settings, results, on_step=on_step)
+    from medfed.scale.cluster import resolve_address
+
+    # "local": a private instance, never a cluster that `ray start` left on this machine
+    init_args = {"address": "local", "num_cpus": os.cpu_count() or 2, "include_dashboard": False}
+    address = resolve_address(ray_address)
+    if address:  # Flower's simulation engine joins the running cluster
+        init_args = {"address": address}
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+        "init_args": init_args,
     }
     run_simulation(
         server_app=server_app,

@@ -1,0 +1,145 @@
+"""The diagonal slot layout and its training loop against obviously-correct numpy code."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medfed.crypto.diagonal import (
+    gradient_map,
+    pack_diagonal,
+    plan_diagonal,
+    rot,
+    unpattern,
+    weight_pattern,
+)
+from medfed.crypto.packing import LayoutError, n_buckets
+from medfed.train.diagonal_head import (
+    Block,
+    DiagonalCompute,
+    PlainDiagonalBackend,
+    head_matrix,
+    split_giant_steps,
+    train_diagonal,
+)
+from medfed.train.head import HeadSchedule
+from medfed.train.poly import fit_sigmoid
+
+
+def _sum_blocks(data, layout):
+    sums = {}
+    for i, (x, y) in enumerate(data):
+        for blk, b in pack_diagonal(x, y, layout, i).items():
+            if blk in sums:
+                sums[blk].diagonals += b.diagonals
+                sums[blk].mask += b.mask
+                sums[blk].targets += b.targets
+            else:
+                sums[blk] = b
+    return [sums[k] for k in sorted(sums)]
+
+
+def _plain_blocks(raw, layout):
+    return [
+        Block(
+            [
+                [list(b.diagonals[g, a]) for a in range(layout.giant)]
+                for g in range(layout.n_groups)
+            ],
+            b.mask,
+            list(b.targets),
+        )
+        for b in raw
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 150), min_size=1, max_size=4),
+    d=st.integers(2, 70),
+    seed=st.integers(0, 10),
+)
+def test_forward_and_backward_maps_match_matrix_products(sizes, d, seed):
+    rng = np.random.default_rng(seed)
+    layout = plan_diagonal(
+        [n_buckets(s, 16) for s in sizes], slots=256, n_classes=2, bucket=16, n_features=d
+    )
+    data = [(rng.normal(size=(s, d)), rng.integers(0, 2, s)) for s in sizes]
+    blocks = _sum_blocks(data, layout)
+    x = np.vstack([a for a, _ in data])
+    w = np.zeros(layout.n_groups * layout.group)
+    w[:d] = rng.normal(size=d)
+    pattern = weight_pattern(w, layout)
+    z_all, r_all = [], rng.normal(size=len(x))
+    q = np.zeros((layout.n_groups, layout.giant, layout.baby, layout.slots))
+    used = 0
+    for b in blocks:
+        z = np.zeros(layout.slots)
+        for a in range(layout.giant):
+            inner = sum(
+                b.diagonals[g, a, bb] * rot(pattern[g], bb)
+                for g in range(layout.n_groups)
+                for bb in range(layout.baby)
+            )
+            z += rot(inner, layout.baby * a)
+        valid = b.mask > 0
+        z_all.append(z[valid])
+        r = np.zeros(layout.slots)
+        r[valid] = r_all[used : used + valid.sum()]
+        used += valid.sum()
+        for a in range(layout.giant):
+            q[:, a] += b.diagonals[:, a] * rot(r, -layout.baby * a)
+    assert np.allclose(np.concatenate(z_all), x @ w[:d])
+    grad = gradient_map(q, layout)
+    assert np.allclose(grad[:d], x.T @ r_all)
+    assert np.allclose(grad[d:], 0)
+    assert np.allclose(unpattern(pattern, layout), w)
+
+
+def _reference_gd(x, y, n_classes, epochs, lr, n_padded, approx):
+    """Obviously-correct numpy GD with the same polynomial and step normalisation."""
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    t = y.reshape(-1, 1).astype(float) if n_classes == 2 else np.eye(n_classes)[y]
+    w = np.zeros((x1.shape[1], t.shape[1]))
+    for _ in range(epochs):
+        w -= lr / n_padded * x1.T @ (approx(x1 @ w) - t)
+    return w
+
+
+@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (4, 2)])
+def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
+    rng = np.random.default_rng(n_classes)
+    sizes, d = [70, 45, 120], 20
+    data = [(rng.normal(size=(s, d)) / np.sqrt(d), rng.integers(0, n_classes, s)) for s in sizes]
+    layout = plan_diagonal(
+        [n_buckets(s, 32) for s in sizes], slots=128, n_classes=n_classes, bucket=32, n_features=d
+    )
+    assert layout.n_blocks > 1  # exercise several blocks
+    schedule = HeadSchedule(5, 3.0, fit_sigmoid(3, 8.0))
+    computes = []
+    for _ in range(parts):
+        c = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+        c.blocks = _plain_blocks(_sum_blocks(data, layout), layout)
+        computes.append(c)
+    w, b = train_diagonal(PlainDiagonalBackend(layout), computes, layout, schedule)
+    got = head_matrix(w, b, layout)
+    x = np.vstack([a for a, _ in data])
+    y = np.concatenate([t for _, t in data])
+    want = _reference_gd(x, y, n_classes, 5, 3.0, layout.n_padded, schedule.approx)
+    assert np.allclose(got, want, atol=1e-10)
+
+
+def test_giant_step_split_is_a_partition():
+    for giant in (1, 4, 8):
+        for parts in (1, 2, 3, 16):
+            ranges = split_giant_steps(giant, parts)
+            assert [a for r in ranges for a in r] == list(range(giant))
+            assert all(len(r) > 0 for r in ranges)
+
+
+def test_layout_rejects_bad_inputs():
+    layout = plan_diagonal([1], slots=128, n_classes=2, bucket=32, n_features=4)
+    with pytest.raises(LayoutError, match="columns"):
+        pack_diagonal(np.zeros((3, 5)), np.zeros(3, int), layout, 0)
+    with pytest.raises(LayoutError, match="more samples"):
+        pack_diagonal(np.zeros((40, 4)), np.zeros(40, int), layout, 0)
