@@ -260,27 +260,20 @@ def main(argv=None) -> int:
     by_workers = {"in-process": in_process}
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
     if worker_counts:
-        import ray
-
+        from medfed.scale.cluster import ray_session
         from medfed.scale.workers import start_workers, stop_workers
 
-        ray.init(
-            address="local", num_cpus=max(worker_counts), include_dashboard=False, log_to_driver=False
-        )
-        try:
+        with ray_session(None, num_cpus=max(worker_counts)):
             for k in worker_counts:
                 remotes = start_workers(
                     k, aggregator, public, galois, layout, params.mask_bits, blocks
                 )
-                train_diagonal(
-                    backend, remotes, layout, HeadSchedule(1, args.lr, approx), targets=targets
-                )
+                warm = HeadSchedule(1, args.lr, approx)
+                train_diagonal(backend, remotes, layout, warm, targets=targets)
                 _, sec = timed_training(backend, remotes, layout, timing_schedule, targets)
                 by_workers[str(k)] = sec
                 log(f"medfed on {k} Ray worker(s): {sec:.2f} s/epoch")
                 stop_workers(remotes)
-        finally:
-            ray.shutdown()
     best_key = min(by_workers, key=by_workers.get)
     seconds_per_epoch = by_workers[best_key]
 
