@@ -90,7 +90,7 @@ def test_forward_and_backward_maps_match_matrix_products(sizes, d, seed):
         for a in range(layout.giant):
             q[:, a] += b.diagonals[:, a] * rot(r, -layout.baby * a)
     assert np.allclose(np.concatenate(z_all), x @ w[:d])
-    grad = gradient_map(q, layout)
+    grad = gradient_map(q.sum(axis=1), layout)  # giant steps share the feature pattern
     assert np.allclose(grad[:d], x.T @ r_all)
     assert np.allclose(grad[d:], 0)
     assert np.allclose(unpattern(pattern, layout), w)

@@ -10,9 +10,9 @@ ciphertext as a repeating pattern ``W[s] = w[s mod g]``; the hospitals upload th
 
 so one epoch costs ``n d / S`` ct*ct forward and as many backward, with only ``b1 - 1`` baby and
 ``b2 - 1`` giant rotations per group (the products are relinearized once per giant step). The
-backward products ``Q[a, b] = D[a, b] * rot(r, -b1 a)`` are summed into per-feature gradients by
-the key holder, on masked values, with the linear map :func:`gradient_map`; it answers with one
-pattern ciphertext per group, which is the weight layout again.
+backward products ``Q[b] = sum_a D[a, b] * rot(r, -b1 a)`` (one relinearization per sum) are
+summed into per-feature gradients by the key holder, on masked values, with the linear map
+:func:`gradient_map`; it answers with one pattern ciphertext per group: the weight layout again.
 
 Rotation convention (SEAL's ``rotate_vector``): ``rot(v, k)[i] = v[(i + k) mod S]``.
 """
@@ -171,17 +171,18 @@ def pack_diagonal(
 
 
 def gradient_map(products: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
-    """Per-feature sums from backward products ``(groups, giant, baby, slots)`` -> (groups*g,).
+    """Per-feature sums from backward products ``([parts,] groups, baby, slots)`` -> (G*g,).
 
-    ``Q[a, b][s]`` holds a term of feature ``(s + b) mod g``; the map is linear, so the key
-    holder applies it to masked values and the aggregator to the masks.
+    ``Q[b][s]`` (summed over giant steps, which share the feature pattern) holds a term of
+    feature ``(s + b) mod g``; leading ``parts`` (one per worker) are summed. The map is
+    linear, so the key holder applies it to masked values and the aggregator to the masks.
     """
-    G, g, S = layout.n_groups, layout.group, layout.slots
-    q = np.asarray(products).reshape(G, layout.giant, layout.baby, S // g, g)
+    G, g, S, B = layout.n_groups, layout.group, layout.slots, layout.baby
+    q = np.asarray(products).reshape(-1, G, B, S // g, g).sum(axis=(0, 3))  # (G, B, g)
     out = np.zeros((G, g))
-    for b in range(layout.baby):
+    for b in range(B):
         # feature (s + b) mod g at slot s: roll so that column f collects feature f
-        out += np.roll(q[:, :, b].sum(axis=(1, 2)), b, axis=-1)
+        out += np.roll(q[:, b], b, axis=-1)
     return out.reshape(-1)
 
 

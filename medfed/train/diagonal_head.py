@@ -108,7 +108,7 @@ class DiagonalCompute:
         return out
 
     def backward(self, residuals: list[list[object]], steps: range, with_bias: bool):
-        """Products ``Q[head][group][a][baby]`` for ``a`` in ``steps`` (and the bias products)."""
+        """Products ``Q[head][group][baby]`` summed over ``steps`` (and the bias products)."""
         L, be = self.layout, self.backend
         q_all, qb_all = [], []
         for k in range(L.n_heads):
@@ -120,16 +120,14 @@ class DiagonalCompute:
                 shifted.append(chain)
             q = [
                 [
-                    [
-                        be.dot(
-                            [
-                                (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr[i], be), sr[i])
-                                for blk, sr in zip(self.blocks, shifted, strict=True)
-                            ]
-                        )
-                        for b in range(L.baby)
-                    ]
-                    for i, a in enumerate(steps)
+                    be.dot(
+                        [
+                            (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr[i], be), sr[i])
+                            for blk, sr in zip(self.blocks, shifted, strict=True)
+                            for i, a in enumerate(steps)
+                        ]
+                    )
+                    for b in range(L.baby)
                 ]
                 for g in range(L.n_groups)
             ]
@@ -257,24 +255,13 @@ class PlainDiagonalBackend:
 
     def sum_round(self, parts, ranges, step):
         L = self.layout
-        q, qb = assemble(parts, ranges, L)
         upd_w, upd_b = [], []
-        for qk, qbk in zip(q, qb, strict=True):
-            pattern, bias = keyholder_sums(np.asarray(qk), qbk, L)
+        for k in range(L.n_heads):
+            q = np.stack([np.asarray(p["q"][k]) for p in parts])  # (parts, G, B, S)
+            pattern, bias = keyholder_sums(q, parts[0]["qb"][k], L)
             upd_w.append(list(pattern))
             upd_b.append(bias)
         return upd_w, upd_b
-
-
-def assemble(parts: list[dict], ranges: list[range], layout: DiagonalLayout):
-    """Put each compute's products back at their giant steps: ``q[head][group][a][b]``."""
-    q = [[[None] * layout.giant for _ in range(layout.n_groups)] for _ in range(layout.n_heads)]
-    for part, rng in zip(parts, ranges, strict=True):
-        for k in range(layout.n_heads):
-            for g in range(layout.n_groups):
-                for i, a in enumerate(rng):
-                    q[k][g][a] = part["q"][k][g][i]
-    return q, parts[0]["qb"]
 
 
 def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layout) -> np.ndarray:
@@ -322,18 +309,18 @@ class EncryptedDiagonalBackend:
         L, S, e = self.layout, self.layout.slots, self.engine
         out = {"q": [], "qb": None, "mask_pattern": [], "mask_bias": []}
         for k in range(L.n_heads):
-            blobs_k, masks = [], np.zeros((L.n_groups, L.giant, L.baby, S))
-            for g in range(L.n_groups):
-                blobs_g = []
-                for i, a in enumerate(steps):
-                    row = []
-                    for b in range(L.baby):
-                        m = draw_mask(self.rng, S, self.mask_bits)
-                        masks[g, a, b] = m
-                        row.append(e.to_bytes(q[k][g][i][b] + m))
-                    blobs_g.append(row)
-                blobs_k.append(blobs_g)
-            out["q"].append(blobs_k)
+            masks = np.stack(
+                [
+                    [draw_mask(self.rng, S, self.mask_bits) for _ in range(L.baby)]
+                    for _ in range(L.n_groups)
+                ]
+            )
+            out["q"].append(
+                [
+                    [e.to_bytes(q[k][g][b] + masks[g, b]) for b in range(L.baby)]
+                    for g in range(L.n_groups)
+                ]
+            )
             out["mask_pattern"].append(weight_pattern(gradient_map(masks, L), L))
         if qb is not None:
             out["qb"] = []
@@ -348,11 +335,11 @@ class EncryptedDiagonalBackend:
 
         t0 = time.perf_counter()
         L, e = self.layout, self.engine
-        q, qb = assemble(parts, ranges, L)
         masked = []
         for k in range(L.n_heads):
-            masked.extend(v for g in q[k] for a in g for v in a)
-            masked.append(qb[k])
+            for part in parts:
+                masked.extend(v for g in part["q"][k] for v in g)
+            masked.append(parts[0]["qb"][k])
         replies, who = self.keyholder.sum_masked(masked, step)
         per_head = L.n_groups + 1
         if len(replies) != per_head * L.n_heads:
@@ -382,17 +369,24 @@ class EncryptedDiagonalBackend:
 def hospital_sums(
     engine, masked: list[bytes], layout: DiagonalLayout, mask_bits: int
 ) -> list[bytes]:
-    """The key holder's side of the round: decrypt masked products, sum, re-encrypt."""
+    """The key holder's side of the round: decrypt masked products, sum, re-encrypt.
+
+    Per head the aggregator sends ``parts x groups x baby`` masked product vectors (one set per
+    worker) and one masked bias vector; the reply is one pattern ciphertext per group and one
+    replicated bias ciphertext.
+    """
     from medfed.crypto.context import CiphertextError
 
-    S, per_head = layout.slots, layout.n_groups * layout.giant * layout.baby + 1
-    if len(masked) != per_head * layout.n_heads:
+    S, H, unit = layout.slots, layout.n_heads, layout.n_groups * layout.baby
+    if len(masked) % H or (len(masked) // H - 1) % unit or len(masked) // H - 1 < unit:
         raise CiphertextError(
-            f"expected {per_head * layout.n_heads} masked vectors, got {len(masked)}"
+            f"the aggregator sent {len(masked)} masked vectors; expected a multiple of "
+            f"{unit} products plus one bias vector per head ({H} heads)"
         )
-    bound = 2.0 ** (mask_bits + 2)
+    per_head = len(masked) // H
+    bound = 2.0 ** (mask_bits + 3)
     out = []
-    for k in range(layout.n_heads):
+    for k in range(H):
         values = np.stack(
             [
                 engine.decrypt(engine.from_bytes(b, sender="aggregator", item=f"masked {k}/{i}"))
@@ -404,9 +398,7 @@ def hospital_sums(
                 "masked values from the aggregator decrypt outside the mask range: not "
                 "encrypted under this consortium's key, or corrupt."
             )
-        pattern, bias = keyholder_sums(
-            values[:-1].reshape(layout.n_groups, layout.giant, layout.baby, S), values[-1], layout
-        )
+        pattern, bias = keyholder_sums(values[:-1].reshape(-1, unit, S), values[-1], layout)
         out.extend(engine.to_bytes(engine.encrypt(p)) for p in pattern)
         out.append(engine.to_bytes(engine.encrypt(bias)))
     return out
