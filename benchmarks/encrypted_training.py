@@ -35,10 +35,10 @@ from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
 from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.train.diagonal_head import (
-    Block,
     DiagonalCompute,
     EncryptedDiagonalBackend,
     PlainDiagonalBackend,
+    blocks_from_packed,
     galois_steps,
     head_matrix,
     hospital_sums,
@@ -84,36 +84,7 @@ def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
     def enc(v):
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
-    blocks = []
-    for _, b in sorted(raw.items()):
-        blocks.append(
-            Block(
-                [
-                    [
-                        [enc(b.diagonals[g, a, bb]) for bb in range(layout.baby)]
-                        for a in range(layout.giant)
-                    ]
-                    for g in range(layout.n_groups)
-                ],
-                enc(b.mask),
-                [enc(t) for t in b.targets],
-            )
-        )
-    return blocks
-
-
-def plain_blocks(raw, layout):
-    return [
-        Block(
-            [
-                [list(b.diagonals[g, a]) for a in range(layout.giant)]
-                for g in range(layout.n_groups)
-            ],
-            b.mask,
-            list(b.targets),
-        )
-        for _, b in sorted(raw.items())
-    ]
+    return blocks_from_packed([b for _, b in sorted(raw.items())], layout, enc)
 
 
 def timed_training(backend, computes, layout, schedule, targets):
@@ -287,7 +258,7 @@ def main(argv=None) -> int:
 
     head_enc = head_matrix([[dec(v) for v in wk] for wk in w_enc], [dec(b) for b in b_enc], layout)
     plain = DiagonalCompute(PlainDiagonalBackend(layout), layout)
-    plain.blocks = plain_blocks(raw, layout)
+    plain.blocks = blocks_from_packed([b for _, b in sorted(raw.items())], layout)
     t0 = time.perf_counter()
     w_pl, b_pl = train_diagonal(PlainDiagonalBackend(layout), [plain], layout, acc_schedule)
     plain_seconds = (time.perf_counter() - t0) / args.accuracy_epochs

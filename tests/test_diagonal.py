@@ -10,14 +10,15 @@ from medfed.crypto.diagonal import (
     pack_diagonal,
     plan_diagonal,
     rot,
+    sum_packed,
     unpattern,
     weight_pattern,
 )
 from medfed.crypto.packing import LayoutError, n_buckets
 from medfed.train.diagonal_head import (
-    Block,
     DiagonalCompute,
     PlainDiagonalBackend,
+    blocks_from_packed,
     head_matrix,
     split_giant_steps,
     train_diagonal,
@@ -27,30 +28,7 @@ from medfed.train.poly import fit_sigmoid
 
 
 def _sum_blocks(data, layout):
-    sums = {}
-    for i, (x, y) in enumerate(data):
-        for blk, b in pack_diagonal(x, y, layout, i).items():
-            if blk in sums:
-                sums[blk].diagonals += b.diagonals
-                sums[blk].mask += b.mask
-                sums[blk].targets += b.targets
-            else:
-                sums[blk] = b
-    return [sums[k] for k in sorted(sums)]
-
-
-def _plain_blocks(raw, layout):
-    return [
-        Block(
-            [
-                [list(b.diagonals[g, a]) for a in range(layout.giant)]
-                for g in range(layout.n_groups)
-            ],
-            b.mask,
-            list(b.targets),
-        )
-        for b in raw
-    ]
+    return sum_packed(pack_diagonal(x, y, layout, i) for i, (x, y) in enumerate(data))
 
 
 @settings(max_examples=25, deadline=None)
@@ -119,7 +97,7 @@ def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
     computes = []
     for _ in range(parts):
         c = DiagonalCompute(PlainDiagonalBackend(layout), layout)
-        c.blocks = _plain_blocks(_sum_blocks(data, layout), layout)
+        c.blocks = blocks_from_packed(_sum_blocks(data, layout), layout)
         computes.append(c)
     w, b = train_diagonal(PlainDiagonalBackend(layout), computes, layout, schedule)
     got = head_matrix(w, b, layout)

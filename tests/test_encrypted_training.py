@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from medfed.crypto.context import CiphertextError, make_secret_context
-from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
+from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
 from medfed.train.diagonal_head import (
-    Block,
     DiagonalCompute,
     EncryptedDiagonalBackend,
     PlainDiagonalBackend,
+    blocks_from_packed,
     galois_steps,
     head_matrix,
     hospital_sums,
@@ -67,30 +67,9 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
     def enc(v):
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
-    raw = {}
-    for i, (x, y) in enumerate(data):
-        for blk, b in pack_diagonal(x, y, layout, i).items():
-            if blk in raw:
-                raw[blk].diagonals += b.diagonals
-                raw[blk].mask += b.mask
-                raw[blk].targets += b.targets
-            else:
-                raw[blk] = b
-    G, A, B = layout.n_groups, layout.giant, layout.baby
-    enc_blocks = [
-        Block(
-            [[[enc(b.diagonals[g, a, bb]) for bb in range(B)] for a in range(A)] for g in range(G)],
-            enc(b.mask),
-            [enc(t) for t in b.targets],
-        )
-        for _, b in sorted(raw.items())
-    ]
-    plain_blocks = [
-        Block(
-            [[list(b.diagonals[g, a]) for a in range(A)] for g in range(G)], b.mask, list(b.targets)
-        )
-        for _, b in sorted(raw.items())
-    ]
+    raw = sum_packed(pack_diagonal(x, y, layout, i) for i, (x, y) in enumerate(data))
+    enc_blocks = blocks_from_packed(raw, layout, enc)
+    plain_blocks = blocks_from_packed(raw, layout)
     schedule = HeadSchedule(epochs=4, lr=4.0, approx=fit_sigmoid(degree, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
@@ -159,12 +138,7 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params):
     def enc(v):
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
-    G, A, B = layout.n_groups, layout.giant, layout.baby
-    block = Block(
-        [[[enc(b.diagonals[g, a, bb]) for bb in range(B)] for a in range(A)] for g in range(G)],
-        enc(b.mask),
-        [enc(t) for t in b.targets],
-    )
+    (block,) = blocks_from_packed([b], layout, enc)
     schedule = HeadSchedule(epochs=2, lr=4.0, approx=fit_sigmoid(3, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)

@@ -8,8 +8,9 @@ ciphertext as a repeating pattern ``W[s] = w[s mod g]``; the hospitals upload th
     D[a, b][s] = x[(s - b1 a) mod S][(s + b) mod g]          (sample i sits at slot i + b1 a)
     z = sum_a rot( sum_b D[a, b] * rot(W, b), b1 a )          z[i] = sum_f w[f] x[i][f]
 
-so one epoch costs ``n d / S`` ct*ct forward and as many backward, with only ``b1 - 1`` baby and
-``b2 - 1`` giant rotations per group (the products are relinearized once per giant step). The
+so one epoch costs ``n d / S`` ct*ct forward and as many backward, with ``b1 - 1`` baby
+rotations per group and ``b2 - 1`` giant (Horner) rotations per block and head, as many again on
+the backward residuals (the products are relinearized once per giant step). The
 backward products ``Q[b] = sum_a D[a, b] * rot(r, -b1 a)`` (one relinearization per sum) are
 summed into per-feature gradients by the key holder, on masked values, with the linear map
 :func:`gradient_map`; it answers with one pattern ciphertext per group: the weight layout again.
@@ -20,6 +21,7 @@ Rotation convention (SEAL's ``rotate_vector``): ``rot(v, k)[i] = v[(i + k) mod S
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,3 +198,19 @@ def unpattern(vectors: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
     """Inverse of :func:`weight_pattern` (mean over repeats, robust to CKKS noise)."""
     G, g, S = layout.n_groups, layout.group, layout.slots
     return np.asarray(vectors).reshape(G, S // g, g).mean(axis=1).reshape(-1)
+
+
+def sum_packed(packs: Iterable[dict[int, DiagonalBlock]]) -> list[DiagonalBlock]:
+    """Add hospitals' packed blocks slot-wise (what the aggregator does on ciphertexts)."""
+    sums: dict[int, DiagonalBlock] = {}
+    for pack in packs:
+        for blk, b in pack.items():
+            if blk in sums:
+                sums[blk] = DiagonalBlock(
+                    sums[blk].diagonals + b.diagonals,
+                    sums[blk].mask + b.mask,
+                    sums[blk].targets + b.targets,
+                )
+            else:
+                sums[blk] = b
+    return [sums[k] for k in sorted(sums)]

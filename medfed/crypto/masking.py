@@ -4,7 +4,7 @@ The aggregator adds fresh uniform noise to every slot before a hospital decrypts
 hospital sees only masked values (statistical hiding: a slot value of magnitude ``v`` is hidden
 behind a mask uniform on ``[-2**mask_bits, 2**mask_bits]``: statistical distance
 ``|v| / 2**(mask_bits + 1)`` per slot, which adds up over every slot a hospital sees).
-The aggregator removes the masks' segment sums after the hospital's encrypted reply comes back.
+The aggregator removes the masks' image under the same linear map from the hospital's reply.
 """
 
 from __future__ import annotations

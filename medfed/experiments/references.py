@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
+from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.fl.hospital import normalization_from_stats, normalize, stats_vector
 from medfed.fl.workspace import HospitalData
 from medfed.train.diagonal_head import (
-    Block,
     DiagonalCompute,
     PlainDiagonalBackend,
+    blocks_from_packed,
     head_matrix,
     train_diagonal,
 )
@@ -24,22 +24,27 @@ from medfed.train.head import HeadSchedule, accuracy
 from medfed.train.reference import train_exact_logreg
 
 
-def normalized(hospitals: list[HospitalData], scale: float):
+def normalized(hospitals: list[HospitalData], scale: float, over: list[int] | None = None):
+    """Every hospital's features under the shared rule, with statistics summed over ``over``
+    (default: all hospitals), as the hospitals that passed ``stats`` do in the federation."""
     d = hospitals[0].train_features.shape[1]
-    total = sum(stats_vector(h.train_features) for h in hospitals)
+    over = range(len(hospitals)) if over is None else over
+    total = sum(stats_vector(hospitals[i].train_features) for i in over)
     mean, std = normalization_from_stats(total, d)
     train = [normalize(h.train_features, mean, std, scale) for h in hospitals]
     test = [normalize(h.test_features, mean, std, scale) for h in hospitals]
     return train, test
 
 
-def _test_accuracy(weights: np.ndarray, hospitals, test) -> float:
+def _test_accuracy(weights: np.ndarray, hospitals, test, on: list[int] | None = None) -> float:
+    on = range(len(hospitals)) if on is None else on
     correct = sum(
-        accuracy(weights, x, h.test_labels) * len(x)
-        for h, x in zip(hospitals, test, strict=True)
-        if len(x)
+        accuracy(weights, test[i], hospitals[i].test_labels) * len(test[i])
+        for i in on
+        if len(test[i])
     )
-    return float(correct / sum(len(x) for x in test))
+    total = sum(len(test[i]) for i in on)
+    return float(correct / total) if total else float("nan")
 
 
 def plaintext_reference(
@@ -49,49 +54,52 @@ def plaintext_reference(
     slots: int,
     bucket: int,
     feature_scale: float,
+    *,
+    normalized_over: list[int] | None = None,
+    trained_on: list[int] | None = None,
+    evaluated_on: list[int] | None = None,
 ) -> dict:
-    """The encrypted path's own training code on numpy, and exact logistic regression."""
-    train, test = normalized(hospitals, feature_scale)
+    """The encrypted path's own training code on numpy, and exact logistic regression.
+
+    When the aggregator excluded hospitals, pass the indices it kept: ``normalized_over``
+    (passed ``stats``: their statistics and slot allocations count), ``trained_on`` (passed
+    ``upload``: their samples are trained on) and ``evaluated_on`` (evaluated the head), so
+    that ``accuracy - plaintext_accuracy`` still measures encryption alone.
+    """
+    everyone = list(range(len(hospitals)))
+    stats_in = everyone if normalized_over is None else sorted(normalized_over)
+    train_in = stats_in if trained_on is None else sorted(trained_on)
+    if not set(train_in) <= set(stats_in) or not train_in:
+        raise ValueError("trained_on must be a non-empty subset of normalized_over")
+    train, test = normalized(hospitals, feature_scale, stats_in)
     d = train[0].shape[1]
     layout = plan_diagonal(
-        [n_buckets(len(x), bucket) for x in train],
+        [n_buckets(len(train[i]), bucket) for i in stats_in],
         slots=slots,
         n_classes=n_classes,
         bucket=bucket,
         n_features=d,
     )
-    sums: dict[int, list] = {}
-    for i, (x, h) in enumerate(zip(train, hospitals, strict=True)):
-        for block, b in pack_diagonal(x, h.train_labels, layout, i).items():
-            if block in sums:
-                sums[block][0] += b.diagonals
-                sums[block][1] += b.mask
-                sums[block][2] += b.targets
-            else:
-                sums[block] = [b.diagonals.copy(), b.mask.copy(), b.targets.copy()]
+    packed = sum_packed(
+        pack_diagonal(x, h.train_labels, layout, i)
+        for i, (x, h) in enumerate(zip(train, hospitals, strict=True))
+    )
     compute = DiagonalCompute(PlainDiagonalBackend(layout), layout)
-    compute.blocks = [
-        Block(
-            [[list(dg[g, a]) for a in range(layout.giant)] for g in range(layout.n_groups)],
-            mask,
-            list(targets),
-        )
-        for _, (dg, mask, targets) in sorted(sums.items())
-    ]
+    compute.blocks = blocks_from_packed(packed, layout)
     w, b = train_diagonal(PlainDiagonalBackend(layout), [compute], layout, schedule)
     head = head_matrix(w, b, layout)
-    n = sum(len(x) for x in train)
+    n = sum(len(train[i]) for i in train_in)
     # same effective step as the slot path, which averages gradients over padded positions
     exact = train_exact_logreg(
-        np.vstack(train),
-        np.concatenate([h.train_labels for h in hospitals]),
+        np.vstack([train[i] for i in train_in]),
+        np.concatenate([hospitals[i].train_labels for i in train_in]),
         n_classes,
         schedule.epochs,
         schedule.lr * n / layout.n_padded,
     )
     return {
-        "plaintext_accuracy": _test_accuracy(head, hospitals, test),
-        "exact_accuracy": _test_accuracy(exact, hospitals, test),
+        "plaintext_accuracy": _test_accuracy(head, hospitals, test, evaluated_on),
+        "exact_accuracy": _test_accuracy(exact, hospitals, test, evaluated_on),
         "plaintext_weights": head,
         "n_padded": layout.n_padded,
     }

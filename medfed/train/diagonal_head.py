@@ -51,6 +51,23 @@ class DiagonalBackend(Protocol):
         """Weight and bias updates from backward products (``[head][group][giant][baby]``)."""
 
 
+def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Block]:
+    """Training blocks from packed plaintext blocks; ``to_vec`` encrypts (identity: plaintext)."""
+    to_vec = to_vec if to_vec is not None else (lambda v: v)
+    G, A, B = layout.n_groups, layout.giant, layout.baby
+    return [
+        Block(
+            [
+                [[to_vec(b.diagonals[g, a, bb]) for bb in range(B)] for a in range(A)]
+                for g in range(G)
+            ],
+            to_vec(b.mask),
+            [to_vec(t) for t in b.targets],
+        )
+        for b in packed
+    ]
+
+
 def _low(block: Block, key: tuple, v: object, like: object, backend: DiagonalBackend) -> object:
     if key not in block.low:
         block.low[key] = backend.lower(v, like)
@@ -333,6 +350,8 @@ class EncryptedDiagonalBackend:
     def sum_round(self, parts, ranges, step):
         import time
 
+        from medfed.crypto.context import CiphertextError
+
         t0 = time.perf_counter()
         L, e = self.layout, self.engine
         masked = []
@@ -340,18 +359,30 @@ class EncryptedDiagonalBackend:
             for part in parts:
                 masked.extend(v for g in part["q"][k] for v in g)
             masked.append(parts[0]["qb"][k])
-        replies, who = self.keyholder.sum_masked(masked, step)
         per_head = L.n_groups + 1
-        if len(replies) != per_head * L.n_heads:
-            raise ValueError(f"{who} returned {len(replies)} sums, expected {per_head * L.n_heads}")
+        while True:  # a key holder whose reply is unusable is dropped; the next one retries
+            replies, who = self.keyholder.sum_masked(masked, step)
+            try:
+                if len(replies) != per_head * L.n_heads:
+                    raise CiphertextError(
+                        f"{who} returned {len(replies)} sums in the masked-sum round, expected "
+                        f"{per_head * L.n_heads}; it must answer with one per masked vector group"
+                    )
+                loaded = [
+                    e.from_bytes(r, sender=who, item=f"sum {j // per_head}/{j % per_head}")
+                    for j, r in enumerate(replies)
+                ]
+                break
+            except CiphertextError as err:
+                reject = getattr(self.keyholder, "reject", None)
+                if reject is None:
+                    raise
+                reject(who, str(err), step)
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
             pattern = sum(p["mask_pattern"][k] for p in parts)
             bias = np.full(L.slots, parts[0]["mask_bias"][k])
-            got = [
-                e.from_bytes(replies[k * per_head + i], sender=who, item=f"sum {k}/{i}")
-                for i in range(per_head)
-            ]
+            got = loaded[k * per_head : (k + 1) * per_head]
             upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
             upd_b.append(got[-1] - bias)
         self.records.append(

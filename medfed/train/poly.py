@@ -2,7 +2,8 @@
 
 CKKS evaluates only additions and multiplications, so the logistic sigmoid is replaced by an
 odd least-squares polynomial on ``[-radius, radius]`` (Kim et al., iDASH 2017). The same
-:func:`scaled_residual` runs on numpy arrays (plaintext reference) and on TenSEAL vectors.
+:func:`scaled_residual` runs on numpy arrays (plaintext reference) and on ciphertexts
+(:class:`medfed.crypto.seal.SealVec`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def fit_sigmoid(degree: int = 3, radius: float = 8.0) -> SigmoidApprox:
 def scaled_residual(z, y, approx: SigmoidApprox, scale: float):
     """``scale * (sigmoid_approx(z) - y)`` with the fewest levels.
 
-    Works on numpy arrays and on TenSEAL CKKSVectors alike; ``z`` is one level down from fresh
+    Works on numpy arrays and on SealVec ciphertexts alike; ``z`` is one level down from fresh
     inputs, ``y`` is fresh. Depth above ``z``: 1 (degree 1), 2 (degree 3), 3 (degree 5).
     """
     a = approx.coeffs
