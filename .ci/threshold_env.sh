@@ -6,11 +6,14 @@
 # OpenFHE publishes wheels only for CPython 3.10 (*.0.22.4) and 3.12 (*.0.24.4, which needs a
 # newer libstdc++ than Debian 12 has), so the main 3.11 environment cannot run these tests.
 # medfed is installed with --no-deps: its main dependencies (tenseal 0.3.18, numpy 2.4.6) do
-# not exist for 3.10, and medfed.crypto.threshold needs only numpy, openfhe and cryptography.
+# not exist for 3.10. medfed.crypto.threshold needs only numpy, openfhe and cryptography; mode
+# "updates" with threshold keys and --features adds flwr (1.30: flwr 1.41 needs Python 3.11;
+# same Message API), pyyaml and rich (what `pip install -e ".[threshold]"` gives on 3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OPENFHE_VERSION="1.6.1.0.22.4"
+FLWR_VERSION="1.30.0"
 VENV=".venv-threshold"
 PY310="${PY310:-}"
 if [[ -z "$PY310" ]]; then
@@ -27,11 +30,14 @@ fi
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY310" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, pytest, hypothesis" 2>/dev/null \
-  || [[ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("openfhe"))')" \
-        != "$OPENFHE_VERSION" ]]; then
+versions() {
+  "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("openfhe"), m.version("flwr"))'
+}
+if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, flwr, yaml, rich, pytest, hypothesis" \
+    2>/dev/null || [[ "$(versions 2>/dev/null)" != "$OPENFHE_VERSION $FLWR_VERSION" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    "openfhe==$OPENFHE_VERSION" numpy cryptography pytest hypothesis
+    "openfhe==$OPENFHE_VERSION" "flwr==$FLWR_VERSION" numpy cryptography pyyaml rich pytest \
+    hypothesis
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 

@@ -10,8 +10,10 @@ from typing import Any
 
 import yaml
 
-MODES = ("embeddings",)
-KEY_SETUPS = ("shared",)
+MODES = ("embeddings", "updates")
+KEY_SETUPS = ("none", "shared", "threshold")
+#: Key setups each mode accepts ("none" is plain FedAvg, the baseline for mode "updates").
+MODE_KEYS = {"embeddings": ("shared",), "updates": ("none", "shared", "threshold")}
 SPLITS = ("iid", "dirichlet")
 
 
@@ -37,6 +39,10 @@ class SimulationConfig:
     ckks: str = "fast"
     epochs: int = 30
     lr: float = 2.0
+    rounds: int = 10  # mode "updates": FedAvg rounds
+    local_epochs: int = 3  # mode "updates": full-batch epochs per hospital per round
+    dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
+    features: str | None = None  # mode "updates": precomputed embeddings (.npz)
     sigmoid_degree: int = 3
     sigmoid_radius: float = 8.0
     bucket: int = 32
@@ -48,6 +54,7 @@ class SimulationConfig:
     cache_dir: str | None = None
     out: str | None = None
     progress: bool = True
+    inject: tuple[str, ...] = ()  # fault specs (--inject, medfed.fl.faults), for robustness runs
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -109,8 +116,18 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("bucket", c.bucket)
     positive_int("seed", c.seed, low=0)
     positive_int("workers", c.workers, low=0)
-    _choice("mode", c.mode, MODES, " Mode 'updates' is planned (issue 4).")
-    _choice("keys", c.keys, KEY_SETUPS, " Threshold keys are planned (issue 4).")
+    positive_int("rounds", c.rounds)
+    positive_int("local_epochs", c.local_epochs)
+    positive_int("dropouts", c.dropouts, low=0)
+    _choice("mode", c.mode, MODES)
+    _choice("keys", c.keys, KEY_SETUPS)
+    _choice(
+        "keys",
+        c.keys,
+        MODE_KEYS[c.mode],
+        f" Mode {c.mode!r} supports keys {', '.join(MODE_KEYS[c.mode])}.",
+    )
+    _check_updates(c)
     _choice("split", c.split, SPLITS)
     _choice("backend", c.backend, ("flower", "local"))
     for name in ("alpha", "lr", "sigmoid_radius", "feature_scale", "client_cpus"):
@@ -122,6 +139,55 @@ def _validate(c: SimulationConfig) -> None:
     _check_ckks(c)
     if c.img_size is not None:
         positive_int("img_size", c.img_size, low=16)
+    _check_inject(c)
+
+
+def _check_inject(c: SimulationConfig) -> None:
+    """Parse and check the fault specs; store them in canonical form (a tuple of strings)."""
+    from medfed.fl.faults import EMBEDDINGS_STAGES, FaultSpecError, check_faults, parse_faults
+
+    raw = () if c.inject is None else c.inject
+    if isinstance(raw, str):
+        raw = (raw,)
+    if not isinstance(raw, list | tuple):
+        raise ConfigError(
+            f"inject must be a list of fault specs such as 'crash:hospital=1,round=upload', "
+            f"got {raw!r}"
+        )
+    try:
+        faults = parse_faults(raw)
+        stages = EMBEDDINGS_STAGES if c.mode == "embeddings" else ()
+        check_faults(faults, c.hospitals, c.epochs, stages)
+    except FaultSpecError as e:
+        raise ConfigError(str(e)) from None
+    object.__setattr__(c, "inject", tuple(str(f) for f in faults))
+
+
+def _check_updates(c: SimulationConfig) -> None:
+    """Options of mode "updates": refused elsewhere, and dropouts within what the keys allow."""
+    if c.mode != "updates":
+        for name, default in (("dropouts", 0), ("features", None)):
+            if getattr(c, name) != default:
+                raise ConfigError(f"{name} applies to mode 'updates' only (use --mode updates)")
+        return
+    if c.workers:
+        raise ConfigError("workers (Ray encrypted batch workers) apply to mode 'embeddings' only")
+    if c.keys == "threshold" and c.hospitals < 2:
+        raise ConfigError("keys='threshold' needs at least 2 hospitals; use --keys shared")
+    if c.dropouts:
+        if c.rounds < 2:
+            raise ConfigError("dropouts happen mid-training: use --rounds 2 or more")
+        if c.keys == "threshold":
+            t = c.hospitals // 2 + 1
+            if c.dropouts > c.hospitals - t:
+                raise ConfigError(
+                    f"dropouts={c.dropouts}: with {c.hospitals} hospitals the threshold setup "
+                    f"is {t}-of-{c.hospitals} and tolerates at most {c.hospitals - t} dropouts"
+                )
+        elif c.dropouts >= c.hospitals:
+            raise ConfigError(
+                f"dropouts={c.dropouts} must leave at least one of the {c.hospitals} hospitals"
+            )
 
 
 def _check_ckks(c: SimulationConfig) -> None:
@@ -134,6 +200,8 @@ def _check_ckks(c: SimulationConfig) -> None:
         params = get_preset(c.ckks)
     except UnsafeParametersError as e:
         raise ConfigError(str(e)) from None
+    if c.mode != "embeddings":  # mode "updates" only adds ciphertexts: any preset has the depth
+        return
     needed = 2 + math.ceil(math.log2(c.sigmoid_degree + 1))
     if needed > params.depth:
         fits = sorted(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from medfed.config import ConfigError
-from medfed.crypto.context import CiphertextError, KeyMaterialError
+from medfed.crypto.errors import CiphertextError, KeyMaterialError  # no TenSEAL import
 from medfed.crypto.packing import LayoutError
 from medfed.crypto.params import UnsafeParametersError
+from medfed.crypto.threshold import ThresholdParamsError, ThresholdUnavailableError
 from medfed.data import DatasetError, PartitionError
 from medfed.embed import BackboneError
 
@@ -18,6 +19,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CiphertextError,
     KeyMaterialError,
     LayoutError,
+    ThresholdUnavailableError,
+    ThresholdParamsError,
 )
 
 

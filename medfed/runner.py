@@ -6,26 +6,30 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
 from medfed.config import ConfigError, SimulationConfig
-from medfed.crypto.context import make_secret_context, secret_context_bytes
-from medfed.crypto.params import get_preset
-from medfed.experiments.prepare import prepare
-from medfed.experiments.references import plaintext_reference
-from medfed.experiments.results import write_run
-from medfed.fl.aggregator import AggregatorSettings
-from medfed.fl.launch import run_federation
-from medfed.fl.workspace import HospitalData, provision, read_evaluations
-from medfed.train.head import HeadSchedule
-from medfed.train.poly import fit_sigmoid
+
+if TYPE_CHECKING:
+    from medfed.fl.workspace import HospitalData
+
+# TenSEAL, Flower and torch are imported inside the functions: mode "updates" with threshold
+# keys runs in a Python 3.10 environment that has none of them (see run_updates).
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: SimulationConfig) -> dict:
-    """Prepare data (load, validate, embed, partition), then :func:`federate`."""
+    """Prepare data (load, validate, embed, partition), then :func:`federate`.
+
+    Mode "updates" goes to :func:`medfed.experiments.updates.run_updates`.
+    """
+    if cfg.mode == "updates":
+        from medfed.experiments.updates import run_updates
+
+        return run_updates(cfg)
+    from medfed.experiments.prepare import prepare
+
     started = time.perf_counter()
     data = prepare(cfg)
     described = {
@@ -46,12 +50,32 @@ def federate(
     started: float | None = None,
 ) -> dict:
     """Run the encrypted federation and the plaintext references on prepared hospitals."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from medfed.crypto.context import make_secret_context, secret_context_bytes
+    from medfed.crypto.params import get_preset
+    from medfed.experiments.references import plaintext_reference
+    from medfed.experiments.results import write_run
+    from medfed.fl.aggregator import AggregatorSettings
+    from medfed.fl.faults import parse_faults
+    from medfed.fl.launch import run_federation
+    from medfed.fl.workspace import check_hospitals, provision, read_evaluations
+    from medfed.train.head import HeadSchedule
+    from medfed.train.poly import fit_sigmoid
+
     t0 = started if started is not None else time.perf_counter()
     params = get_preset(cfg.ckks)
     approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
     schedule = HeadSchedule(cfg.epochs, cfg.lr, approx)
     if len(hospitals) != cfg.hospitals:
         raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
+    check_hospitals(hospitals, n_classes)
     d = hospitals[0].train_features.shape[1]
     reference = plaintext_reference(
         hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale
@@ -70,6 +94,8 @@ def federate(
         n_features=d,
         bucket=cfg.bucket,
         expected_hospitals=cfg.hospitals,
+        # never train on (and send every hospital a head of) a single hospital's data alone
+        min_hospitals=min(2, cfg.hospitals),
         workers=cfg.workers,
         # under Flower's simulation the hospitals' actors already hold every CPU
         cpus_per_worker=0.0 if cfg.backend == "flower" else 1.0,
@@ -96,11 +122,18 @@ def federate(
                 client_cpus=cfg.client_cpus,
                 ray_address=cfg.ray_address,
                 on_step=lambda step: progress.advance(task),
+                faults=parse_faults(cfg.inject),
             )
         federation_seconds = time.perf_counter() - t_fed
         evaluations = read_evaluations(workspace, cfg.hospitals)
 
-    done = [e for e in evaluations if e is not None]
+    subsets = _reference_subsets(fed, hospitals)
+    if subsets is not None:  # hospitals were excluded: the references leave the same ones out
+        reference = plaintext_reference(
+            hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale, **subsets
+        )
+    evaluated = set(fed.get("evaluated_by", [h.name for h in hospitals]))
+    done = [e for e in evaluations if e is not None and e["hospital"] in evaluated]
     total = sum(e["total"] for e in done)
     correct = sum(e["correct"] for e in done)
     up = int(sum(fed["bytes_up"].values()))
@@ -135,9 +168,29 @@ def federate(
         "workers": cfg.workers,
         "layout": fed["layout"],
         "excluded": fed["excluded"],
+        "contributors": fed.get("contributors", {}),
     }
     metrics["accuracy_gap_pp"] = 100 * (metrics["accuracy"] - metrics["plaintext_accuracy"])
     if cfg.out:
         rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
         write_run(Path(cfg.out), cfg.to_dict(), metrics, rounds)
     return metrics
+
+
+def _reference_subsets(fed: dict, hospitals: list[HospitalData]) -> dict | None:
+    """Hospital indices whose data the federation used at each stage; None when all were."""
+    names = [h.name for h in hospitals]
+    used = fed.get("contributors") or {}
+
+    def indices(stage: str) -> list[int]:
+        kept = set(used.get(stage, names))
+        return [i for i, n in enumerate(names) if n in kept]
+
+    subsets = {
+        "normalized_over": indices("stats"),
+        "trained_on": indices("upload"),
+        "evaluated_on": [i for i, n in enumerate(names) if n in fed.get("evaluated_by", names)],
+    }
+    if all(v == list(range(len(hospitals))) for v in subsets.values()):
+        return None
+    return subsets

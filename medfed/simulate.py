@@ -24,8 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML file with any of the options below")
     p.add_argument("--hospitals", type=int, default=S, help="number of hospitals (default 5)")
-    p.add_argument("--mode", default=S, help="embeddings (default)")
-    p.add_argument("--keys", default=S, help="shared (default)")
+    p.add_argument(
+        "--mode",
+        default=S,
+        help="embeddings (default: the aggregator trains on encrypted embeddings) or updates "
+        "(hospitals train locally, the aggregator adds encrypted updates)",
+    )
+    p.add_argument(
+        "--keys",
+        default=S,
+        help="shared (default; one CKKS key held by every hospital), threshold (mode updates: "
+        "OpenFHE t-of-n keys, Python 3.10) or none (mode updates: plain FedAvg baseline)",
+    )
     p.add_argument(
         "--dataset",
         default=S,
@@ -43,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (30)")
     p.add_argument("--lr", type=float, default=S, help="learning rate (2.0)")
+    p.add_argument("--rounds", type=int, default=S, help="mode updates: FedAvg rounds (10)")
+    p.add_argument(
+        "--local-epochs", type=int, default=S, help="mode updates: local epochs per round (3)"
+    )
+    p.add_argument(
+        "--dropouts",
+        type=int,
+        default=S,
+        help="mode updates: hospitals that stop answering from the middle round on (0)",
+    )
+    p.add_argument(
+        "--features",
+        default=S,
+        help="mode updates: precomputed embeddings (.npz with train_features, train_labels, "
+        "test_features, test_labels) instead of --dataset/--model; needs no torch",
+    )
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
     p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (8)")
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
@@ -56,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=S, help="feature cache folder")
     p.add_argument("--out", default=S, help="write config.yaml, rounds.jsonl, metrics.json here")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=S,
+        metavar="SPEC",
+        help="inject a fault (repeatable): dropout|crash|corrupt:hospital=I,round=STAGE or "
+        "slow:hospital=I,seconds=S[,round=STAGE]; STAGE is stats, upload, sum-<epoch> or final",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -101,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # logged once by medfed.embed and repeated in the summary; no duplicate Python warning
     warnings.filterwarnings("ignore", category=UntrainedBackboneWarning)
     from medfed.experiments.results import print_summary
+    from medfed.fl.messages import FederationError
     from medfed.runner import run
 
     try:
@@ -108,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(format_user_error(e), file=sys.stderr)
         return 2
+    except FederationError as e:  # e.g. too few hospitals left after faults
+        print(format_user_error(e), file=sys.stderr)
+        return 1
     print_summary(metrics)
     if cfg.out:
         print(f"results written to {cfg.out}/metrics.json")

@@ -105,3 +105,82 @@ def test_tiny_end_to_end_run_through_the_cli(tmp_path, capsys):
     )
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["embedding_cache_hits"] == {"train": True, "test": True}
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--inject", "explode:hospital=1,round=upload"], "unknown fault kind 'explode'"),
+        (["--inject", "crash:hospital=7,round=upload"], "no hospital 7"),
+        (["--inject", "crash:hospital=1,round=sum-99", "--epochs", "5"], "sum-0 .. sum-4"),
+        (["--inject", "slow:hospital=1"], "slow needs seconds"),
+        (["--ckks", "fats"], "Did you mean 'fast'"),
+        (["--split", "random"], "split='random' is not one of iid, dirichlet"),
+        (["--hospitals", "0"], "hospitals must be an integer >= 1"),
+        (["--dataset", "retinamnist", "--data-root", "/nonexistent"], "retinamnist"),
+        (["--dataset", "/nonexistent/BROKEN.npz"], "BROKEN.npz: dataset file does not exist"),
+    ],
+)
+def test_user_errors_exit_2_with_the_message_not_a_traceback(args, named, capsys):
+    assert main(["--hospitals", "3", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medfed: error: ") and named in err
+    assert "Traceback" not in err
+
+
+def test_bad_inject_spec_from_the_shell_has_no_traceback():
+    r = _run_cli("--hospitals", "3", "--inject", "crash:hospital=1,round=uplaod")
+    assert r.returncode == 2
+    assert "did you mean 'upload'" in r.stderr and "rounds are stats" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def _toy_npz(path, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, n in (("train", 120), ("val", 10), ("test", 60)):
+        y = rng.integers(0, 2, (n, 1)).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        x[y[:, 0] == 1, 8:20, 8:20] += 150
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = x, y
+    np.savez(path, **arrays)
+    return path
+
+
+def test_injected_faults_run_to_the_end_and_list_the_exclusions(tmp_path, capsys):
+    data = _toy_npz(tmp_path / "toy.npz")
+    common = [
+        *["--dataset", str(data), "--img-size", "32", "--epochs", "3", "--backend", "local"],
+        *["--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+    ]
+    out = tmp_path / "faults"
+    code = main(
+        [
+            *["--hospitals", "4", *common, "--out", str(out)],
+            *["--inject", "crash:hospital=1,round=upload"],
+            *["--inject", "corrupt:hospital=2,round=sum"],
+            *["--inject", "slow:hospital=3,seconds=0.1,round=final"],
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "excluded contributions" in printed and "crashed mid-round at upload" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    stages = {(e["stage"], e["hospital"]) for e in m["excluded"]}
+    assert ("upload", "hospital-1") in stages and ("final", "hospital-1") in stages
+    assert any(s.startswith("sum-") and h == "hospital-2" for s, h in stages)
+    assert m["contributors"]["upload"] == ["hospital-0", "hospital-2", "hospital-3"]
+    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 1 / 30  # one test image at most
+    # too few hospitals left: exit 1 with the reason, no traceback, no metrics written
+    out2 = tmp_path / "stopped"
+    code = main(
+        [
+            *["--hospitals", "2", *common, "--out", str(out2)],
+            *["--inject", "dropout:hospital=1,round=stats"],
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "medfed: error: only 1 hospital(s) contributed usable stats data" in err
+    assert "Traceback" not in err
+    assert not (out2 / "metrics.json").exists()

@@ -26,6 +26,9 @@ ALLOWED_REPLY_KEYS = {
     M.OK,
     M.GALOIS_KEYS,
     M.MASKS,
+    M.N_FEATURES,  # the embedding dimension, public anyway
+    M.ROUND_ID,  # the aggregator's nonce, echoed
+    M.DIGEST,  # SHA-256 of the reply (integrity, no secret)
 }
 
 
@@ -121,4 +124,4 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(federation):
     finals = [r for r in grid.received if M.OK in r.content[M.RECORD]]
     assert len(finals) == 3
     for r in finals:
-        assert set(r.content[M.RECORD].keys()) == {M.HOSPITAL, M.OK}
+        assert set(r.content[M.RECORD].keys()) == {M.HOSPITAL, M.OK, M.ROUND_ID, M.DIGEST}

@@ -1,7 +1,8 @@
 """TenSEAL contexts per role, and ciphertext (de)serialization with boundary checks.
 
 A hospital holds a *secret* context; the aggregator and its workers hold only the *public*
-context (public key + relinearization keys, no Galois keys: medfed's circuits never rotate).
+context (public key + relinearization keys; Galois keys for three rotation steps travel
+separately, see :mod:`medfed.crypto.seal`).
 Ciphertexts travel as bytes; every load is checked so that malformed, foreign or mis-sized
 ciphertexts are rejected with an error that names the sender and the item.
 """
@@ -15,18 +16,11 @@ import tempfile
 import numpy as np
 import tenseal as ts
 
+from medfed.crypto.errors import CiphertextError, KeyMaterialError
 from medfed.crypto.params import CKKSParams
 
 #: Refuse single ciphertext payloads larger than this (an N=32768 fresh ciphertext is ~4 MB).
 MAX_CIPHERTEXT_BYTES = 16 * 2**20
-
-
-class CiphertextError(ValueError):
-    """A ciphertext that cannot be used: malformed, foreign, wrong size or wrong count."""
-
-
-class KeyMaterialError(ValueError):
-    """Key material in the wrong place (e.g. a secret key sent to the aggregator)."""
 
 
 def make_secret_context(params: CKKSParams) -> ts.Context:

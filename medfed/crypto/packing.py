@@ -23,7 +23,15 @@ def n_buckets(n_samples: int, bucket: int) -> int:
 
 def label_targets(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """(n, heads) 0/1 targets: the label itself for binary tasks, one-hot otherwise."""
-    labels = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(labels)
+    if raw.size and (
+        not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0 or raw.max() >= n_classes
+    ):
+        raise LayoutError(
+            f"labels must be integer class indices in 0..{n_classes - 1}; fix this hospital's "
+            "labels (or the run's class count) and rejoin."
+        )
+    labels = raw.astype(np.int64)
     if n_classes == 2:
         return labels.reshape(-1, 1).astype(np.float64)
     return np.eye(n_classes, dtype=np.float64)[labels]

@@ -106,7 +106,8 @@ def validate(p: CKKSParams) -> None:
     chain = p.coeff_mod_bit_sizes
     if len(chain) < 3:
         raise UnsafeParametersError(
-            f"coeff_mod_bit_sizes={list(chain)} needs at least 3 primes [q0, scale, special]."
+            f"coeff_mod_bit_sizes={list(chain)} has too few primes; give at least 3: "
+            "[q0, scale, special]."
         )
     if any((not isinstance(b, int)) or b < 17 or b > 60 for b in chain):
         raise UnsafeParametersError(
@@ -119,7 +120,10 @@ def validate(p: CKKSParams) -> None:
             "(HE Standard). Drop a prime, use smaller primes, or double poly_modulus_degree."
         )
     if not 20 <= p.scale_bits <= 60:
-        raise UnsafeParametersError(f"scale_bits={p.scale_bits} must be in 20..60.")
+        raise UnsafeParametersError(
+            f"scale_bits={p.scale_bits} is outside 20..60; set scale_bits in that range (and the "
+            "inner primes to the same size)."
+        )
     inner = chain[1:-1]
     if any(b != p.scale_bits for b in inner):
         raise UnsafeParametersError(
@@ -197,4 +201,7 @@ def params_from_dict(d: dict) -> CKKSParams:
     try:
         return CKKSParams(**d)
     except TypeError as e:
-        raise UnsafeParametersError(f"incomplete CKKS parameters: {e}") from None
+        raise UnsafeParametersError(
+            f"incomplete CKKS parameters ({e}); give poly_modulus_degree, coeff_mod_bit_sizes "
+            "and scale_bits."
+        ) from None

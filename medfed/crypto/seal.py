@@ -99,9 +99,15 @@ class SealEngine:
 
     def from_bytes(self, data: bytes, *, sender: str, item: str) -> SealVec:
         if not isinstance(data, bytes | bytearray):
-            raise CiphertextError(f"{item} from {sender}: expected bytes")
+            raise CiphertextError(
+                f"{item} from {sender}: expected ciphertext bytes, got {type(data).__name__}; "
+                "the sender must send serialized ciphertexts."
+            )
         if len(data) > MAX_CIPHERTEXT_BYTES:
-            raise CiphertextError(f"{item} from {sender} is {len(data)} bytes, over the limit")
+            raise CiphertextError(
+                f"{item} from {sender} is {len(data)} bytes, over the {MAX_CIPHERTEXT_BYTES}-byte "
+                "limit for one ciphertext; the sender must use this run's CKKS parameters."
+            )
         ct = sa.Ciphertext()
         try:
             self._load(ct, bytes(data))
@@ -111,7 +117,10 @@ class SealEngine:
                 f"({e}); the sender must encrypt under the consortium's key and parameters."
             ) from None
         if tuple(ct.parms_id()) not in self.parms_ids or ct.size() not in (2, 3):
-            raise CiphertextError(f"{item} from {sender} does not belong to this run's parameters")
+            raise CiphertextError(
+                f"{item} from {sender} does not belong to this run's CKKS parameters; the "
+                "sender must re-encrypt with the run's context."
+            )
         return SealVec(self, ct)
 
     # -- encode / encrypt / decrypt ---------------------------------------------------------

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from medfed.config import SimulationConfig
-from medfed.data import MedMNISTDataset, load_dataset, partition_indices, resolve_dataset
+from medfed.data import (
+    DatasetError,
+    MedMNISTDataset,
+    load_dataset,
+    partition_indices,
+    resolve_dataset,
+)
 from medfed.embed import BackboneInfo, FeatureCache, embed_dataset_split
 from medfed.fl.workspace import HospitalData
 
@@ -42,7 +48,7 @@ def embed(cfg: SimulationConfig, dataset: MedMNISTDataset) -> tuple[dict, Backbo
             progress=cfg.progress,
         )
         if not np.all(np.isfinite(feats[split])):
-            raise ValueError(
+            raise DatasetError(
                 f"{split} embeddings of {dataset.path.name} contain NaN/Inf; delete the cache "
                 f"({cache.root}) and re-run, or check --weights."
             )

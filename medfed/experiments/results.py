@@ -19,11 +19,20 @@ from rich.table import Table
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The text goes to a hidden temporary file in the same directory (``.<name>.*.tmp``, which
+    no reader looks at), is flushed to disk, then renamed over ``path`` (atomic on POSIX). A
+    run killed before the rename leaves the previous file untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -71,6 +80,34 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     return t
 
 
+def updates_summary_table(metrics: dict[str, Any]) -> Table:
+    """Mode "updates": federated (encrypted-sum) FedAvg against plain FedAvg."""
+    th = metrics.get("threshold")
+    keys = f"{metrics['keys']} keys" + (f" ({th['t']}-of-{th['n']})" if th else "")
+    t = Table(title=f"medfed: {metrics['hospitals']} hospitals, mode updates, {keys}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("dataset", f"{metrics['dataset']} ({metrics['n_classes']} classes)")
+    t.add_row("backbone", f"{metrics['backbone']} ({metrics['backbone_weights']})")
+    t.add_row("rounds x local epochs", f"{metrics['rounds']} x {metrics['local_epochs']}")
+    t.add_row("accuracy (federated head)", f"{metrics['accuracy']:.4f}")
+    t.add_row("plain FedAvg (same schedule)", f"{metrics['plaintext_accuracy']:.4f}")
+    t.add_row("gap (pp)", f"{100 * (metrics['accuracy'] - metrics['plaintext_accuracy']):+.2f}")
+    t.add_row("exact logistic regression (pooled)", f"{metrics['exact_accuracy']:.4f}")
+    if metrics.get("dropouts"):
+        gone = ", ".join(d["hospital"] for d in metrics.get("dropped", [])) or "none"
+        t.add_row("dropouts (from round)", f"{gone} ({metrics.get('dropout_round')})")
+    t.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
+    t.add_row("bytes up (hospitals -> aggregator)", _mb(metrics["bytes_up"]))
+    t.add_row("bytes down (aggregator -> hospitals)", _mb(metrics["bytes_down"]))
+    per = metrics["bytes_per_round"]
+    t.add_row(
+        "per hospital per round (sent/recv)",
+        f"{_mb(int(per['sent']))} / {_mb(int(per['received']))}",
+    )
+    return t
+
+
 def parties_table(metrics: dict[str, Any]) -> Table:
     t = Table(title="bytes per party")
     t.add_column("party")
@@ -81,12 +118,22 @@ def parties_table(metrics: dict[str, Any]) -> Table:
     return t
 
 
+def excluded_table(excluded: list[dict]) -> Table:
+    t = Table(title="excluded contributions", title_style="bold yellow")
+    for column in ("stage", "hospital", "reason"):
+        t.add_column(column, overflow="fold")
+    for e in excluded:
+        t.add_row(str(e["stage"]), str(e["hospital"]), str(e["reason"]))
+    return t
+
+
 def print_summary(metrics: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    console.print(summary_table(metrics))
+    updates = metrics.get("mode") == "updates"
+    console.print(updates_summary_table(metrics) if updates else summary_table(metrics))
     console.print(parties_table(metrics))
     if metrics.get("excluded"):
-        console.print(f"[yellow]excluded contributions: {metrics['excluded']}[/yellow]")
+        console.print(excluded_table(metrics["excluded"]))
     if not metrics.get("backbone_pretrained", True):
         console.print(
             "[bold red]The backbone is UNTRAINED (random weights): accuracy is not "

@@ -7,17 +7,22 @@ It holds only the public context. Stages (each one Flower round):
 2. ``upload``: hospitals receive the encrypted total (to normalize with a shared rule) and the
    slot layout, and send encrypted feature and label blocks.
 3. ``sum`` (one per epoch): masked gradient products go to one hospital in turn, which returns
-   encrypted segment sums at a fresh level.
+   the encrypted per-feature sums (the weight update) at a fresh level.
 4. ``final``: the encrypted head goes to every hospital, which decrypts and evaluates it.
 
 A hospital whose reply fails is excluded from that stage, recorded with the reason, and the run
-continues with the others where that is safe.
+continues with the others where that is safe (at least ``min_hospitals`` contribute).
+
+Every message carries the stage name and a fresh round id; a reply must echo the round id, keep
+the hospital name its node announced at ``stats``, and match its digest. A corrupt, replayed or
+impersonating reply is excluded like a failed one (see :func:`medfed.fl.messages.check_reply`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -43,8 +48,7 @@ from medfed.train.head import HeadSchedule
 log = logging.getLogger(__name__)
 
 
-class FederationError(RuntimeError):
-    """The federation cannot continue (e.g. too few hospitals answered)."""
+FederationError = M.FederationError  # the federation cannot continue (re-exported)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Ledger:
     excluded: list[dict] = field(default_factory=list)
 
     def exclude(self, stage: str, hospital: str, reason: str) -> None:
+        reason = _log_safe(reason)
         log.warning("excluding %s from %s: %s", hospital, stage, reason)
         self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
 
@@ -75,6 +80,7 @@ class AggregatorSettings:
     node_wait_seconds: float = 120.0
     reply_timeout: float | None = None
     workers: int = 0  # Ray encrypted batch workers (0: in-process)
+    upload_batch: int = 8  # hospitals per upload wave
     cpus_per_worker: float = 1.0
 
 
@@ -90,6 +96,8 @@ class EncryptedEmbeddingsStrategy:
         self.ledger = Ledger()
         self.on_step = on_step
         self.names: dict[int, str] = {}
+        self.members: list[int] = []  # nodes whose statistics were accepted
+        self.contributors: dict[str, list[int]] = {}  # stage -> nodes whose data was used
         self.ctx: ts.Context | None = None
         self.engine: SealEngine | None = None
         self.layout: DiagonalLayout | None = None
@@ -98,28 +106,60 @@ class EncryptedEmbeddingsStrategy:
     def _exchange(
         self, grid: Grid, stage: str, payloads: dict[int, dict], message_type: str
     ) -> dict[int, dict]:
-        """Send one message per node; return the successful replies' records by node."""
+        """Send one message per node; return the accepted replies' records by node.
+
+        Each message names the stage and carries a fresh round id. A reply is accepted only
+        if it comes from a node this round addressed, is not an error, echoes that node's
+        round id, keeps the node's announced name and matches its digest; every other node
+        is excluded from the stage with the reason (no reply, error, or envelope violation).
+        """
         t0 = time.perf_counter()
-        msgs = []
+        msgs, sent = [], {}
         for node, values in payloads.items():
-            content = M.make_content(**values)
+            sent[node] = f"{stage}/{secrets.token_hex(8)}"
+            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
             self.ledger.down[node] += M.payload_bytes(content)
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
         replies = grid.send_and_receive(msgs, timeout=self.s.reply_timeout)
         out: dict[int, dict] = {}
+        failed: set[int] = set()
+        gone: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in sent or node in out or node in failed:
+                log.warning("ignoring an unexpected reply from node %s in %s", node, stage)
+                continue
             if reply.has_error():
-                self.ledger.exclude(stage, self._name(node), reply.error.reason)
+                if reply.error.code in M.NO_REPLY_CODES:
+                    gone.add(node)  # the node is gone: handled below, like a timeout
+                    continue
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), _log_safe(reply.error.reason))
                 continue
             self.ledger.up[node] += M.payload_bytes(reply.content)
-            out[node] = reply.content[M.RECORD]
+            try:
+                record = reply.content[M.RECORD]
+                M.check_reply(
+                    record,
+                    round_id=sent[node],
+                    hospital=self.names.get(node),
+                    party=self._name(node),
+                )
+            except (M.ProtocolError, KeyError) as e:
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), _log_safe(str(e)))
+                continue
+            out[node] = record
+            log.debug("%s: %s replied %s", stage, self._name(node), M.describe(reply.content))
         for node in payloads:
-            if node not in out and not any(
-                e["hospital"] == self._name(node) and e["stage"] == stage
-                for e in self.ledger.excluded
-            ):
-                self.ledger.exclude(stage, self._name(node), "no reply before the timeout")
+            if node not in out and node not in failed:
+                self.ledger.exclude(
+                    stage,
+                    self._name(node),
+                    "no reply: the node is unavailable"
+                    if node in gone
+                    else "no reply before the timeout",
+                )
         self.ledger.rounds.append(
             {
                 "stage": stage,
@@ -147,6 +187,19 @@ class EncryptedEmbeddingsStrategy:
     # -- stages ---------------------------------------------------------------------------
     def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[SealVec, dict[int, int]]:
         replies = self._exchange(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
+        claims: dict[str, list[int]] = defaultdict(list)
+        for node, rec in replies.items():
+            claims[str(rec.get(M.HOSPITAL, ""))].append(node)
+        for name, claimants in claims.items():
+            if len(claimants) > 1 or not name:  # nobody can tell which node is genuine
+                for node in claimants:
+                    del replies[node]
+                    self.ledger.exclude(
+                        "stats",
+                        self._name(node),
+                        f"{len(claimants)} nodes claim the name {name[:40]!r}; all are "
+                        "rejected (each hospital must use its own provisioned name).",
+                    )
         for node, rec in replies.items():
             self.names[node] = str(rec[M.HOSPITAL])
         lead = [rec for rec in replies.values() if M.PUBLIC_CONTEXT in rec]
@@ -166,7 +219,21 @@ class EncryptedEmbeddingsStrategy:
         for node, rec in replies.items():
             name = self.names[node]
             if rec[M.KEY_FINGERPRINT] != fingerprint:
-                self.ledger.exclude("stats", name, "encrypts under a different key set")
+                self.ledger.exclude(
+                    "stats",
+                    name,
+                    "encrypts under a different key set than the lead hospital's public key; "
+                    "re-provision this hospital with the consortium's key.",
+                )
+                continue
+            d = int(rec.get(M.N_FEATURES, self.s.n_features))
+            if d != self.s.n_features:
+                self.ledger.exclude(
+                    "stats",
+                    name,
+                    f"{name} embeds {d} features, the run uses {self.s.n_features}; embed with "
+                    "the consortium's backbone (same --model and --img-size) and rejoin.",
+                )
                 continue
             try:
                 vec = self.engine.from_bytes(rec[M.STATS], sender=name, item="stats")
@@ -178,9 +245,25 @@ class EncryptedEmbeddingsStrategy:
                 continue
             buckets[node] = n_buckets
             total = vec if total is None else total + vec
-        if total is None or len(buckets) < self.s.min_hospitals:
-            raise FederationError("too few hospitals sent usable statistics")
+        self.members = sorted(buckets)
+        self.contributors["stats"] = list(self.members)
+        self._check_quorum("stats", len(buckets))
         return total, buckets
+
+    def _check_quorum(self, stage: str, n: int) -> None:
+        """Continue only with ``min_hospitals`` contributors: fewer would train on (and send
+        every hospital a head trained on) too few hospitals' data."""
+        if n < max(1, self.s.min_hospitals):
+            excluded = "; ".join(
+                f"{e['hospital']}: {e['reason']}"
+                for e in self.ledger.excluded
+                if e["stage"] == stage
+            )
+            raise FederationError(
+                f"only {n} hospital(s) contributed usable {stage} data, fewer than the "
+                f"{self.s.min_hospitals} needed to continue safely"
+                + (f" (excluded: {excluded})" if excluded else "")
+            )
 
     def upload(self, grid: Grid, total: SealVec, buckets: dict[int, int]) -> list[Block]:
         nodes = sorted(buckets)
@@ -197,58 +280,63 @@ class EncryptedEmbeddingsStrategy:
             n: {M.STATS_TOTAL: total_bytes, M.LAYOUT: layout_json, M.POSITION: position}
             for position, n in enumerate(nodes)
         }
-        replies = self._exchange(grid, "upload", payloads, M.MSG_UPLOAD)
         G, A, B, H = layout.n_groups, layout.giant, layout.baby, layout.n_heads
         per_block = G * A * B
         sums: dict[int, dict] = {}
         e = self.engine
-        for position, node in enumerate(nodes):
-            if node not in replies:
-                continue
-            rec, name = replies[node], self._name(node)
-            try:
-                blocks = [int(b) for b in rec[M.BLOCKS]]
-                expected = layout.blocks_of(position)
-                if blocks != expected:
-                    raise CiphertextError(f"{name} sent blocks {blocks}, expected {expected}")
-                xs, ms, ys = list(rec[M.FEATURES]), list(rec[M.MASKS]), list(rec[M.LABELS])
-                if (len(xs), len(ms), len(ys)) != (
-                    len(blocks) * per_block,
-                    len(blocks),
-                    len(blocks) * H,
-                ):
-                    raise CiphertextError(
-                        f"{name} sent {len(xs)}/{len(ms)}/{len(ys)} feature/mask/label "
-                        f"ciphertexts, expected {len(blocks) * per_block}/{len(blocks)}/"
-                        f"{len(blocks) * H}"
-                    )
-                loaded = {
-                    blk: (
-                        [
-                            e.from_bytes(v, sender=name, item="feature")
-                            for v in xs[k * per_block : (k + 1) * per_block]
-                        ],
-                        e.from_bytes(ms[k], sender=name, item="mask"),
-                        [
-                            e.from_bytes(v, sender=name, item="labels")
-                            for v in ys[k * H : (k + 1) * H]
-                        ],
-                    )
-                    for k, blk in enumerate(blocks)
-                }
-            except (CiphertextError, KeyError, ValueError) as err:
-                self.ledger.exclude("upload", name, str(err))
-                continue
-            for blk, (x, m, y) in loaded.items():
-                if blk not in sums:
-                    sums[blk] = {"x": x, "m": m, "y": y}
-                else:
-                    cur = sums[blk]
-                    cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
-                    cur["m"] = cur["m"] + m
-                    cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
-        if not sums:
-            raise FederationError("no hospital uploaded usable ciphertexts")
+        # hospitals upload in waves, folded into the block sums as they arrive, so the
+        # aggregator never holds every hospital's ciphertexts at once (100+ hospitals)
+        batch = max(1, self.s.upload_batch)
+        for start in range(0, len(nodes), batch):
+            wave = nodes[start : start + batch]
+            replies = self._exchange(grid, "upload", {n: payloads[n] for n in wave}, M.MSG_UPLOAD)
+            for position, node in enumerate(nodes):
+                if node not in replies:
+                    continue
+                rec, name = replies[node], self._name(node)
+                try:
+                    blocks = [int(b) for b in rec[M.BLOCKS]]
+                    expected = layout.blocks_of(position)
+                    if blocks != expected:
+                        raise CiphertextError(f"{name} sent blocks {blocks}, expected {expected}")
+                    xs, ms, ys = list(rec[M.FEATURES]), list(rec[M.MASKS]), list(rec[M.LABELS])
+                    if (len(xs), len(ms), len(ys)) != (
+                        len(blocks) * per_block,
+                        len(blocks),
+                        len(blocks) * H,
+                    ):
+                        raise CiphertextError(
+                            f"{name} sent {len(xs)}/{len(ms)}/{len(ys)} feature/mask/label "
+                            f"ciphertexts, expected {len(blocks) * per_block}/{len(blocks)}/"
+                            f"{len(blocks) * H}"
+                        )
+                    loaded = {
+                        blk: (
+                            [
+                                e.from_bytes(v, sender=name, item="feature")
+                                for v in xs[k * per_block : (k + 1) * per_block]
+                            ],
+                            e.from_bytes(ms[k], sender=name, item="mask"),
+                            [
+                                e.from_bytes(v, sender=name, item="labels")
+                                for v in ys[k * H : (k + 1) * H]
+                            ],
+                        )
+                        for k, blk in enumerate(blocks)
+                    }
+                except (CiphertextError, KeyError, ValueError) as err:
+                    self.ledger.exclude("upload", name, str(err))
+                    continue
+                self.contributors.setdefault("upload", []).append(node)
+                for blk, (x, m, y) in loaded.items():
+                    if blk not in sums:
+                        sums[blk] = {"x": x, "m": m, "y": y}
+                    else:
+                        cur = sums[blk]
+                        cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
+                        cur["m"] = cur["m"] + m
+                        cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
+        self._check_quorum("upload", len(self.contributors.get("upload", [])))
         out = []
         for blk in sorted(sums):
             x = sums[blk]["x"]
@@ -304,8 +392,9 @@ class EncryptedEmbeddingsStrategy:
             blobs.extend(e.to_bytes(v) for v in wk)
             blobs.append(e.to_bytes(bk))
         layout_json = json.dumps(self.layout.to_dict())
-        payloads = {n: {M.WEIGHTS: blobs, M.LAYOUT: layout_json} for n in self.names}
+        payloads = {n: {M.WEIGHTS: blobs, M.LAYOUT: layout_json} for n in self.members}
         replies = self._exchange(grid, "final", payloads, M.MSG_FINAL)
+        self.contributors["final"] = sorted(replies)
         return [self._name(n) for n in replies]
 
     def run(self, grid: Grid) -> dict:
@@ -331,11 +420,21 @@ class EncryptedEmbeddingsStrategy:
             ],
             "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,
+            # hospitals whose data each stage used: the plaintext references use the same ones
+            "contributors": {
+                stage: sorted(self._name(n) for n in nodes)
+                for stage, nodes in self.contributors.items()
+            },
         }
 
 
 class FlowerKeyHolder:
-    """Round-robin over hospitals for the masked-sum round; skips one that fails."""
+    """Round-robin over the member hospitals for the masked-sum round; skips one that fails.
+
+    A retry sends the next hospital the same masked bytes: the masks were never revealed, so a
+    second key holder learns nothing the first could not (fresh masks would instead give two
+    independently masked views of the same products to two hospitals).
+    """
 
     def __init__(self, strategy: EncryptedEmbeddingsStrategy, grid: Grid) -> None:
         self.strategy = strategy
@@ -343,7 +442,7 @@ class FlowerKeyHolder:
         self.failed: set[int] = set()
 
     def sum_masked(self, masked: list[bytes], step: int) -> tuple[list[bytes], str]:
-        nodes = [n for n in sorted(self.strategy.names) if n not in self.failed]
+        nodes = [n for n in self.strategy.members if n not in self.failed]
         layout_json = json.dumps(self.strategy.layout.to_dict())
         for attempt in range(len(nodes)):
             node = nodes[(step + attempt) % len(nodes)]
@@ -353,6 +452,17 @@ class FlowerKeyHolder:
                 return list(replies[node][M.SUMS]), self.strategy._name(node)
             self.failed.add(node)
         raise FederationError(f"no hospital could answer the masked-sum round of epoch {step}")
+
+    def reject(self, who: str, reason: str, step: int) -> None:
+        """The backend found ``who``'s reply unusable: record it, never ask that hospital again."""
+        self.strategy.ledger.exclude(f"sum-{step}", who, _log_safe(reason))
+        self.failed.update(n for n, name in self.strategy.names.items() if name == who)
+
+
+def _log_safe(text: str, limit: int = 300) -> str:
+    """A reason fit for logs and metrics.json: printable, one line, bounded length."""
+    text = "".join(c if c.isprintable() else " " for c in str(text)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def make_aggregator_app(

@@ -13,8 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from medfed.crypto.context import (
     CiphertextError,
@@ -30,6 +31,11 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.train.diagonal_head import head_matrix, hospital_sums
 from medfed.train.head import accuracy
+from medfed.train.normalization import (  # noqa: F401 - re-exported
+    normalization_from_stats,
+    normalize,
+    stats_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +47,26 @@ def _load(workspace: str, index: int):
     return data, meta, ctx
 
 
-def stats_vector(features: np.ndarray) -> np.ndarray:
-    """``[sum x (d), sum x^2 (d), n]``: what the shared normalization needs, summed securely."""
-    return np.concatenate([features.sum(0), (features**2).sum(0), [features.shape[0]]])
-
-
-def normalization_from_stats(total: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global mean and standard deviation from the decrypted sum of every hospital's stats."""
-    n = total[2 * d]
-    if not n >= 1:
-        raise ValueError("the securely summed sample count is not positive")
-    mean = total[:d] / n
-    var = np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
-    return mean, np.sqrt(var) + 1e-6
-
-
-def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, scale: float) -> np.ndarray:
-    """The rule every hospital shares: standardize, then scale to unit expected norm."""
-    return scale * (x - mean) / std / np.sqrt(x.shape[1])
-
-
 def _index(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
 def _reply(msg: Message, **values) -> Message:
-    return Message(M.make_content(**values), reply_to=msg)
+    return M.make_reply(msg, **values)  # echoes the round id, adds the digest
 
 
 class HospitalStageError(RuntimeError):
-    """What the aggregator learns when a hospital fails: the stage and the error type only."""
+    """What the aggregator learns when a hospital fails: the stage and the error type only.
+
+    (:func:`guarded` now returns this as an error reply instead of raising it.)"""
 
 
 def guarded(workspace: str, stage: str):
     """Keep failure details (which may quote data, e.g. sample counts) inside the hospital.
 
-    The full error goes to the hospital's private ``errors.log``; the exception that Flower
-    turns into an error reply names only the hospital, the stage and the error class.
+    The full error goes to the hospital's private ``errors.log``; the error reply names only
+    the hospital, the stage and the error class. It is returned, not raised, so that Flower
+    logs no traceback and keeps the node's context.
     """
 
     def wrap(fn):
@@ -85,15 +74,19 @@ def guarded(workspace: str, stage: str):
         def handler(msg: Message, context: Context) -> Message:
             try:
                 return fn(msg, context)
-            except Exception as e:  # noqa: BLE001 - re-raised without its message
+            except Exception as e:  # noqa: BLE001 - reported without its message
                 i = _index(context)
                 d = W.hospital_dir(Path(workspace), i)
                 with open(d / W.ERRORS, "a") as f:
                     f.write(f"{stage}: {type(e).__name__}: {e}\n")
-                raise HospitalStageError(
+                reason = (
                     f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
                     "hospital's own errors.log"
-                ) from None
+                )
+                return Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    reply_to=msg,
+                )
 
         return handler
 
@@ -113,10 +106,14 @@ def _layout(rec) -> DiagonalLayout:
     return DiagonalLayout.from_dict(json.loads(rec[M.LAYOUT]))
 
 
-def make_hospital_app(workspace: str | Path) -> ClientApp:
-    """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``."""
+def make_hospital_app(workspace: str | Path, mods: list | None = None) -> ClientApp:
+    """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``.
+
+    ``mods`` are Flower client-side mods wrapped around every handler (e.g.
+    :func:`medfed.fl.faults.fault_mod`).
+    """
     workspace = str(workspace)
-    app = ClientApp()
+    app = ClientApp(mods=list(mods or []))
 
     @app.query("stats")
     @guarded(workspace, "stats")
@@ -138,6 +135,7 @@ def make_hospital_app(workspace: str | Path) -> ClientApp:
             M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
             M.STATS: engine.to_bytes(engine.encrypt(vec)),
             M.KEY_FINGERPRINT: context_fingerprint(ctx),
+            M.N_FEATURES: int(features.shape[1]),
         }
         if i == 0:
             values.update(_public_material(engine, ctx, features.shape[1]))

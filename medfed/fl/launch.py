@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from medfed.fl.aggregator import (
-    AggregatorSettings,
-    EncryptedEmbeddingsStrategy,
-    make_aggregator_app,
-)
-from medfed.fl.hospital import make_hospital_app
+from medfed.fl.faults import Fault, with_faults
 from medfed.fl.local_grid import LocalGrid
+from medfed.fl.messages import FederationError
+
+if TYPE_CHECKING:
+    from medfed.fl.aggregator import AggregatorSettings
+    from medfed.fl.updates import UpdatesSettings
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +27,36 @@ def _quiet_flower_deprecation() -> None:
 
 def run_federation(
     workspace: Path,
-    settings: AggregatorSettings,
+    settings: AggregatorSettings | UpdatesSettings,
     n_hospitals: int,
     backend: str = "flower",
     client_cpus: float = 1.0,
     on_step: Callable[[int], None] | None = None,
     ray_address: str | None = None,
+    unresponsive: dict[int, int] | None = None,
+    faults: Sequence[Fault] = (),
 ) -> dict:
-    """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure."""
-    client_app = make_hospital_app(workspace)
+    """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure.
+
+    ``settings`` picks the mode: :class:`~medfed.fl.aggregator.AggregatorSettings` runs mode
+    "embeddings", :class:`~medfed.fl.updates.UpdatesSettings` mode "updates" (imported only
+    then: its threshold keys run where TenSEAL is absent). ``unresponsive`` (local backend):
+    hospital index -> protocol round from which it stops answering (simulated dropouts).
+    ``faults`` (:mod:`medfed.fl.faults`, ``--inject``) wrap every hospital in a fault mod.
+    """
+    if getattr(settings, "mode", "embeddings") == "updates":
+        from medfed.fl.updates import FedAvgUpdatesStrategy as Strategy
+        from medfed.fl.updates import make_updates_hospital_app as make_hospital_app
+        from medfed.fl.updates import make_updates_server_app as make_aggregator_app
+    else:
+        from medfed.fl.aggregator import EncryptedEmbeddingsStrategy as Strategy
+        from medfed.fl.aggregator import make_aggregator_app
+        from medfed.fl.hospital import make_hospital_app
+    client_app = with_faults(make_hospital_app(workspace), faults)
     if backend == "local":
-        strategy = EncryptedEmbeddingsStrategy(settings, on_step=on_step)
+        strategy = Strategy(settings, on_step=on_step)
         if settings.workers == 0:
-            return strategy.run(LocalGrid(client_app, n_hospitals))
+            return strategy.run(LocalGrid(client_app, n_hospitals, unresponsive=unresponsive))
         from medfed.scale.cluster import ray_session, resolve_address
 
         with ray_session(resolve_address(ray_address)):
@@ -68,8 +86,8 @@ def run_federation(
         num_supernodes=n_hospitals,
         backend_config=backend_config,
     )
-    if "error" in results or "layout" not in results:
-        raise RuntimeError(
+    if "error" in results or "bytes_up" not in results:
+        raise FederationError(
             f"the federation failed: {results.get('error', 'the ServerApp returned no result')}"
         )
     return results

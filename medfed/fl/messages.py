@@ -6,7 +6,11 @@ ever travels from a hospital to the aggregator; ``tests/test_threat_model.py`` c
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, RecordDict
+import hashlib
+import numbers
+from collections.abc import Mapping
+
+from flwr.app import ConfigRecord, Message, RecordDict
 
 # Message types ("<category>.<action>", routed by Flower's ClientApp)
 MSG_STATS = "query.stats"  # hospitals -> encrypted feature sums (for the shared normalization)
@@ -14,6 +18,13 @@ MSG_UPLOAD = "train.upload"  # hospitals -> encrypted feature/label blocks
 MSG_SUM = "query.sum"  # aggregator -> masked products; a hospital -> encrypted sums
 MSG_PUBLIC_CONTEXT = "query.publiccontext"  # fallback when the lead hospital is gone
 MSG_FINAL = "evaluate.final"  # aggregator -> the encrypted head; hospitals decrypt, evaluate
+
+# Mode "updates" (medfed/fl/updates.py)
+MSG_KEY_SETUP = "query.keysetup"  # key-setup steps of the update cipher (SETUP_STEP names one)
+MSG_UPDATE_STATS = "query.updatestats"  # hospitals -> encrypted stats (shared normalization)
+MSG_PARTIAL = "query.partial"  # threshold: aggregate in, partial decryptions sealed per peer out
+MSG_LOCAL_TRAIN = "train.local"  # aggregate in; decrypt, train locally, encrypted update out
+MSG_UPDATE_FINAL = "evaluate.updatefinal"  # final aggregate in; decrypt, evaluate, ack out
 
 RECORD = "medfed"  # the one ConfigRecord in every message
 
@@ -36,6 +47,34 @@ SUMS = "sums"
 STEP = "step"
 WEIGHTS = "weights"
 OK = "ok"
+# mode "updates"
+FL_ROUND = "fl_round"  # FedAvg round of a request (LocalGrid's simulated dropouts key on it)
+SETUP_STEP = "setup_step"
+UPDATE = "update"  # Enc([n_i * w_i, n_i]) (or Enc(stats)): one framed ciphertext blob
+AGGREGATE = "aggregate"  # the encrypted sum, relayed back to the hospitals
+LOCAL_EPOCHS = "local_epochs"
+LR = "lr"
+PARTY = "party"  # threshold: the hospital's key-share index 1..n
+BUNDLE = "bundle"  # threshold: a hospital's public channel keys
+PEERS = "peers"  # threshold: every hospital's bundle, by party index 1..n
+THRESHOLD_CONTEXT = "threshold_context"  # threshold: public OpenFHE context (no key)
+PUBLIC_KEY = "public_key"  # threshold: the running / joint public key
+SEALED = "sealed"  # threshold: messages sealed hospital-to-hospital, opaque to the aggregator
+SENDERS = "senders"  # threshold: party index of each SEALED item's sender
+RECIPIENTS = "recipients"  # threshold: party index of each SEALED item's recipient
+DROPPED = "dropped"  # threshold: key share to recover
+RECOVERER = "recoverer"  # threshold: the party that recovers it
+SESSION = "session"  # threshold: run id bound into every sealed hospital-to-hospital message
+
+# Envelope keys (every stage, every mode): the aggregator names the stage and sends a fresh
+# round id with each message; the hospital echoes the round id and adds a digest of its reply.
+N_FEATURES = "n_features"  # hospital -> aggregator at stats: embedding dimension (public)
+STAGE = "stage"  # aggregator -> hospital: "stats", "upload", "sum-<epoch>", "final", ...
+ROUND_ID = "round_id"  # aggregator -> hospital: a nonce for this message; echoed in the reply
+DIGEST = "digest"  # hospital -> aggregator: SHA-256 over the reply's values (round id included)
+
+#: Flower error codes that mean "this node did not answer": handled exactly like a timeout.
+NO_REPLY_CODES = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
 
 
 def make_content(**values) -> RecordDict:
@@ -68,3 +107,79 @@ def describe(content: RecordDict) -> str:
             else:
                 parts.append(f"{key}={value!r}"[:80])
     return ", ".join(parts)
+
+
+class ProtocolError(ValueError):
+    """A reply that breaks the protocol envelope: corrupt, replayed or impersonating."""
+
+
+class FederationError(RuntimeError):
+    """The federation cannot continue (e.g. too few hospitals answered); the CLI prints it."""
+
+
+def reply_digest(values: Mapping) -> str:
+    """SHA-256 over a record's keys and values (``DIGEST`` itself excluded), in key order.
+
+    Not a signature (there is no key): it detects replies corrupted after the hospital built
+    them, and binds the echoed round id and hospital name to the payload.
+    """
+    h = hashlib.sha256()
+    for key in sorted(k for k in values if k != DIGEST):
+        value = values[key]
+        items = value if isinstance(value, list) else [value]
+        h.update(f"{key}:{len(items)}:".encode())
+        for item in items:
+            tag, raw = _canonical(item)
+            h.update(f"{tag}:{len(raw)}:".encode())
+            h.update(raw)
+    return h.hexdigest()
+
+
+def _canonical(item) -> tuple[str, bytes]:
+    """Type tag and bytes of one value, the same before and after Flower's (de)serialization."""
+    if isinstance(item, bytes | bytearray):
+        return "b", bytes(item)
+    if isinstance(item, bool):
+        return "t", str(item).encode()
+    if isinstance(item, numbers.Integral):
+        return "i", str(int(item)).encode()
+    if isinstance(item, numbers.Real):
+        return "f", repr(float(item)).encode()
+    return "s", str(item).encode()
+
+
+def make_reply(msg: Message, **values) -> Message:
+    """A hospital's reply: echoes the request's round id and adds the digest of its values."""
+    record = msg.content.config_records.get(RECORD)
+    if record is not None and ROUND_ID in record:
+        values[ROUND_ID] = record[ROUND_ID]
+    values[DIGEST] = reply_digest(values)
+    return Message(make_content(**values), reply_to=msg)
+
+
+def check_reply(record: Mapping, *, round_id: str, hospital: str | None, party: str) -> None:
+    """The aggregator's envelope check of one reply; raises :class:`ProtocolError`.
+
+    ``round_id`` is what was sent to this node in this round; ``hospital`` the name this node
+    announced at ``stats`` (None before that); ``party`` names the node in the message.
+    """
+    if record.get(DIGEST) != reply_digest(record):
+        raise ProtocolError(
+            f"the reply from {party} fails its integrity check (SHA-256 digest mismatch): "
+            "corrupted after the hospital built it; dropped (the hospital must resend; check "
+            "its storage and network)."
+        )
+    echoed = record.get(ROUND_ID)
+    if echoed != round_id:
+        raise ProtocolError(
+            f"the reply from {party} echoes round id {str(echoed)[:40]!r}, not the one this "
+            "round sent it: a replayed or misrouted message; rejected (the hospital must "
+            "answer the current request)."
+        )
+    claimed = record.get(HOSPITAL)
+    if hospital is not None and claimed is not None and str(claimed) != hospital:
+        raise ProtocolError(
+            f"the reply from {party} claims to come from {str(claimed)[:40]!r}: another "
+            "hospital's identity; rejected (each node must answer under the name it announced "
+            "at stats)."
+        )

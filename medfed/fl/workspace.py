@@ -32,6 +32,59 @@ class HospitalData:
     test_labels: np.ndarray
 
 
+def check_hospitals(hospitals: list[HospitalData], n_classes: int) -> None:
+    """Refuse hospital data the federation cannot use, before any key or ciphertext exists.
+
+    Raises :class:`~medfed.data.DatasetError` naming the hospital, the array and the fix.
+    """
+    from medfed.data.medmnist import DatasetError
+
+    if not hospitals:
+        raise DatasetError("no hospitals to federate; give at least one HospitalData")
+    names = [h.name for h in hospitals]
+    if len(set(names)) != len(names):
+        raise DatasetError(
+            f"hospital names {names} are not unique; the aggregator tells hospitals apart by "
+            "name, so give each one its own."
+        )
+    d = None
+    for h in hospitals:
+        for split in ("train", "test"):
+            x = np.asarray(getattr(h, f"{split}_features"))
+            y = np.asarray(getattr(h, f"{split}_labels"))
+            where = f"{h.name}: {split}_features"
+            if x.ndim != 2 or (split == "train" and x.shape[0] == 0):
+                raise DatasetError(
+                    f"{where} has shape {x.shape}; expected (samples, features) with at least "
+                    "one training sample. Re-run the embedding step for this hospital."
+                )
+            d = x.shape[1] if d is None else d
+            if x.shape[1] != d:
+                raise DatasetError(
+                    f"{where} has {x.shape[1]} features, other hospitals have {d}; every "
+                    "hospital must embed with the same backbone (same --model and --img-size)."
+                )
+            if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+                raise DatasetError(
+                    f"{where} contains NaN/Inf; delete the feature cache and re-embed, or check "
+                    "--weights (a broken checkpoint produces non-finite embeddings)."
+                )
+            labels = f"{h.name}: {split}_labels"
+            if y.shape != (x.shape[0],):
+                raise DatasetError(
+                    f"{labels} has shape {y.shape}, expected ({x.shape[0]},): one class index "
+                    "per sample."
+                )
+            if y.size and (
+                not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= n_classes
+            ):
+                raise DatasetError(
+                    f"{labels} must be integer class indices in 0..{n_classes - 1} (found "
+                    f"dtype {y.dtype}, range {y.min()}..{y.max()}); fix the labels or the class "
+                    "count."
+                )
+
+
 def hospital_dir(workspace: Path, index: int) -> Path:
     return Path(workspace) / f"hospital_{index}"
 
@@ -43,12 +96,17 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def provision(
-    workspace: Path, index: int, data: HospitalData, secret_context: bytes, meta: dict
+    workspace: Path, index: int, data: HospitalData, secret_context: bytes | None, meta: dict
 ) -> Path:
-    """Write one hospital's private directory (mode 0700, secret key 0600)."""
+    """Write one hospital's private directory (mode 0700, secret key 0600).
+
+    ``secret_context`` None: no provisioned key (mode "updates" with keys "none" or
+    "threshold", where the hospitals make their key shares themselves).
+    """
     d = hospital_dir(workspace, index)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(d / SECRET_CONTEXT, secret_context)
+    if secret_context is not None:
+        _write_private(d / SECRET_CONTEXT, secret_context)
     np.savez(
         d / DATA,
         train_features=data.train_features.astype(np.float32),

@@ -1,0 +1,461 @@
+"""Mode "updates": hospitals train locally, the aggregator adds encrypted sample-weighted updates.
+
+:class:`FedAvgUpdatesStrategy` (the aggregator, a Flower ServerApp's main loop) and
+:func:`make_updates_hospital_app` (the hospitals' ClientApp) are written once; the key setup
+("none", "shared", "threshold") is the pluggable :mod:`medfed.fl.ciphers` layer.
+
+Rounds (each one Flower round; ``fl_round`` r = 0 .. rounds-1, ``final`` is ``rounds``)::
+
+    key-setup ...          cipher-specific (shared: fingerprints + public context;
+                           threshold: context, join, key chain, Shamir shares)
+    stats                  hospitals -> Enc([sum x, sum x^2, n]); aggregator adds
+    [partial-<r>]          threshold only: aggregate -> hospitals -> sealed partial
+                           decryptions, relayed unopened (with Shamir recovery first if a
+                           key-share holder dropped out)
+    train-<r>              aggregate (+ sealed partials) -> each hospital decrypts it: r = 0
+                           the stats (-> global normalization), r > 0 the previous round's
+                           sum (-> w = sum(n_i w_i) / sum(n_i)); trains locally from w;
+                           replies Enc([n_i * w_i, n_i]); aggregator adds
+    final                  the last aggregate -> hospitals decrypt, evaluate on their own
+                           test split (eval.json, private) and reply ok
+
+The aggregator sees ciphertexts, public keys and sealed bytes; it never holds a secret key and
+never sees an update, the aggregate or a sample count in plaintext (with keys "none" it does:
+that is the plain FedAvg baseline). A hospital that does not answer is dropped from the rest
+of the run; the others continue (threshold keys: while at least t hospitals remain).
+
+Imports neither TenSEAL nor torch: with threshold keys this runs in the Python 3.10 OpenFHE
+environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from medfed.crypto.errors import CiphertextError
+from medfed.fl import messages as M
+from medfed.fl import workspace as W
+from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
+from medfed.train.head import accuracy
+from medfed.train.local import (
+    fedavg_from_sum,
+    head_shape,
+    train_local,
+    update_length,
+    weighted_update,
+)
+from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
+
+log = logging.getLogger(__name__)
+
+#: Flower's NODE_UNAVAILABLE error code: a (simulated) dropout reads like no reply at all.
+_NODE_UNAVAILABLE = 5
+
+
+@dataclass
+class UpdatesSettings:
+    """What the aggregator knows: the schedule and public parameters, no data."""
+
+    mode: ClassVar[str] = "updates"
+
+    keys: str
+    rounds: int
+    local_epochs: int
+    lr: float
+    n_classes: int
+    n_features: int
+    expected_hospitals: int
+    ckks: str = "fast"  # keys "shared": the TenSEAL preset (the hospitals' provisioned key)
+    threshold_preset: str = "default"  # keys "threshold": medfed.crypto.threshold preset
+    threshold: int | None = None  # keys "threshold": t (default: a bare majority)
+    min_hospitals: int = 1
+    node_wait_seconds: float = 120.0
+    reply_timeout: float | None = None
+    workers: int = 0  # no Ray batch workers in this mode (launch.py asks)
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        return head_shape(self.n_features, self.n_classes)
+
+    @property
+    def update_length(self) -> int:
+        return update_length(self.n_features, self.n_classes)
+
+    @property
+    def stats_length(self) -> int:
+        return 2 * self.n_features + 1
+
+
+@dataclass
+class UpdatesLedger:
+    """Bytes and seconds per party and per stage, as the aggregator observes them."""
+
+    up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    rounds: list[dict] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)
+
+    def exclude(self, stage: str, hospital: str, reason: str) -> None:
+        log.warning("excluding %s from %s: %s", hospital, stage, reason)
+        self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
+
+
+class FedAvgUpdatesStrategy:
+    """Sample-weighted FedAvg in the encrypted domain, over any :mod:`medfed.fl.ciphers` setup."""
+
+    def __init__(
+        self, settings: UpdatesSettings, on_step: Callable[[int], None] | None = None
+    ) -> None:
+        self.s = settings
+        self.on_step = on_step
+        self.ledger = UpdatesLedger()
+        self.names: dict[int, str] = {}
+        self.cipher = aggregator_cipher(settings.keys, settings)
+        self.live: list[int] = []
+        self.participants: list[list[str]] = []  # per round: whose update is in the sum
+        self.dropped: list[dict] = []
+        self._grid: Grid | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def exchange(self, stage: str, payloads: dict[int, dict], message_type: str) -> dict:
+        """One Flower round: a message per node; the accepted replies' records by node.
+
+        Every message names the stage and carries a fresh round id; a reply must echo it and
+        match its digest (:func:`medfed.fl.messages.check_reply`). Nodes that fail or stay
+        silent are recorded in ``excluded``.
+        """
+        t0 = time.perf_counter()
+        msgs, sent, down = [], {}, 0
+        for node, values in payloads.items():
+            sent[node] = f"{stage}/{secrets.token_hex(8)}"
+            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
+            size = M.payload_bytes(content)
+            self.ledger.down[node] += size
+            down += size
+            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies = self._grid.send_and_receive(msgs, timeout=self.s.reply_timeout)
+        out: dict[int, Mapping] = {}
+        failed: set[int] = set()
+        up = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in sent or node in out or node in failed:
+                continue
+            if reply.has_error():
+                if reply.error.code in M.NO_REPLY_CODES:
+                    continue  # gone: treated like a timeout below
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), str(reply.error.reason)[:300])
+                continue
+            size = M.payload_bytes(reply.content)
+            self.ledger.up[node] += size
+            up += size
+            try:
+                record = reply.content[M.RECORD]
+                M.check_reply(
+                    record,
+                    round_id=sent[node],
+                    hospital=self.names.get(node),
+                    party=self._name(node),
+                )
+            except (M.ProtocolError, KeyError) as e:
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), str(e)[:300])
+                continue
+            if node not in self.names and M.HOSPITAL in record:
+                self.names[node] = str(record[M.HOSPITAL])
+            out[node] = record
+        for node in payloads:
+            if node not in out and node not in failed:
+                self.ledger.exclude(stage, self._name(node), "no reply before the timeout")
+        self.ledger.rounds.append(
+            {
+                "stage": stage,
+                "hospitals": [self._name(n) for n in sorted(out)],
+                "seconds": round(time.perf_counter() - t0, 4),
+                "bytes_down": down,
+                "bytes_up": up,
+            }
+        )
+        return out
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.s.node_wait_seconds
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.s.expected_hospitals:
+                return nodes
+            time.sleep(0.1)
+        if len(nodes) < self.s.min_hospitals:
+            raise M.FederationError(f"only {len(nodes)} hospitals connected")
+        return nodes
+
+    def _drop(self, nodes: list[int], stage: str) -> None:
+        for n in nodes:
+            if n in self.live:
+                self.live.remove(n)
+                self.dropped.append({"hospital": self._name(n), "stage": stage})
+        if len(self.live) < self.s.min_hospitals:
+            raise M.FederationError(
+                f"only {len(self.live)} hospitals remain after {stage}; the federation stops"
+            )
+
+    def _collect(self, stage: str, replies: dict, length: int) -> dict[int, bytes]:
+        """Checked contributions by node; the rest is excluded (and dropped from the run)."""
+        good: dict[int, bytes] = {}
+        for node, rec in replies.items():
+            try:
+                blob = bytes(rec[M.UPDATE])
+                self.cipher.check(blob, sender=self._name(node), length=length)
+            except (CiphertextError, KeyError, ValueError) as e:
+                self.ledger.exclude(stage, self._name(node), str(e)[:300])
+                continue
+            good[node] = blob
+        self._drop([n for n in self.live if n not in good], stage)
+        return good
+
+    # -- the protocol ---------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        t0 = time.perf_counter()
+        self._grid = grid
+        nodes = self._wait_for_nodes(grid)
+        self.live = self.cipher.setup(self.exchange, nodes, self.names)
+        for node, reason in getattr(self.cipher, "rejected", {}).items():
+            self.ledger.exclude("key-setup", self._name(node), reason)
+        setup_seconds = time.perf_counter() - t0
+
+        replies = self.exchange(
+            "stats", {n: {M.FL_ROUND: 0} for n in self.live}, M.MSG_UPDATE_STATS
+        )
+        stats = self._collect("stats", replies, self.s.stats_length)
+        stats_by = sorted(self._name(n) for n in stats)
+        aggregate = self.cipher.add([stats[n] for n in sorted(stats)])
+        for r in range(self.s.rounds):
+            material, live = self.cipher.decrypt_material(self.exchange, aggregate, self.live, r)
+            self._drop([n for n in self.live if n not in live], f"partial-{r}")
+            payloads = {
+                n: {
+                    M.FL_ROUND: r,
+                    M.LR: float(self.s.lr),
+                    M.LOCAL_EPOCHS: int(self.s.local_epochs),
+                    **self._aggregate_values(aggregate),
+                    **material[n],
+                }
+                for n in self.live
+            }
+            replies = self.exchange(f"train-{r}", payloads, M.MSG_LOCAL_TRAIN)
+            updates = self._collect(f"train-{r}", replies, self.s.update_length)
+            self.participants.append(sorted(self._name(n) for n in updates))
+            aggregate = self.cipher.add([updates[n] for n in sorted(updates)])
+            if self.on_step:
+                self.on_step(r)
+        final = self.s.rounds
+        material, live = self.cipher.decrypt_material(self.exchange, aggregate, self.live, final)
+        self._drop([n for n in self.live if n not in live], "partial-final")
+        payloads = {
+            n: {M.FL_ROUND: final, **self._aggregate_values(aggregate), **material[n]}
+            for n in self.live
+        }
+        evaluated = self.exchange("final", payloads, M.MSG_UPDATE_FINAL)
+        return {
+            "aggregator_seconds": time.perf_counter() - t0,
+            "setup_seconds": setup_seconds,
+            "cipher": self.cipher.describe(),
+            "stats_participants": stats_by,
+            "participants": self.participants,
+            "evaluated_by": [self._name(n) for n in sorted(evaluated)],
+            "dropped": self.dropped,
+            "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
+            "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
+            "rounds": self.ledger.rounds,
+            "excluded": self.ledger.excluded,
+        }
+
+    def _aggregate_values(self, aggregate: bytes) -> dict:
+        # collective decryption: each hospital kept the aggregate from the partial round
+        return {} if self.cipher.collective else {M.AGGREGATE: aggregate}
+
+
+def make_updates_server_app(
+    settings: UpdatesSettings, results: dict, on_step: Callable[[int], None] | None = None
+) -> ServerApp:
+    """A ServerApp running :class:`FedAvgUpdatesStrategy`; fills ``results`` when done."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvgUpdatesStrategy(settings, on_step=on_step)
+        try:
+            results.update(strategy.run(grid))
+        except Exception as e:  # noqa: BLE001 - reported to the caller, not swallowed
+            results["error"] = f"{type(e).__name__}: {e}"
+            results["excluded"] = strategy.ledger.excluded
+            raise
+
+    return app
+
+
+# ------------------------------------------------------------------------------ hospitals
+
+
+@functools.lru_cache(maxsize=64)
+def _load(workspace: str, index: int) -> tuple[W.HospitalData, dict]:
+    return W.load_hospital(Path(workspace), index)
+
+
+class HospitalOffline(RuntimeError):
+    """A simulated dropout (``offline_from_round`` in the hospital's meta)."""
+
+
+def _guarded(workspace: str, stage: str):
+    """Failure details stay in the hospital's private ``errors.log``; the aggregator gets the
+    stage and the error class only. A simulated dropout answers like an unreachable node."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(msg: Message, context: Context) -> Message:
+            i = int(context.node_config["partition-id"])
+            try:
+                record = msg.content.config_records.get(M.RECORD) or {}
+                offline = _load(workspace, i)[1].get("offline_from_round")
+                if offline is not None and int(record.get(M.FL_ROUND, -1)) >= int(offline):
+                    raise HospitalOffline(f"hospital-{i} is offline (simulated dropout)")
+                return fn(msg, context, i)
+            except HospitalOffline as e:
+                return Message(Error(code=_NODE_UNAVAILABLE, reason=str(e)), reply_to=msg)
+            except Exception as e:  # noqa: BLE001 - reported without its message
+                with open(W.hospital_dir(Path(workspace), i) / W.ERRORS, "a") as f:
+                    f.write(f"{stage}: {type(e).__name__}: {e}\n")
+                reason = (
+                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
+                    "hospital's own errors.log"
+                )
+                return Message(Error(code=0, reason=reason), reply_to=msg)
+
+        return handler
+
+    return wrap
+
+
+def _head_from(total: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return fedavg_from_sum(total, shape)[0]
+
+
+def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -> ClientApp:
+    """The hospitals' ClientApp for mode "updates" (node ``partition-id`` selects the data)."""
+    workspace = str(workspace)
+    app = ClientApp(mods=list(mods or []))
+
+    def cipher(meta: dict, i: int):
+        return hospital_cipher(meta["keys"], workspace, i)
+
+    def reply(msg: Message, data: W.HospitalData, **values) -> Message:
+        return M.make_reply(msg, **{M.HOSPITAL: data.name, **values})
+
+    @app.query("keysetup")
+    @_guarded(workspace, "key-setup")
+    def key_setup(msg: Message, context: Context, i: int) -> Message:
+        data, meta = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        return reply(msg, data, **cipher(meta, i).setup(str(rec[M.SETUP_STEP]), rec))
+
+    @app.query("updatestats")
+    @_guarded(workspace, "stats")
+    def stats(msg: Message, context: Context, i: int) -> Message:
+        data, meta = _load(workspace, i)
+        x = data.train_features
+        if not len(x) or not np.all(np.isfinite(x)):
+            raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
+        return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats_vector(x))})
+
+    @app.query("partial")
+    @_guarded(workspace, "partial")
+    def partial(msg: Message, context: Context, i: int) -> Message:
+        data, meta = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        out = cipher(meta, i).partials(
+            bytes(rec[M.AGGREGATE]), [int(r) for r in rec[M.RECIPIENTS]], int(rec[M.STEP])
+        )
+        return reply(msg, data, **out)
+
+    def global_head(rec, data, meta, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decrypt this request's aggregate: (global head, normalization mean, std)."""
+        d = data.train_features.shape[1]
+        shape = head_shape(d, int(meta["n_classes"]))
+        aggregate = bytes(rec[M.AGGREGATE]) if M.AGGREGATE in rec else None
+        hdir = W.hospital_dir(Path(workspace), i)
+        if int(rec[M.FL_ROUND]) == 0:  # the aggregate is the stats sum
+            total = cipher(meta, i).decrypt(aggregate, rec, 2 * d + 1)
+            total[2 * d] = _count(total[2 * d])
+            mean, std = normalization_from_stats(total, d)
+            np.savez(hdir / W.NORM, mean=mean, std=std)
+            w = np.zeros(shape)
+        else:
+            total = cipher(meta, i).decrypt(aggregate, rec, shape[0] * shape[1] + 1)
+            w = _head_from(total, shape)
+        with np.load(hdir / W.NORM) as f:
+            mean, std = f["mean"], f["std"]
+        return w, mean, std
+
+    @app.train("local")
+    @_guarded(workspace, "train")
+    def local(msg: Message, context: Context, i: int) -> Message:
+        data, meta = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        w, mean, std = global_head(rec, data, meta, i)
+        x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
+        w = train_local(
+            w,
+            x,
+            data.train_labels,
+            int(meta["n_classes"]),
+            int(rec[M.LOCAL_EPOCHS]),
+            float(rec[M.LR]),
+        )
+        update = weighted_update(w, len(x))
+        return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(update)})
+
+    @app.evaluate("updatefinal")
+    @_guarded(workspace, "final")
+    def final(msg: Message, context: Context, i: int) -> Message:
+        data, meta = _load(workspace, i)
+        rec = msg.content[M.RECORD]
+        w, mean, std = global_head(rec, data, meta, i)
+        x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
+        acc = accuracy(w, x, data.test_labels) if len(x) else float("nan")
+        result = {
+            "hospital": data.name,
+            "correct": int(round(acc * len(x))) if len(x) else 0,
+            "total": len(x),
+            "weights": w.tolist(),
+        }
+        (W.hospital_dir(Path(workspace), i) / W.EVAL).write_text(json.dumps(result))
+        return reply(msg, data, **{M.OK: 1})
+
+    return app
+
+
+def _count(value: float) -> float:
+    """The securely summed sample count is an integer; refuse a decryption far from one."""
+    n = round(float(value))
+    if n < 1 or abs(float(value) - n) > 0.25:
+        raise CiphertextError(f"the decrypted sample count {value:.3f} is not a positive integer")
+    return float(n)

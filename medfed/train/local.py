@@ -1,0 +1,89 @@
+"""Mode "updates": a hospital's local training and the sample-weighted FedAvg arithmetic.
+
+Each hospital trains the head in plaintext on its own normalized embeddings, starting from the
+current global head: full-batch gradient descent on the logistic loss with the exact sigmoid
+(one-vs-rest for multi-class), ``local_epochs`` steps of size ``lr``. It then sends
+``Enc([n_i * w_i, n_i])`` (:func:`weighted_update`): the sample weight travels inside the
+ciphertext, so the aggregator, which only adds ciphertexts, never learns ``n_i``. Hospitals
+decrypt the sum and divide (:func:`fedavg_from_sum`). numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medfed.crypto.packing import label_targets
+
+
+def n_heads(n_classes: int) -> int:
+    """One logistic head for a binary task, one per class (one-vs-rest) otherwise."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def head_shape(n_features: int, n_classes: int) -> tuple[int, int]:
+    """``(d + 1, heads)``: weights and the bias row, as :func:`medfed.train.head.predict` takes."""
+    return n_features + 1, n_heads(n_classes)
+
+
+def update_length(n_features: int, n_classes: int) -> int:
+    """Slots of one update vector: the flattened head and the sample count."""
+    rows, cols = head_shape(n_features, n_classes)
+    return rows * cols + 1
+
+
+def train_local(
+    w0: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    epochs: int,
+    lr: float,
+) -> np.ndarray:
+    """``epochs`` full-batch gradient steps with the exact sigmoid, starting from ``w0``."""
+    x = np.asarray(features, dtype=np.float64)
+    x1 = np.hstack([x, np.ones((x.shape[0], 1))])
+    y = label_targets(np.asarray(labels).reshape(-1), n_classes)
+    w = np.array(w0, dtype=np.float64, copy=True)
+    if w.shape != (x1.shape[1], y.shape[1]):
+        raise ValueError(f"head has shape {w.shape}, expected {(x1.shape[1], y.shape[1])}")
+    if not len(x):
+        return w
+    for _ in range(epochs):
+        z = np.clip(x1 @ w, -500.0, 500.0)
+        p = 1.0 / (1.0 + np.exp(-z))
+        w -= lr * x1.T @ (p - y) / x1.shape[0]
+    return w
+
+
+def weighted_update(w: np.ndarray, n: int) -> np.ndarray:
+    """``[n * w (flattened, bias row included), n]``: what a hospital encrypts."""
+    return np.concatenate([n * np.asarray(w, dtype=np.float64).ravel(), [float(n)]])
+
+
+def fedavg_from_sum(total: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """``sum(n_i w_i) / sum(n_i)`` from a decrypted sum of :func:`weighted_update` vectors.
+
+    The sample count is an integer, so the decrypted count is rounded; a value far from an
+    integer means the decryption is wrong (wrong key, too much noise) and is refused.
+    """
+    size = shape[0] * shape[1]
+    total = np.asarray(total, dtype=np.float64)
+    if total.shape[0] < size + 1:
+        raise ValueError(f"the aggregate has {total.shape[0]} values, expected {size + 1}")
+    count = float(total[size])
+    n = round(count)
+    if not np.isfinite(count) or n < 1 or abs(count - n) > 0.25:
+        raise ValueError(
+            f"the decrypted sample count {count:.3f} is not a positive integer: the aggregate "
+            "did not decrypt correctly"
+        )
+    w = total[:size].reshape(shape) / n
+    if not np.all(np.isfinite(w)) or np.abs(w).max(initial=0.0) > 1e6:
+        raise ValueError("the decrypted head is not finite or absurdly large")
+    return w, n
+
+
+def fedavg(heads: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """Plain sample-weighted FedAvg (the reference for the encrypted sum)."""
+    total = sum(weighted_update(w, n) for w, n in zip(heads, counts, strict=True))
+    return fedavg_from_sum(total, np.asarray(heads[0]).shape)[0]

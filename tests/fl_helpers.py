@@ -1,0 +1,87 @@
+"""Small in-process federations for robustness and security tests (LocalGrid, no Ray)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from medfed.crypto.context import make_secret_context, secret_context_bytes
+from medfed.crypto.params import PRESETS
+from medfed.fl import messages as M
+from medfed.fl.aggregator import AggregatorSettings, EncryptedEmbeddingsStrategy
+from medfed.fl.faults import with_faults
+from medfed.fl.hospital import make_hospital_app
+from medfed.fl.local_grid import LocalGrid
+from medfed.fl.workspace import HospitalData, provision
+from medfed.train.head import HeadSchedule
+from medfed.train.poly import fit_sigmoid
+from tests.conftest import synthetic_hospitals
+
+PARAMS = PRESETS["fast"]
+
+
+def provision_all(
+    ws: Path, hospitals: list[HospitalData], n_classes: int = 2, secret=None, keys: dict = None
+) -> None:
+    """Each hospital's workspace; ``keys`` maps an index to another secret context."""
+    secret = secret if secret is not None else make_secret_context(PARAMS)
+    meta = {"bucket": 32, "n_classes": n_classes, "ckks": "fast", "feature_scale": 1.0}
+    for i, h in enumerate(hospitals):
+        ctx = (keys or {}).get(i, secret)
+        provision(ws, i, h, secret_context_bytes(ctx), meta)
+
+
+def settings(n: int, d: int = 8, n_classes: int = 2, epochs: int = 3, min_hospitals: int = 2):
+    return AggregatorSettings(
+        params=PARAMS,
+        schedule=HeadSchedule(epochs, 4.0, fit_sigmoid(3, 8.0)),
+        n_classes=n_classes,
+        n_features=d,
+        bucket=32,
+        expected_hospitals=n,
+        min_hospitals=min_hospitals,
+    )
+
+
+def run_local(
+    ws: Path,
+    n: int,
+    *,
+    faults=(),
+    mods: list[Callable] | None = None,
+    grid_cls=LocalGrid,
+    **kwargs,
+):
+    """(strategy, grid, result) of one federation over provisioned workspaces."""
+    app = with_faults(make_hospital_app(ws, mods=mods), faults)
+    grid = grid_cls(app, n)
+    strategy = EncryptedEmbeddingsStrategy(settings(n, **kwargs))
+    return strategy, grid, strategy.run(grid)
+
+
+def federation(tmp_path: Path, n: int = 3, d: int = 8, seed: int = 0, **kwargs):
+    hospitals = synthetic_hospitals(n_hospitals=n, n=50 * n + 7, d=d, seed=seed)
+    provision_all(tmp_path, hospitals)
+    return hospitals, *run_local(tmp_path, n, d=d, **kwargs)
+
+
+def rewrite_reply(stage: str, change: Callable[[dict, int], dict]):
+    """A hospital-side mod that rewrites its own reply at ``stage`` and re-digests it (a buggy
+    or malicious hospital, as opposed to corruption in transit)."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        record = msg.content.config_records[M.RECORD]
+        if record.get(M.STAGE) != stage or reply.has_error():
+            return reply
+        index = int(context.node_config["partition-id"])
+        values = change(dict(reply.content.config_records[M.RECORD]), index)
+        values.pop(M.DIGEST, None)
+        values.pop(M.ROUND_ID, None)
+        return M.make_reply(msg, **values)
+
+    return mod
+
+
+def excluded(result: dict, stage: str | None = None) -> list[dict]:
+    return [e for e in result["excluded"] if stage is None or e["stage"] == stage]
