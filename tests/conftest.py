@@ -9,6 +9,11 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# seeded like every other test: the same examples on every run (no flaky CI)
+hypothesis_settings.register_profile("medfed", derandomize=True, deadline=None)
+hypothesis_settings.load_profile("medfed")
 
 from medfed.crypto.context import (  # noqa: E402
     load_public_context,

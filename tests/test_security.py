@@ -32,7 +32,9 @@ def _with_sentinel(n=3, d=8):
     return hospitals
 
 
-BYTES_REPR = re.compile(r"(?<![\w'\"])b(['\"])[^'\"]{64,}|bytearray\(")
+# a bytes repr of key or ciphertext material: long, and with \x escapes (random bytes always
+# have some); a run of blanks that some library printed as b'   ' is not hospital data
+BYTES_REPR = re.compile(r"(?<![\w'\"])b(['\"])(?=[^'\"]*\\x)[^'\"]{64,}|bytearray\(")
 NON_PRINTABLE_RUN = re.compile(r"[^\x20-\x7e\n\t]{8,}")
 
 
