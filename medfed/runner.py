@@ -50,18 +50,10 @@ def federate(
     started: float | None = None,
 ) -> dict:
     """Run the encrypted federation and the plaintext references on prepared hospitals."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from medfed.crypto.context import make_secret_context, secret_context_bytes
     from medfed.crypto.params import get_preset
     from medfed.experiments.references import plaintext_reference
-    from medfed.experiments.results import write_run
+    from medfed.experiments.results import progress_bar, write_run
     from medfed.fl.aggregator import AggregatorSettings
     from medfed.fl.faults import parse_faults
     from medfed.fl.launch import run_federation
@@ -106,13 +98,7 @@ def federate(
             provision(workspace, i, h, secret_context_bytes(secret), meta)
         del secret
         t_fed = time.perf_counter()
-        with Progress(
-            TextColumn("encrypted training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not cfg.progress,
-        ) as progress:
+        with progress_bar("encrypted training", cfg.progress) as progress:
             task = progress.add_task("epochs", total=cfg.epochs)
             fed = run_federation(
                 workspace,

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -139,3 +140,14 @@ def print_summary(metrics: dict[str, Any], console: Console | None = None) -> No
             "[bold red]The backbone is UNTRAINED (random weights): accuracy is not "
             "representative of a pretrained DeiT. Pass --weights FILE.[/bold red]"
         )
+
+
+def progress_bar(label: str, enabled: bool = True) -> Progress:
+    """The bar every long federation stage shows (rounds or epochs done, elapsed time)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )

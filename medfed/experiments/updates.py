@@ -160,9 +160,7 @@ def federate_updates(
     threshold_preset: str = "default",
 ) -> dict:
     """The encrypted FedAvg federation and its plaintext references on prepared hospitals."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from medfed.experiments.results import write_run
+    from medfed.experiments.results import progress_bar, write_run
     from medfed.experiments.updates_reference import fedavg_reference
     from medfed.fl.ciphers import forget_threshold_parties
     from medfed.fl.faults import parse_faults
@@ -214,13 +212,7 @@ def federate_updates(
         del secret
         t_fed = time.perf_counter()
         try:
-            with Progress(
-                TextColumn(f"FedAvg, {cfg.keys} keys"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                disable=not cfg.progress,
-            ) as progress:
+            with progress_bar(f"FedAvg, {cfg.keys} keys", cfg.progress) as progress:
                 task = progress.add_task("rounds", total=cfg.rounds)
                 fed = run_federation(
                     workspace,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import tenseal as ts
-from flwr.app import Context, Message
+from flwr.app import Message
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.crypto.context import CiphertextError, context_fingerprint, load_public_context
@@ -37,6 +37,7 @@ from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
+from medfed.fl.server_app import make_strategy_app
 from medfed.train.diagonal_head import (
     Block,
     DiagonalCompute,
@@ -469,16 +470,6 @@ def make_aggregator_app(
     settings: AggregatorSettings, results: dict, on_step: Callable[[int], None] | None = None
 ) -> ServerApp:
     """A ServerApp running :class:`EncryptedEmbeddingsStrategy`; fills ``results`` when done."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = EncryptedEmbeddingsStrategy(settings, on_step=on_step)
-        try:
-            results.update(strategy.run(grid))
-        except Exception as e:  # noqa: BLE001 - reported to the caller, not swallowed
-            results["error"] = f"{type(e).__name__}: {e}"
-            results["excluded"] = strategy.ledger.excluded
-            raise
-
-    return app
+    return make_strategy_app(
+        lambda: EncryptedEmbeddingsStrategy(settings, on_step=on_step), results
+    )

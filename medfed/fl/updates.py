@@ -50,6 +50,7 @@ from medfed.crypto.errors import CiphertextError
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
+from medfed.fl.server_app import make_strategy_app
 from medfed.train.head import accuracy
 from medfed.train.local import (
     fedavg_from_sum,
@@ -298,19 +299,7 @@ def make_updates_server_app(
     settings: UpdatesSettings, results: dict, on_step: Callable[[int], None] | None = None
 ) -> ServerApp:
     """A ServerApp running :class:`FedAvgUpdatesStrategy`; fills ``results`` when done."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvgUpdatesStrategy(settings, on_step=on_step)
-        try:
-            results.update(strategy.run(grid))
-        except Exception as e:  # noqa: BLE001 - reported to the caller, not swallowed
-            results["error"] = f"{type(e).__name__}: {e}"
-            results["excluded"] = strategy.ledger.excluded
-            raise
-
-    return app
+    return make_strategy_app(lambda: FedAvgUpdatesStrategy(settings, on_step=on_step), results)
 
 
 # ------------------------------------------------------------------------------ hospitals
