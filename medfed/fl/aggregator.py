@@ -26,7 +26,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tenseal as ts
 from flwr.app import Message
@@ -37,7 +37,7 @@ from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
-from medfed.fl.server_app import make_strategy_app
+from medfed.fl.server_app import Ledger, log_safe, make_strategy_app
 from medfed.train.diagonal_head import (
     Block,
     DiagonalCompute,
@@ -50,21 +50,6 @@ log = logging.getLogger(__name__)
 
 
 FederationError = M.FederationError  # the federation cannot continue (re-exported)
-
-
-@dataclass
-class Ledger:
-    """Bytes and seconds per party and per round, as the aggregator observes them."""
-
-    up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    rounds: list[dict] = field(default_factory=list)
-    excluded: list[dict] = field(default_factory=list)
-
-    def exclude(self, stage: str, hospital: str, reason: str) -> None:
-        reason = _log_safe(reason)
-        log.warning("excluding %s from %s: %s", hospital, stage, reason)
-        self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
 
 
 @dataclass
@@ -135,7 +120,7 @@ class EncryptedEmbeddingsStrategy:
                     gone.add(node)  # the node is gone: handled below, like a timeout
                     continue
                 failed.add(node)
-                self.ledger.exclude(stage, self._name(node), _log_safe(reply.error.reason))
+                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
                 continue
             self.ledger.up[node] += M.payload_bytes(reply.content)
             try:
@@ -148,7 +133,7 @@ class EncryptedEmbeddingsStrategy:
                 )
             except (M.ProtocolError, KeyError) as e:
                 failed.add(node)
-                self.ledger.exclude(stage, self._name(node), _log_safe(str(e)))
+                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
                 continue
             out[node] = record
             log.debug("%s: %s replied %s", stage, self._name(node), M.describe(reply.content))
@@ -456,14 +441,8 @@ class FlowerKeyHolder:
 
     def reject(self, who: str, reason: str, step: int) -> None:
         """The backend found ``who``'s reply unusable: record it, never ask that hospital again."""
-        self.strategy.ledger.exclude(f"sum-{step}", who, _log_safe(reason))
+        self.strategy.ledger.exclude(f"sum-{step}", who, log_safe(reason))
         self.failed.update(n for n, name in self.strategy.names.items() if name == who)
-
-
-def _log_safe(text: str, limit: int = 300) -> str:
-    """A reason fit for logs and metrics.json: printable, one line, bounded length."""
-    text = "".join(c if c.isprintable() else " " for c in str(text)).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def make_aggregator_app(

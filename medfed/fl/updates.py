@@ -35,9 +35,8 @@ import json
 import logging
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,7 +49,7 @@ from medfed.crypto.errors import CiphertextError
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
-from medfed.fl.server_app import make_strategy_app
+from medfed.fl.server_app import Ledger, log_safe, make_strategy_app
 from medfed.train.head import accuracy
 from medfed.train.local import (
     fedavg_from_sum,
@@ -101,20 +100,6 @@ class UpdatesSettings:
         return 2 * self.n_features + 1
 
 
-@dataclass
-class UpdatesLedger:
-    """Bytes and seconds per party and per stage, as the aggregator observes them."""
-
-    up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    rounds: list[dict] = field(default_factory=list)
-    excluded: list[dict] = field(default_factory=list)
-
-    def exclude(self, stage: str, hospital: str, reason: str) -> None:
-        log.warning("excluding %s from %s: %s", hospital, stage, reason)
-        self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
-
-
 class FedAvgUpdatesStrategy:
     """Sample-weighted FedAvg in the encrypted domain, over any :mod:`medfed.fl.ciphers` setup."""
 
@@ -123,7 +108,7 @@ class FedAvgUpdatesStrategy:
     ) -> None:
         self.s = settings
         self.on_step = on_step
-        self.ledger = UpdatesLedger()
+        self.ledger = Ledger()
         self.names: dict[int, str] = {}
         self.cipher = aggregator_cipher(settings.keys, settings)
         self.live: list[int] = []
@@ -163,7 +148,7 @@ class FedAvgUpdatesStrategy:
                 if reply.error.code in M.NO_REPLY_CODES:
                     continue  # gone: treated like a timeout below
                 failed.add(node)
-                self.ledger.exclude(stage, self._name(node), str(reply.error.reason)[:300])
+                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
                 continue
             size = M.payload_bytes(reply.content)
             self.ledger.up[node] += size
@@ -178,7 +163,7 @@ class FedAvgUpdatesStrategy:
                 )
             except (M.ProtocolError, KeyError) as e:
                 failed.add(node)
-                self.ledger.exclude(stage, self._name(node), str(e)[:300])
+                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
                 continue
             if node not in self.names and M.HOSPITAL in record:
                 self.names[node] = str(record[M.HOSPITAL])
@@ -227,7 +212,7 @@ class FedAvgUpdatesStrategy:
                 blob = bytes(rec[M.UPDATE])
                 self.cipher.check(blob, sender=self._name(node), length=length)
             except (CiphertextError, KeyError, ValueError) as e:
-                self.ledger.exclude(stage, self._name(node), str(e)[:300])
+                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
                 continue
             good[node] = blob
         self._drop([n for n in self.live if n not in good], stage)
