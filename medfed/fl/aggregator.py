@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import tenseal as ts
-from flwr.app import Message
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.crypto.context import CiphertextError, context_fingerprint, load_public_context
@@ -37,7 +35,7 @@ from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
-from medfed.fl.server_app import Ledger, log_safe, make_strategy_app
+from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
 from medfed.train.diagonal_head import (
     Block,
     DiagonalCompute,
@@ -70,7 +68,7 @@ class AggregatorSettings:
     cpus_per_worker: float = 1.0
 
 
-class EncryptedEmbeddingsStrategy:
+class EncryptedEmbeddingsStrategy(RoundExchange):
     """Mode "embeddings", shared key: the whole protocol, written once over a Flower Grid."""
 
     def __init__(
@@ -89,90 +87,9 @@ class EncryptedEmbeddingsStrategy:
         self.layout: DiagonalLayout | None = None
 
     # -- plumbing -------------------------------------------------------------------------
-    def _exchange(
-        self, grid: Grid, stage: str, payloads: dict[int, dict], message_type: str
-    ) -> dict[int, dict]:
-        """Send one message per node; return the accepted replies' records by node.
-
-        Each message names the stage and carries a fresh round id. A reply is accepted only
-        if it comes from a node this round addressed, is not an error, echoes that node's
-        round id, keeps the node's announced name and matches its digest; every other node
-        is excluded from the stage with the reason (no reply, error, or envelope violation).
-        """
-        t0 = time.perf_counter()
-        msgs, sent = [], {}
-        for node, values in payloads.items():
-            sent[node] = f"{stage}/{secrets.token_hex(8)}"
-            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
-            self.ledger.down[node] += M.payload_bytes(content)
-            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
-        replies = grid.send_and_receive(msgs, timeout=self.s.reply_timeout)
-        out: dict[int, dict] = {}
-        failed: set[int] = set()
-        gone: set[int] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if node not in sent or node in out or node in failed:
-                log.warning("ignoring an unexpected reply from node %s in %s", node, stage)
-                continue
-            if reply.has_error():
-                if reply.error.code in M.NO_REPLY_CODES:
-                    gone.add(node)  # the node is gone: handled below, like a timeout
-                    continue
-                failed.add(node)
-                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
-                continue
-            self.ledger.up[node] += M.payload_bytes(reply.content)
-            try:
-                record = reply.content[M.RECORD]
-                M.check_reply(
-                    record,
-                    round_id=sent[node],
-                    hospital=self.names.get(node),
-                    party=self._name(node),
-                )
-            except (M.ProtocolError, KeyError) as e:
-                failed.add(node)
-                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
-                continue
-            out[node] = record
-            log.debug("%s: %s replied %s", stage, self._name(node), M.describe(reply.content))
-        for node in payloads:
-            if node not in out and node not in failed:
-                self.ledger.exclude(
-                    stage,
-                    self._name(node),
-                    "no reply: the node is unavailable"
-                    if node in gone
-                    else "no reply before the timeout",
-                )
-        self.ledger.rounds.append(
-            {
-                "stage": stage,
-                "nodes": sorted(out),
-                "seconds": round(time.perf_counter() - t0, 4),
-            }
-        )
-        return out
-
-    def _name(self, node: int) -> str:
-        return self.names.get(node, f"node-{node}")
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.s.node_wait_seconds
-        nodes: list[int] = []
-        while time.monotonic() < deadline:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.s.expected_hospitals:
-                return nodes
-            time.sleep(0.1)
-        if len(nodes) < self.s.min_hospitals:
-            raise FederationError(f"only {len(nodes)} hospitals connected")
-        return nodes
-
     # -- stages ---------------------------------------------------------------------------
     def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[SealVec, dict[int, int]]:
-        replies = self._exchange(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
+        replies = self.exchange_round(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
         claims: dict[str, list[int]] = defaultdict(list)
         for node, rec in replies.items():
             claims[str(rec.get(M.HOSPITAL, ""))].append(node)
@@ -191,7 +108,7 @@ class EncryptedEmbeddingsStrategy:
         lead = [rec for rec in replies.values() if M.PUBLIC_CONTEXT in rec]
         if not lead and replies:  # the lead hospital failed: ask another one
             node = sorted(replies)[0]
-            extra = self._exchange(grid, "public-context", {node: {}}, M.MSG_PUBLIC_CONTEXT)
+            extra = self.exchange_round(grid, "public-context", {node: {}}, M.MSG_PUBLIC_CONTEXT)
             lead = [rec for rec in extra.values() if M.PUBLIC_CONTEXT in rec]
         if not lead:
             raise FederationError("no hospital sent the public context")
@@ -275,7 +192,9 @@ class EncryptedEmbeddingsStrategy:
         batch = max(1, self.s.upload_batch)
         for start in range(0, len(nodes), batch):
             wave = nodes[start : start + batch]
-            replies = self._exchange(grid, "upload", {n: payloads[n] for n in wave}, M.MSG_UPLOAD)
+            replies = self.exchange_round(
+                grid, "upload", {n: payloads[n] for n in wave}, M.MSG_UPLOAD
+            )
             for position, node in enumerate(nodes):
                 if node not in replies:
                     continue
@@ -379,13 +298,13 @@ class EncryptedEmbeddingsStrategy:
             blobs.append(e.to_bytes(bk))
         layout_json = json.dumps(self.layout.to_dict())
         payloads = {n: {M.WEIGHTS: blobs, M.LAYOUT: layout_json} for n in self.members}
-        replies = self._exchange(grid, "final", payloads, M.MSG_FINAL)
+        replies = self.exchange_round(grid, "final", payloads, M.MSG_FINAL)
         self.contributors["final"] = sorted(replies)
         return [self._name(n) for n in replies]
 
     def run(self, grid: Grid) -> dict:
         t0 = time.perf_counter()
-        nodes = self._wait_for_nodes(grid)
+        nodes = self.wait_for_nodes(grid)
         total, buckets = self.stats(grid, nodes)
         blocks = self.upload(grid, total, buckets)
         weights = self.train(grid, blocks)
@@ -396,14 +315,7 @@ class EncryptedEmbeddingsStrategy:
             "evaluated_by": evaluated,
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
-            "rounds": [
-                {
-                    "stage": r["stage"],
-                    "hospitals": [self._name(n) for n in r["nodes"]],
-                    "seconds": r["seconds"],
-                }
-                for r in self.ledger.rounds
-            ],
+            "rounds": self.named_rounds(),
             "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,
             # hospitals whose data each stage used: the plaintext references use the same ones
@@ -433,7 +345,9 @@ class FlowerKeyHolder:
         for attempt in range(len(nodes)):
             node = nodes[(step + attempt) % len(nodes)]
             payload = {M.MASKED: masked, M.LAYOUT: layout_json, M.STEP: step}
-            replies = self.strategy._exchange(self.grid, f"sum-{step}", {node: payload}, M.MSG_SUM)
+            replies = self.strategy.exchange_round(
+                self.grid, f"sum-{step}", {node: payload}, M.MSG_SUM
+            )
             if node in replies:  # the backend checks the count and every ciphertext
                 return list(replies[node][M.SUMS]), self.strategy._name(node)
             self.failed.add(node)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
+
+from medfed.fl import messages as M
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +56,125 @@ class Ledger:
         reason = log_safe(reason)
         log.warning("excluding %s from %s: %s", hospital, stage, reason)
         self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
+
+
+class RoundExchange:
+    """The round loop both modes' strategies share: one Flower message per node, checked replies.
+
+    Subclasses provide ``self.s`` (``reply_timeout``, ``node_wait_seconds``,
+    ``expected_hospitals``, ``min_hospitals``), ``self.ledger`` (:class:`Ledger`) and
+    ``self.names`` (node id -> hospital name).
+    """
+
+    s: object
+    ledger: Ledger
+    names: dict[int, str]
+
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def exchange_round(
+        self,
+        grid: Grid,
+        stage: str,
+        payloads: dict[int, dict],
+        message_type: str,
+        *,
+        learn_names: bool = False,
+    ) -> dict[int, Mapping]:
+        """Send one message per node; return the accepted replies' records by node.
+
+        Each message names the stage and carries a fresh round id. A reply is accepted only
+        if it comes from a node this round addressed, is not an error, echoes that node's
+        round id, keeps the node's announced name and matches its digest; every other node
+        is excluded from the stage with the reason (no reply, error, or envelope violation).
+        With ``learn_names`` a node's first accepted reply tells its hospital name.
+        """
+        t0 = time.perf_counter()
+        msgs, sent, down, up = [], {}, 0, 0
+        for node, values in payloads.items():
+            sent[node] = f"{stage}/{secrets.token_hex(8)}"
+            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
+            size = M.payload_bytes(content)
+            self.ledger.down[node] += size
+            down += size
+            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies = grid.send_and_receive(msgs, timeout=self.s.reply_timeout)
+        out: dict[int, Mapping] = {}
+        failed: set[int] = set()
+        gone: set[int] = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in sent or node in out or node in failed:
+                log.warning("ignoring an unexpected reply from node %s in %s", node, stage)
+                continue
+            if reply.has_error():
+                if reply.error.code in M.NO_REPLY_CODES:
+                    gone.add(node)  # the node is gone: handled below, like a timeout
+                    continue
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
+                continue
+            size = M.payload_bytes(reply.content)
+            self.ledger.up[node] += size
+            up += size
+            try:
+                record = reply.content[M.RECORD]
+                M.check_reply(
+                    record,
+                    round_id=sent[node],
+                    hospital=self.names.get(node),
+                    party=self._name(node),
+                )
+            except (M.ProtocolError, KeyError) as e:
+                failed.add(node)
+                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
+                continue
+            if learn_names and node not in self.names and M.HOSPITAL in record:
+                self.names[node] = str(record[M.HOSPITAL])
+            out[node] = record
+            log.debug("%s: %s replied %s", stage, self._name(node), M.describe(reply.content))
+        for node in payloads:
+            if node not in out and node not in failed:
+                self.ledger.exclude(
+                    stage,
+                    self._name(node),
+                    "no reply: the node is unavailable"
+                    if node in gone
+                    else "no reply before the timeout",
+                )
+        self.ledger.rounds.append(
+            {
+                "stage": stage,
+                "nodes": sorted(out),
+                "seconds": round(time.perf_counter() - t0, 4),
+                "bytes_down": down,
+                "bytes_up": up,
+            }
+        )
+        return out
+
+    def named_rounds(self) -> list[dict]:
+        """The ledger's rounds with hospital names (known by the end of the run)."""
+        return [
+            {
+                "stage": r["stage"],
+                "hospitals": [self._name(n) for n in r["nodes"]],
+                "seconds": r["seconds"],
+                "bytes_down": r["bytes_down"],
+                "bytes_up": r["bytes_up"],
+            }
+            for r in self.ledger.rounds
+        ]
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.s.node_wait_seconds
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.s.expected_hospitals:
+                return nodes
+            time.sleep(0.1)
+        if len(nodes) < self.s.min_hospitals:
+            raise M.FederationError(f"only {len(nodes)} hospitals connected")
+        return nodes

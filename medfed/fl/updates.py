@@ -33,9 +33,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -49,7 +48,7 @@ from medfed.crypto.errors import CiphertextError
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
-from medfed.fl.server_app import Ledger, log_safe, make_strategy_app
+from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
 from medfed.train.head import accuracy
 from medfed.train.local import (
     fedavg_from_sum,
@@ -100,7 +99,7 @@ class UpdatesSettings:
         return 2 * self.n_features + 1
 
 
-class FedAvgUpdatesStrategy:
+class FedAvgUpdatesStrategy(RoundExchange):
     """Sample-weighted FedAvg in the encrypted domain, over any :mod:`medfed.fl.ciphers` setup."""
 
     def __init__(
@@ -117,82 +116,9 @@ class FedAvgUpdatesStrategy:
         self._grid: Grid | None = None
 
     # -- plumbing -------------------------------------------------------------------------
-    def _name(self, node: int) -> str:
-        return self.names.get(node, f"node-{node}")
-
     def exchange(self, stage: str, payloads: dict[int, dict], message_type: str) -> dict:
-        """One Flower round: a message per node; the accepted replies' records by node.
-
-        Every message names the stage and carries a fresh round id; a reply must echo it and
-        match its digest (:func:`medfed.fl.messages.check_reply`). Nodes that fail or stay
-        silent are recorded in ``excluded``.
-        """
-        t0 = time.perf_counter()
-        msgs, sent, down = [], {}, 0
-        for node, values in payloads.items():
-            sent[node] = f"{stage}/{secrets.token_hex(8)}"
-            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
-            size = M.payload_bytes(content)
-            self.ledger.down[node] += size
-            down += size
-            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
-        replies = self._grid.send_and_receive(msgs, timeout=self.s.reply_timeout)
-        out: dict[int, Mapping] = {}
-        failed: set[int] = set()
-        up = 0
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if node not in sent or node in out or node in failed:
-                continue
-            if reply.has_error():
-                if reply.error.code in M.NO_REPLY_CODES:
-                    continue  # gone: treated like a timeout below
-                failed.add(node)
-                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
-                continue
-            size = M.payload_bytes(reply.content)
-            self.ledger.up[node] += size
-            up += size
-            try:
-                record = reply.content[M.RECORD]
-                M.check_reply(
-                    record,
-                    round_id=sent[node],
-                    hospital=self.names.get(node),
-                    party=self._name(node),
-                )
-            except (M.ProtocolError, KeyError) as e:
-                failed.add(node)
-                self.ledger.exclude(stage, self._name(node), log_safe(str(e)))
-                continue
-            if node not in self.names and M.HOSPITAL in record:
-                self.names[node] = str(record[M.HOSPITAL])
-            out[node] = record
-        for node in payloads:
-            if node not in out and node not in failed:
-                self.ledger.exclude(stage, self._name(node), "no reply before the timeout")
-        self.ledger.rounds.append(
-            {
-                "stage": stage,
-                "hospitals": [self._name(n) for n in sorted(out)],
-                "seconds": round(time.perf_counter() - t0, 4),
-                "bytes_down": down,
-                "bytes_up": up,
-            }
-        )
-        return out
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.s.node_wait_seconds
-        nodes: list[int] = []
-        while time.monotonic() < deadline:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.s.expected_hospitals:
-                return nodes
-            time.sleep(0.1)
-        if len(nodes) < self.s.min_hospitals:
-            raise M.FederationError(f"only {len(nodes)} hospitals connected")
-        return nodes
+        """One Flower round over this run's grid (see :meth:`RoundExchange.exchange_round`)."""
+        return self.exchange_round(self._grid, stage, payloads, message_type, learn_names=True)
 
     def _drop(self, nodes: list[int], stage: str) -> None:
         for n in nodes:
@@ -222,7 +148,7 @@ class FedAvgUpdatesStrategy:
     def run(self, grid: Grid) -> dict:
         t0 = time.perf_counter()
         self._grid = grid
-        nodes = self._wait_for_nodes(grid)
+        nodes = self.wait_for_nodes(grid)
         self.live = self.cipher.setup(self.exchange, nodes, self.names)
         for node, reason in getattr(self.cipher, "rejected", {}).items():
             self.ledger.exclude("key-setup", self._name(node), reason)
@@ -271,7 +197,7 @@ class FedAvgUpdatesStrategy:
             "dropped": self.dropped,
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
-            "rounds": self.ledger.rounds,
+            "rounds": self.named_rounds(),
             "excluded": self.ledger.excluded,
         }
 
