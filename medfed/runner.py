@@ -53,7 +53,7 @@ def federate(
     from medfed.crypto.context import make_secret_context, secret_context_bytes
     from medfed.crypto.params import get_preset
     from medfed.experiments.references import plaintext_reference
-    from medfed.experiments.results import progress_bar, write_run
+    from medfed.experiments.results import byte_tally, progress_bar, write_run
     from medfed.fl.aggregator import AggregatorSettings
     from medfed.fl.faults import parse_faults
     from medfed.fl.launch import run_federation
@@ -122,13 +122,7 @@ def federate(
     done = [e for e in evaluations if e is not None and e["hospital"] in evaluated]
     total = sum(e["total"] for e in done)
     correct = sum(e["correct"] for e in done)
-    up = int(sum(fed["bytes_up"].values()))
-    down = int(sum(fed["bytes_down"].values()))
-    parties = {
-        name: {"sent": fed["bytes_up"].get(name, 0), "received": fed["bytes_down"].get(name, 0)}
-        for name in sorted(set(fed["bytes_up"]) | set(fed["bytes_down"]))
-    }
-    parties["aggregator"] = {"sent": down, "received": up}
+    up, down, parties = byte_tally(fed)
     metrics = {
         "mode": cfg.mode,
         "keys": cfg.keys,

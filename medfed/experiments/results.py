@@ -151,3 +151,15 @@ def progress_bar(label: str, enabled: bool = True) -> Progress:
         TimeElapsedColumn(),
         disable=not enabled,
     )
+
+
+def byte_tally(fed: dict) -> tuple[int, int, dict[str, dict[str, int]]]:
+    """(bytes up, bytes down, per party sent/received) from the aggregator's ledger."""
+    up = int(sum(fed["bytes_up"].values()))
+    down = int(sum(fed["bytes_down"].values()))
+    parties = {
+        name: {"sent": fed["bytes_up"].get(name, 0), "received": fed["bytes_down"].get(name, 0)}
+        for name in sorted(set(fed["bytes_up"]) | set(fed["bytes_down"]))
+    }
+    parties["aggregator"] = {"sent": down, "received": up}
+    return up, down, parties

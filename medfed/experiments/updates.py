@@ -160,7 +160,7 @@ def federate_updates(
     threshold_preset: str = "default",
 ) -> dict:
     """The encrypted FedAvg federation and its plaintext references on prepared hospitals."""
-    from medfed.experiments.results import progress_bar, write_run
+    from medfed.experiments.results import byte_tally, progress_bar, write_run
     from medfed.experiments.updates_reference import fedavg_reference
     from medfed.fl.ciphers import forget_threshold_parties
     from medfed.fl.faults import parse_faults
@@ -246,13 +246,7 @@ def federate_updates(
     done = [e for e in evaluations if e is not None]
     total = sum(e["total"] for e in done)
     correct = sum(e["correct"] for e in done)
-    up = int(sum(fed["bytes_up"].values()))
-    down = int(sum(fed["bytes_down"].values()))
-    parties = {
-        name: {"sent": fed["bytes_up"].get(name, 0), "received": fed["bytes_down"].get(name, 0)}
-        for name in sorted(set(fed["bytes_up"]) | set(fed["bytes_down"]))
-    }
-    parties["aggregator"] = {"sent": down, "received": up}
+    up, down, parties = byte_tally(fed)
     training = [r for r in fed["rounds"] if not r["stage"].startswith(SETUP_STAGES)]
     per_round = cfg.rounds * cfg.hospitals
     cipher = fed["cipher"]
