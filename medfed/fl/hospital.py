@@ -93,12 +93,9 @@ def guarded(workspace: str, stage: str):
     return wrap
 
 
-def _engine(workspace: str, index: int) -> SealEngine:
-    return _engines(workspace, index)
-
-
 @lru_cache(maxsize=64)
-def _engines(workspace: str, index: int) -> SealEngine:
+def _engine(workspace: str, index: int) -> SealEngine:
+    """This hospital's SEAL engine, built once per process from its secret context."""
     return SealEngine(_load(workspace, index)[2])
 
 

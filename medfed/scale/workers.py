@@ -59,11 +59,6 @@ class DiagonalWorker:
         r = [[e.from_bytes(v, sender="aggregator", item="r") for v in rk] for rk in residuals]
         return self.compute.backward(r, range(start, stop), with_bias)
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 class _RayHandle:
     def __init__(self, ref, convert) -> None:

@@ -47,8 +47,11 @@ class DiagonalBackend(Protocol):
     def lower(self, v: object, like: object) -> object:
         """``v`` at the level of ``like`` (identity for numpy)."""
 
-    def sum_round(self, q: list, qb: list, step: int) -> tuple[list, list]:
-        """Weight and bias updates from backward products (``[head][group][giant][baby]``)."""
+    def finish(self, q: list, qb: list | None, steps: range) -> dict:
+        """A compute's backward products (``q[head][group][baby]``) ready to leave it."""
+
+    def sum_round(self, parts: list[dict], step: int) -> tuple[list, list]:
+        """Weight and bias updates from every compute's finished products."""
 
 
 def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Block]:
@@ -199,7 +202,7 @@ def diagonal_epoch(
         for j, (comp, rng) in enumerate(zip(computes, ranges, strict=True))
     ]
     parts = [h.result() for h in handles]
-    upd_w, upd_b = backend.sum_round(parts, ranges, step)
+    upd_w, upd_b = backend.sum_round(parts, step)
     new_w = [
         [w - u for w, u in zip(wk, uk, strict=True)] for wk, uk in zip(weights, upd_w, strict=True)
     ]
@@ -270,7 +273,7 @@ class PlainDiagonalBackend:
     def finish(self, q, qb, steps):
         return {"q": q, "qb": qb}
 
-    def sum_round(self, parts, ranges, step):
+    def sum_round(self, parts, step):
         L = self.layout
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
@@ -347,7 +350,7 @@ class EncryptedDiagonalBackend:
                 out["mask_bias"].append(float(m.sum()))
         return out
 
-    def sum_round(self, parts, ranges, step):
+    def sum_round(self, parts, step):
         import time
 
         from medfed.crypto.context import CiphertextError
