@@ -82,14 +82,14 @@ def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
     """Hospital encrypts; aggregator loads the bytes (what the upload round does)."""
 
     def enc(v):
-        return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
+        return aggregator.from_bytes(hospital.encrypt_bytes(v), sender="h", item="x")
 
     return blocks_from_packed([b for _, b in sorted(raw.items())], layout, enc)
 
 
-def timed_training(backend, computes, layout, schedule, targets):
+def timed_training(backend, computes, layout, schedule):
     t0 = time.perf_counter()
-    weights = train_diagonal(backend, computes, layout, schedule, targets=targets)
+    weights = train_diagonal(backend, computes, layout, schedule)
     return weights, (time.perf_counter() - t0) / schedule.epochs
 
 
@@ -156,7 +156,7 @@ def unit_costs(engine: SealEngine, hospital: SealEngine, depth: int, reps: int =
             )
         hv = hospital.from_bytes(engine.to_bytes(SealVec(engine, ct)), sender="bench", item="x")
         costs["decrypt", level] = _clock(reps, hospital.decrypt, hv)
-    costs["encrypt", 0] = _clock(reps, hospital.encrypt, np.zeros(engine.slots))
+    costs["encrypt", 0] = _clock(reps, hospital.encrypt_seeded, np.zeros(engine.slots))
     return costs
 
 
@@ -211,7 +211,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     blocks = encrypted_blocks(raw, hospital, aggregator, layout)
     upload_seconds = time.perf_counter() - t0
-    targets = [b.targets for b in blocks]
     keyholder = LocalKeyHolder(hospital, layout, params.mask_bits)
     timing_schedule = HeadSchedule(args.epochs, args.lr, approx)
 
@@ -219,10 +218,10 @@ def main(argv=None) -> int:
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
     compute = DiagonalCompute(backend, layout)
     compute.blocks = blocks
-    train_diagonal(backend, [compute], layout, HeadSchedule(1, args.lr, approx), targets=targets)
+    train_diagonal(backend, [compute], layout, HeadSchedule(1, args.lr, approx))
     aggregator.counts.clear()
     hospital.counts.clear()
-    _, in_process = timed_training(backend, [compute], layout, timing_schedule, targets)
+    _, in_process = timed_training(backend, [compute], layout, timing_schedule)
     counts = aggregator.counts + hospital.counts
     counts = Counter({k: v / args.epochs for k, v in counts.items()})
     log(f"medfed in-process: {in_process:.2f} s/epoch")
@@ -240,8 +239,8 @@ def main(argv=None) -> int:
                     k, aggregator, public, galois, layout, params.mask_bits, blocks
                 )
                 warm = HeadSchedule(1, args.lr, approx)
-                train_diagonal(backend, remotes, layout, warm, targets=targets)
-                _, sec = timed_training(backend, remotes, layout, timing_schedule, targets)
+                train_diagonal(backend, remotes, layout, warm)
+                _, sec = timed_training(backend, remotes, layout, timing_schedule)
                 by_workers[str(k)] = sec
                 log(f"medfed on {k} Ray worker(s): {sec:.2f} s/epoch")
                 stop_workers(remotes)
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
 
     # accuracy: encrypted vs the plaintext reference (same code, numpy), vs exact LR
     acc_schedule = HeadSchedule(args.accuracy_epochs, args.lr, approx)
-    w_enc, b_enc = train_diagonal(backend, [compute], layout, acc_schedule, targets=targets)
+    w_enc, b_enc = train_diagonal(backend, [compute], layout, acc_schedule)
 
     def dec(v):
         blob = aggregator.to_bytes(v)

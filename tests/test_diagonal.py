@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfed.crypto.diagonal import (
+    fold_products,
     gradient_map,
     pack_diagonal,
     plan_diagonal,
@@ -20,7 +21,7 @@ from medfed.train.diagonal_head import (
     PlainDiagonalBackend,
     blocks_from_packed,
     head_matrix,
-    split_giant_steps,
+    split_range,
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule
@@ -68,7 +69,9 @@ def test_forward_and_backward_maps_match_matrix_products(sizes, d, seed):
         for a in range(layout.giant):
             q[:, a] += b.diagonals[:, a] * rot(r, -layout.baby * a)
     assert np.allclose(np.concatenate(z_all), x @ w[:d])
-    grad = gradient_map(q.sum(axis=1), layout)  # giant steps share the feature pattern
+    # giant steps share the feature pattern; the fold aligns baby step b with feature s mod g
+    folded = [fold_products(list(qg), 0, rot) for qg in q.sum(axis=1)]
+    grad = gradient_map(np.stack(folded), layout)
     assert np.allclose(grad[:d], x.T @ r_all)
     assert np.allclose(grad[d:], 0)
     assert np.allclose(unpattern(pattern, layout), w)
@@ -107,12 +110,22 @@ def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
     assert np.allclose(got, want, atol=1e-10)
 
 
-def test_giant_step_split_is_a_partition():
-    for giant in (1, 4, 8):
+def test_work_split_is_a_partition():
+    for total in (1, 4, 8, 24):  # giant steps, (group, baby) units
         for parts in (1, 2, 3, 16):
-            ranges = split_giant_steps(giant, parts)
-            assert [a for r in ranges for a in r] == list(range(giant))
+            ranges = split_range(total, parts)
+            assert [a for r in ranges for a in r] == list(range(total))
             assert all(len(r) > 0 for r in ranges)
+
+
+def test_partial_folds_add_up_to_the_full_fold():
+    rng = np.random.default_rng(3)
+    q = list(rng.normal(size=(8, 64)))
+    whole = fold_products(q, 0, rot)
+    want = sum(rot(v, -b) for b, v in enumerate(q))
+    assert np.allclose(whole, want)
+    for cut in (1, 3, 4, 7):  # a worker that owns baby steps cut.. shifts by -cut
+        assert np.allclose(fold_products(q[:cut], 0, rot) + fold_products(q[cut:], cut, rot), want)
 
 
 def test_layout_rejects_bad_inputs():

@@ -78,9 +78,7 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
         c = DiagonalCompute(backend, layout)
         c.blocks = enc_blocks
         computes.append(c)
-    w, b = train_diagonal(
-        backend, computes, layout, schedule, targets=[x.targets for x in enc_blocks]
-    )
+    w, b = train_diagonal(backend, computes, layout, schedule)
 
     def dec(v):
         return hospital.decrypt(hospital.from_bytes(aggregator.to_bytes(v), sender="a", item="w"))
@@ -103,7 +101,7 @@ def test_keyholder_rejects_ciphertexts_under_a_foreign_key(engines, params):
     hospital, _ = engines
     other = SealEngine(make_secret_context(params))
     layout = plan_diagonal([1], slots=params.slots, n_classes=2, bucket=32, n_features=4)
-    per_head = layout.n_groups * layout.giant * layout.baby + 1
+    per_head = layout.n_groups + 1
     foreign = [other.to_bytes(other.encrypt(np.ones(params.slots)))] * per_head
     with pytest.raises(CiphertextError, match="outside the mask range"):
         hospital_sums(hospital, foreign, layout, params.mask_bits)
@@ -157,7 +155,7 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params):
         pub_bytes = public_context_bytes(public)
         remotes = start_workers(2, aggregator, pub_bytes, galois, layout, params.mask_bits, [block])
         try:
-            got = head(train_diagonal(backend, remotes, layout, schedule, targets=[block.targets]))
+            got = head(train_diagonal(backend, remotes, layout, schedule))
         finally:
             stop_workers(remotes)
     assert np.abs(got - want).max() < WEIGHT_TOL

@@ -12,8 +12,9 @@ so one epoch costs ``n d / S`` ct*ct forward and as many backward, with ``b1 - 1
 rotations per group and ``b2 - 1`` giant (Horner) rotations per block and head, as many again on
 the backward residuals (the products are relinearized once per giant step). The
 backward products ``Q[b] = sum_a D[a, b] * rot(r, -b1 a)`` (one relinearization per sum) are
-summed into per-feature gradients by the key holder, on masked values, with the linear map
-:func:`gradient_map`; it answers with one pattern ciphertext per group: the weight layout again.
+folded into one vector per group (:func:`fold_products`) and summed into per-feature gradients
+by the key holder, on masked values, with the linear map :func:`gradient_map`; it answers with
+one pattern ciphertext per group: the weight layout again.
 
 Rotation convention (SEAL's ``rotate_vector``): ``rot(v, k)[i] = v[(i + k) mod S]``.
 """
@@ -21,7 +22,7 @@ Rotation convention (SEAL's ``rotate_vector``): ``rot(v, k)[i] = v[(i + k) mod S
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,20 +173,49 @@ def pack_diagonal(
     return out
 
 
-def gradient_map(products: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
-    """Per-feature sums from backward products ``([parts,] groups, baby, slots)`` -> (G*g,).
+def fold_products(q: Sequence, first: int, rotate) -> object:
+    """``sum_i rot(q[i], -(first + i))``: baby-step products aligned on one feature pattern.
 
-    ``Q[b][s]`` (summed over giant steps, which share the feature pattern) holds a term of
-    feature ``(s + b) mod g``; leading ``parts`` (one per worker) are summed. The map is
-    linear, so the key holder applies it to masked values and the aggregator to the masks.
+    ``q[i]`` (baby step ``first + i``) holds at slot ``s`` a term of feature
+    ``(s + first + i) mod g``; after the fold every slot ``s`` holds feature ``s mod g``. Horner
+    with ``-1`` rotations, then one rotation per set bit of ``first`` (``-2^j`` keys).
+    ``rotate`` is the backend's rotation (numpy or CKKS).
     """
-    G, g, S, B = layout.n_groups, layout.group, layout.slots, layout.baby
-    q = np.asarray(products).reshape(-1, G, B, S // g, g).sum(axis=(0, 3))  # (G, B, g)
-    out = np.zeros((G, g))
-    for b in range(B):
-        # feature (s + b) mod g at slot s: roll so that column f collects feature f
-        out += np.roll(q[:, b], b, axis=-1)
-    return out.reshape(-1)
+    acc = q[-1]
+    for i in range(len(q) - 2, -1, -1):
+        acc = rotate(acc, -1) + q[i]
+    j = 0
+    while first >> j:
+        if first >> j & 1:
+            acc = rotate(acc, -(1 << j))
+        j += 1
+    return acc
+
+
+def gradient_map(products: np.ndarray, layout: DiagonalLayout) -> np.ndarray:
+    """Per-feature sums from folded backward products ``([parts,] groups, slots)`` -> (G*g,).
+
+    Slot ``s`` of a folded product (:func:`fold_products`) holds a term of feature ``s mod g``;
+    leading ``parts`` (one per worker) are summed. The map is linear, so the key holder applies
+    it to masked values and the aggregator to the masks.
+    """
+    G, g, S = layout.n_groups, layout.group, layout.slots
+    return np.asarray(products).reshape(-1, G, S // g, g).sum(axis=(0, 2)).reshape(-1)
+
+
+def rotation_steps(group: int, baby: int) -> list[int]:
+    """Galois steps the aggregator needs: ``+-1``, and ``+-baby * 2^j`` below the group width.
+
+    Baby steps chain ``+1``, the fold chains ``-1``, Horner uses ``+-baby``, and a worker that
+    owns giant steps ``start..`` (or baby steps ``first..``) shifts by ``baby * start`` (by
+    ``-first``) with one rotation per set bit.
+    """
+    steps = {1} | {-(1 << j) for j in range(baby.bit_length() - 1)}
+    j = baby
+    while j < group:
+        steps |= {j, -j}
+        j *= 2
+    return sorted(steps)
 
 
 def weight_pattern(values: np.ndarray, layout: DiagonalLayout) -> np.ndarray:

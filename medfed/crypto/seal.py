@@ -39,6 +39,7 @@ class SealEngine:
         self.encryptor = ctx.data.encryptor()
         self.private = ctx.is_private()
         self.decryptor = sa.Decryptor(self.sc, ctx.secret_key().data) if self.private else None
+        self.sym_encryptor = sa.Encryptor(self.sc, ctx.secret_key().data) if self.private else None
         self.counts: Counter = Counter()  # (operation, level) -> calls, for op-count floors
         self._tmp = tempfile.mkdtemp(prefix="medfed-seal-", dir=_SHM)
         self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
@@ -146,6 +147,21 @@ class SealEngine:
         self.counts["encrypt", 0] += 1
         return SealVec(self, ct)
 
+    def encrypt_seeded(self, values):
+        """Secret-key encryption whose serialization stores the seed of its random half.
+
+        SEAL's symmetric encryption (same RLWE security as public-key encryption) is about 2x
+        faster, and its bytes are half the size. Only a hospital (secret key holder) can use it.
+        """
+        if self.sym_encryptor is None:
+            raise KeyMaterialError("secret-key encryption needs a hospital's secret key")
+        self.counts["encrypt", 0] += 1
+        return self.sym_encryptor.encrypt_symmetric(self.encode(values))
+
+    def encrypt_bytes(self, values) -> bytes:
+        """``values`` encrypted by :meth:`encrypt_seeded`, serialized for sending."""
+        return self._dump(self.encrypt_seeded(values))
+
     def decrypt(self, v: SealVec) -> np.ndarray:
         if self.decryptor is None:
             raise KeyMaterialError("decryption needs a hospital's secret key")
@@ -179,8 +195,8 @@ class SealEngine:
         ct.scale = self.scale  # primes are ~2^scale_bits: keep the nominal scale (as TenSEAL)
         return ct
 
-    def dot(self, pairs: Sequence[tuple[SealVec, SealVec]]) -> SealVec:
-        """``sum a * b`` with one relinearization and one rescale for the whole sum."""
+    def dot(self, pairs: Sequence[tuple[SealVec, SealVec]], rescale: bool = True) -> SealVec:
+        """``sum a * b`` with one relinearization and (unless told not to) one rescale."""
         acc = None
         tmp = sa.Ciphertext()
         for a, b in pairs:
@@ -194,7 +210,7 @@ class SealEngine:
                 self.ev.add_inplace(acc, tmp)
         self.counts["relin", self.level(acc)] += 1
         self.ev.relinearize_inplace(acc, self.relin)
-        return SealVec(self, self.rescale(acc))
+        return SealVec(self, self.rescale(acc) if rescale else acc)
 
     def rotate(self, v: SealVec, step: int) -> SealVec:
         if self.galois is None:

@@ -256,7 +256,6 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
         backend = EncryptedDiagonalBackend(
             self.engine, self.layout, keyholder, self.s.params.mask_bits
         )
-        targets = [b.targets for b in blocks]
         if self.s.workers > 0:
             from medfed.scale.workers import start_workers, stop_workers
 
@@ -281,7 +280,6 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
                 self.layout,
                 self.s.schedule,
                 on_step=self.on_step,
-                targets=targets,
             )
         finally:
             if self.s.workers > 0:

@@ -23,7 +23,7 @@ from medfed.crypto.context import (
     load_secret_context,
     public_context_bytes,
 )
-from medfed.crypto.diagonal import DiagonalLayout, choose_group, pack_diagonal
+from medfed.crypto.diagonal import DiagonalLayout, choose_group, pack_diagonal, rotation_steps
 from medfed.crypto.packing import n_buckets
 from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine
@@ -130,7 +130,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         values = {
             M.HOSPITAL: data.name,
             M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
-            M.STATS: engine.to_bytes(engine.encrypt(vec)),
+            M.STATS: engine.encrypt_bytes(vec),
             M.KEY_FINGERPRINT: context_fingerprint(ctx),
             M.N_FEATURES: int(features.shape[1]),
         }
@@ -168,11 +168,9 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         blocks, xs, masks, ys = [], [], [], []
         for block, b in sorted(packed.items()):
             blocks.append(block)
-            xs.extend(
-                engine.to_bytes(engine.encrypt(v)) for v in b.diagonals.reshape(-1, layout.slots)
-            )
-            masks.append(engine.to_bytes(engine.encrypt(b.mask)))
-            ys.extend(engine.to_bytes(engine.encrypt(t)) for t in b.targets)
+            xs.extend(engine.encrypt_bytes(v) for v in b.diagonals.reshape(-1, layout.slots))
+            masks.append(engine.encrypt_bytes(b.mask))
+            ys.extend(engine.encrypt_bytes(t) for t in b.targets)
         return _reply(
             msg,
             **{
@@ -237,9 +235,10 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
 
 
 def _public_material(engine: SealEngine, ctx, n_features: int) -> dict:
-    """What the aggregator needs: public + relinearization keys, Galois keys for 3 steps."""
-    _, baby = choose_group(n_features, engine.slots)
+    """What the aggregator needs: public + relinearization keys, Galois keys for its steps."""
     return {
         M.PUBLIC_CONTEXT: public_context_bytes(ctx),
-        M.GALOIS_KEYS: engine.make_galois_keys(sorted({1, baby, -baby})),
+        M.GALOIS_KEYS: engine.make_galois_keys(
+            rotation_steps(*choose_group(n_features, engine.slots))
+        ),
     }

@@ -20,6 +20,7 @@ def block_to_bytes(engine: SealEngine, block: Block) -> dict:
     return {
         "diagonals": [[[engine.to_bytes(v) for v in a] for a in g] for g in block.diagonals],
         "mask": engine.to_bytes(block.mask),
+        "targets": [engine.to_bytes(t) for t in block.targets],
     }
 
 
@@ -32,65 +33,93 @@ class DiagonalWorker:
         self.layout = DiagonalLayout.from_dict(layout)
         self.backend = EncryptedDiagonalBackend(self.engine, self.layout, None, mask_bits)
         self.compute = DiagonalCompute(self.backend, self.layout)
+        self.partial: list | None = None  # this worker's partial z of the current epoch
+
+    def _load(self, blob: bytes, item: str):
+        return self.engine.from_bytes(blob, sender="aggregator", item=item)
 
     def load_blocks(self, blocks: list[dict]) -> int:
-        e = self.engine
         self.compute.blocks = [
             Block(
-                [
-                    [[e.from_bytes(v, sender="aggregator", item="x") for v in a] for a in g]
-                    for g in blk["diagonals"]
-                ],
-                e.from_bytes(blk["mask"], sender="aggregator", item="mask"),
-                [],
+                [[[self._load(v, "x") for v in a] for a in g] for g in blk["diagonals"]],
+                self._load(blk["mask"], "mask"),
+                [self._load(t, "y") for t in blk["targets"]],
             )
             for blk in blocks
         ]
         return len(self.compute.blocks)
 
     def forward(self, weights: list[list[bytes]], start: int, stop: int) -> list[list[bytes]]:
-        e = self.engine
-        w = [[e.from_bytes(v, sender="aggregator", item="w") for v in wk] for wk in weights]
-        out = self.compute.forward(w, range(start, stop))
-        return [[e.to_bytes(v) for v in per_block] for per_block in out]
+        w = [[self._load(v, "w") for v in wk] for wk in weights]
+        self.partial = self.compute.forward(w, range(start, stop))
+        return [[self.engine.to_bytes(v) for v in per_block] for per_block in self.partial]
 
-    def backward(self, residuals: list[list[bytes]], start: int, stop: int, with_bias: bool):
-        e = self.engine
-        r = [[e.from_bytes(v, sender="aggregator", item="r") for v in rk] for rk in residuals]
-        return self.compute.backward(r, range(start, stop), with_bias)
+    def backward(self, biases, c, approx, start, stop, with_bias, own, *partials) -> dict:
+        """``partials``: every worker's partial ``z`` as bytes (``own``: this worker's, kept)."""
+        loaded = [
+            self.partial
+            if j == own
+            else [[self.engine.from_bytes(v, sender="worker", item="z") for v in pb] for pb in p]
+            for j, p in enumerate(partials)
+        ]
+        b = [self._load(v, "bias") for v in biases]
+        return self.compute.backward(loaded, b, c, approx, range(start, stop), with_bias)
 
 
 class _RayHandle:
-    def __init__(self, ref, convert) -> None:
-        self.ref, self.convert = ref, convert
+    def __init__(self, ref) -> None:
+        self.ref = ref
 
     def result(self):
         import ray
 
-        return self.convert(ray.get(self.ref))
+        return ray.get(self.ref)
+
+    def share(self):
+        """The object reference: other workers fetch it, the driver never deserializes it."""
+        return self.ref
+
+
+class _Broadcast:
+    """Serialize and ``ray.put`` (nested lists of) ciphertexts once for every worker."""
+
+    def __init__(self, engine: SealEngine) -> None:
+        self.engine = engine
+        self.cache: dict[str, tuple[object, object]] = {}  # name -> (source list, object ref)
+
+    def _bytes(self, v):
+        return [self._bytes(x) for x in v] if isinstance(v, list) else self.engine.to_bytes(v)
+
+    def ref(self, name: str, vectors: list):
+        import ray
+
+        last = self.cache.get(name)
+        if last is None or last[0] is not vectors:
+            last = self.cache[name] = (vectors, ray.put(self._bytes(vectors)))
+        return last[1]
 
 
 class RemoteCompute:
     """Driver-side proxy with the DiagonalCompute interface, running on a Ray actor."""
 
-    def __init__(self, actor, engine: SealEngine) -> None:
+    def __init__(self, actor, engine: SealEngine, broadcast: _Broadcast | None = None) -> None:
         self.actor = actor
         self.engine = engine
+        self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
+        self.last_forward = None
 
     def submit_forward(self, weights, steps: range) -> _RayHandle:
-        e = self.engine
-        wb = [[e.to_bytes(v) for v in wk] for wk in weights]
-        ref = self.actor.forward.remote(wb, steps.start, steps.stop)
-        return _RayHandle(
-            ref,
-            lambda out: [[e.from_bytes(v, sender="worker", item="z") for v in pb] for pb in out],
-        )
+        w = self.broadcast.ref("weights", weights)
+        self.last_forward = self.actor.forward.remote(w, steps.start, steps.stop)
+        return _RayHandle(self.last_forward)
 
-    def submit_backward(self, residuals, steps: range, with_bias: bool) -> _RayHandle:
-        e = self.engine
-        rb = [[e.to_bytes(v) for v in rk] for rk in residuals]
-        ref = self.actor.backward.remote(rb, steps.start, steps.stop, with_bias)
-        return _RayHandle(ref, lambda out: out)
+    def submit_backward(self, partials, biases, c, approx, steps: range, with_bias: bool):
+        own = next((j for j, p in enumerate(partials) if p is self.last_forward), -1)
+        b = self.broadcast.ref("biases", biases)
+        ref = self.actor.backward.remote(
+            b, c, approx, steps.start, steps.stop, with_bias, own, *partials
+        )
+        return _RayHandle(ref)
 
 
 def start_workers(
@@ -112,7 +141,8 @@ def start_workers(
     ]
     payload = ray.put([block_to_bytes(engine, b) for b in blocks])
     ray.get([a.load_blocks.remote(payload) for a in actors])
-    return [RemoteCompute(a, engine) for a in actors]
+    broadcast = _Broadcast(engine)
+    return [RemoteCompute(a, engine, broadcast) for a in actors]
 
 
 def stop_workers(computes: Sequence) -> None:

@@ -6,9 +6,10 @@ See :mod:`medfed.crypto.diagonal` for the layout. One epoch (full-batch gradient
     inner = sum_{g, b} D[g, a, b] * Wb   per giant step a    (one relinearization per sum)
     z     = inner_0 + rot(inner_1 + rot(inner_2 + ...))       (Horner, +baby rotations)
     r     = c * (sigmoid_approx(z + bias) - y)
-    Q[g, a, b] = sum_blocks D[g, a, b] * rot(r, -baby * a)
+    Q[g, b] = sum_{blocks, a} D[g, a, b] * rot(r, -baby * a)
+    F[g]  = sum_b rot(Q[g, b], -b)                             (Horner, -1 rotations)
     Qb    = sum_blocks mask * r
-    W, bias -= key_holder_sums(Q, Qb)                         (one masked-sum round)
+    W, bias -= key_holder_sums(F, Qb)                         (one masked-sum round)
 
 The plaintext reference (``PlainDiagonalBackend``) executes exactly this on numpy vectors.
 """
@@ -21,10 +22,18 @@ from typing import Protocol
 
 import numpy as np
 
-from medfed.crypto.diagonal import DiagonalLayout, gradient_map, rot, unpattern, weight_pattern
+from medfed.crypto.diagonal import (
+    DiagonalLayout,
+    fold_products,
+    gradient_map,
+    rot,
+    rotation_steps,
+    unpattern,
+    weight_pattern,
+)
 from medfed.crypto.masking import draw_mask
 from medfed.train.head import HeadSchedule
-from medfed.train.poly import scaled_residual
+from medfed.train.poly import scaled_residual, target_term
 
 
 @dataclass
@@ -34,21 +43,23 @@ class Block:
     diagonals: list  # [group][giant][baby] -> vector
     mask: object
     targets: list  # [head] -> vector
-    low: dict = field(default_factory=dict)  # cached lower-level copies for the backward pass
+    low: dict = field(default_factory=dict)  # cached level-lowered copies and target terms
 
 
 class DiagonalBackend(Protocol):
     def zeros(self) -> object: ...
 
-    def dot(self, pairs: Sequence[tuple[object, object]]) -> object: ...
+    def dot(self, pairs: Sequence[tuple[object, object]], rescale: bool = True) -> object: ...
+
+    def rescale(self, v: object) -> object: ...
 
     def rotate(self, v: object, step: int) -> object: ...
 
     def lower(self, v: object, like: object) -> object:
         """``v`` at the level of ``like`` (identity for numpy)."""
 
-    def finish(self, q: list, qb: list | None, steps: range) -> dict:
-        """A compute's backward products (``q[head][group][baby]``) ready to leave it."""
+    def finish(self, q: list, qb: list | None) -> dict:
+        """A compute's folded products (``q[head]``: ``{group: vector}``) ready to leave it."""
 
     def sum_round(self, parts: list[dict], step: int) -> tuple[list, list]:
         """Weight and bias updates from every compute's finished products."""
@@ -77,27 +88,50 @@ def _low(block: Block, key: tuple, v: object, like: object, backend: DiagonalBac
     return block.low[key]
 
 
-def split_giant_steps(giant: int, parts: int) -> list[range]:
-    """Contiguous, balanced ranges of giant steps, one per worker."""
-    parts = max(1, min(parts, giant))
-    edges = [round(i * giant / parts) for i in range(parts + 1)]
+def split_range(total: int, parts: int) -> list[range]:
+    """Contiguous, balanced ranges of ``range(total)``, one per worker."""
+    parts = max(1, min(parts, total))
+    edges = [round(i * total / parts) for i in range(parts + 1)]
     return [range(edges[i], edges[i + 1]) for i in range(parts)]
 
 
 class DiagonalCompute:
-    """The data-parallel part of an epoch over a range of giant steps (a worker's share)."""
+    """The data-parallel part of an epoch (a worker's share).
+
+    The forward pass splits by giant steps (each worker relinearizes only its own inner sums);
+    the backward pass splits by ``(group, baby)`` units (each worker relinearizes and folds
+    only its own products).
+    """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
         self.backend = backend
         self.layout = layout
         self.blocks: list[Block] = []
 
-    def targets(self) -> list[list[object]]:
-        return [blk.targets for blk in self.blocks]
+    def residuals(self, partials: list, biases: list, c: float, approx) -> list[list[object]]:
+        """``r[head][block]`` from every compute's partial ``z`` (each compute sums them itself)."""
+        out = []
+        for k, bias in enumerate(biases):
+            per_block = []
+            for i, blk in enumerate(self.blocks):
+                z = partials[0][k][i]
+                for part in partials[1:]:
+                    z = z + part[k][i]
+                y = blk.targets[k]
+                key = ("target", k, c, approx.coeffs[0])
+                if key not in blk.low:  # fresh y: the same level-0 product every epoch
+                    blk.low[key] = target_term(y, approx, c)
+                per_block.append(scaled_residual(z + bias, y, approx, c, blk.low[key]))
+            out.append(per_block)
+        return out
 
     def _rotate_by(self, v, giant_steps: int, sign: int):
-        for _ in range(giant_steps):
-            v = self.backend.rotate(v, sign * self.layout.baby)
+        """Rotate by ``sign * baby * giant_steps``: one rotation per set bit (power-of-two keys)."""
+        j = 0
+        while giant_steps >> j:
+            if giant_steps >> j & 1:
+                v = self.backend.rotate(v, sign * self.layout.baby << j)
+            j += 1
         return v
 
     def forward(self, weights: list[list[object]], steps: range) -> list[list[object]]:
@@ -127,31 +161,39 @@ class DiagonalCompute:
             out.append(per_block)
         return out
 
-    def backward(self, residuals: list[list[object]], steps: range, with_bias: bool):
-        """Products ``Q[head][group][baby]`` summed over ``steps`` (and the bias products)."""
+    def backward(
+        self, partials: list, biases: list, c: float, approx, units: range, with_bias: bool
+    ) -> dict:
+        """Residuals from all partial ``z``, then the folded products of the ``(group, baby)``
+        units ``g * baby + b`` in ``units`` (and the bias products), finished by the backend."""
         L, be = self.layout, self.backend
+        residuals = self.residuals(partials, biases, c, approx)
+        owned: dict[int, list[int]] = {}
+        for u in units:
+            owned.setdefault(u // L.baby, []).append(u % L.baby)
         q_all, qb_all = [], []
         for k in range(L.n_heads):
-            shifted = []
+            shifted = []  # rot(r, -baby * a) for every giant step a
             for r in residuals[k]:
-                chain = [self._rotate_by(r, steps.start, -1)]
-                for _ in range(1, len(steps)):
+                chain = [r]
+                for _ in range(1, L.giant):
                     chain.append(be.rotate(chain[-1], -L.baby))
                 shifted.append(chain)
-            q = [
-                [
+            folded = {}
+            for g, babies in owned.items():
+                q = [
                     be.dot(
                         [
-                            (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr[i], be), sr[i])
+                            (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr[a], be), sr[a])
                             for blk, sr in zip(self.blocks, shifted, strict=True)
-                            for i, a in enumerate(steps)
-                        ]
+                            for a in range(L.giant)
+                        ],
+                        rescale=False,  # fold first: rotation noise shrinks with the rescale
                     )
-                    for b in range(L.baby)
+                    for b in babies
                 ]
-                for g in range(L.n_groups)
-            ]
-            q_all.append(q)
+                folded[g] = be.rescale(fold_products(q, babies[0], be.rotate))
+            q_all.append(folded)
             if with_bias:
                 qb_all.append(
                     be.dot(
@@ -161,7 +203,7 @@ class DiagonalCompute:
                         ]
                     )
                 )
-        return be.finish(q_all, qb_all if with_bias else None, steps)
+        return be.finish(q_all, qb_all if with_bias else None)
 
 
 def diagonal_epoch(
@@ -172,34 +214,25 @@ def diagonal_epoch(
     layout: DiagonalLayout,
     schedule: HeadSchedule,
     step: int,
-    targets: list[list[object]] | None = None,
 ) -> tuple[list[list[object]], list[object]]:
-    """One full-batch gradient step over computes that each own a range of giant steps.
+    """One full-batch gradient step over computes that each own a share of the work.
 
     ``computes`` are :class:`DiagonalCompute` objects, or proxies of remote ones (Ray actors)
-    with ``submit_forward``/``submit_backward`` returning handles with ``result()``.
+    with ``submit_forward``/``submit_backward`` returning handles. Partial ``z`` go from compute
+    to compute without a stop at the driver (remote handles pass object references); every
+    compute sums them and forms the residuals itself.
     """
     c = schedule.lr / layout.n_padded
-    ranges = split_giant_steps(layout.giant, len(computes))
-    computes = computes[: len(ranges)]
-    if targets is None:
-        targets = computes[0].targets()
+    steps = split_range(layout.giant, len(computes))
+    units = split_range(layout.n_groups * layout.baby, len(steps))
+    computes = computes[: len(steps)]
     handles = [
-        submit(comp, "forward", weights, rng) for comp, rng in zip(computes, ranges, strict=True)
+        submit(comp, "forward", weights, rng) for comp, rng in zip(computes, steps, strict=True)
     ]
-    partial = [h.result() for h in handles]
-    residuals = []
-    for k in range(layout.n_heads):
-        per_block = []
-        for i in range(len(partial[0][k])):
-            z = partial[0][k][i]
-            for part in partial[1:]:
-                z = z + part[k][i]
-            per_block.append(scaled_residual(z + biases[k], targets[i][k], schedule.approx, c))
-        residuals.append(per_block)
+    partials = [h.share() for h in handles]
     handles = [
-        submit(comp, "backward", residuals, rng, j == 0)
-        for j, (comp, rng) in enumerate(zip(computes, ranges, strict=True))
+        submit(comp, "backward", partials, biases, c, schedule.approx, rng, j == 0)
+        for j, (comp, rng) in enumerate(zip(computes, units, strict=True))
     ]
     parts = [h.result() for h in handles]
     upd_w, upd_b = backend.sum_round(parts, step)
@@ -217,6 +250,8 @@ class _Done:
     def result(self):
         return self.value
 
+    share = result  # what other computes receive: the value itself
+
 
 def submit(compute, method: str, *args):
     """Start ``method`` on a compute: remote proxies run in parallel, local ones right away."""
@@ -232,15 +267,12 @@ def train_diagonal(
     layout: DiagonalLayout,
     schedule: HeadSchedule,
     on_step: Callable[[int], None] | None = None,
-    targets: list[list[object]] | None = None,
 ) -> tuple[list[list[object]], list[object]]:
-    """Train from zero weights; ``targets[block][head]`` default to the first compute's."""
+    """Train from zero weights (every compute holds the blocks' targets)."""
     weights = [[backend.zeros() for _ in range(layout.n_groups)] for _ in range(layout.n_heads)]
     biases = [backend.zeros() for _ in range(layout.n_heads)]
     for step in range(schedule.epochs):
-        weights, biases = diagonal_epoch(
-            backend, computes, weights, biases, layout, schedule, step, targets
-        )
+        weights, biases = diagonal_epoch(backend, computes, weights, biases, layout, schedule, step)
         if on_step is not None:
             on_step(step)
     return weights, biases
@@ -261,8 +293,11 @@ class PlainDiagonalBackend:
     def zeros(self) -> np.ndarray:
         return np.zeros(self.layout.slots)
 
-    def dot(self, pairs):
+    def dot(self, pairs, rescale=True):
         return sum(a * b for a, b in pairs)
+
+    def rescale(self, v):
+        return v
 
     def rotate(self, v, step):
         return rot(v, step)
@@ -270,14 +305,16 @@ class PlainDiagonalBackend:
     def lower(self, v, like):
         return v
 
-    def finish(self, q, qb, steps):
+    def finish(self, q, qb):
         return {"q": q, "qb": qb}
 
     def sum_round(self, parts, step):
         L = self.layout
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
-            q = np.stack([np.asarray(p["q"][k]) for p in parts])  # (parts, G, B, S)
+            q = np.stack(
+                [sum(p["q"][k][g] for p in parts if g in p["q"][k]) for g in range(L.n_groups)]
+            )
             pattern, bias = keyholder_sums(q, parts[0]["qb"][k], L)
             upd_w.append(list(pattern))
             upd_b.append(bias)
@@ -311,8 +348,13 @@ class EncryptedDiagonalBackend:
     def zeros(self):
         return self.engine.encrypt(np.zeros(self.layout.slots))
 
-    def dot(self, pairs):
-        return self.engine.dot(pairs)
+    def dot(self, pairs, rescale=True):
+        return self.engine.dot(pairs, rescale)
+
+    def rescale(self, v):
+        from medfed.crypto.seal import SealVec
+
+        return SealVec(self.engine, self.engine.rescale(v.ct))
 
     def rotate(self, v, step):
         return self.engine.rotate(v, step)
@@ -320,27 +362,19 @@ class EncryptedDiagonalBackend:
     def lower(self, v, like):
         return self.engine.mod_switch_to_level(v, like.level)
 
-    def finish(self, q, qb, steps):
+    def finish(self, q, qb):
         """Mask and serialize products where they were computed (a worker, or in-process).
 
-        Returns the masked bytes and the masks' image under the key holder's linear map, so
-        the driver never re-serializes and never sees an unmasked product leave.
+        Returns the masked bytes (``q[head]``: ``{group: bytes}``) and the masks' image under
+        the key holder's linear map, so no unmasked product leaves the compute.
         """
         L, S, e = self.layout, self.layout.slots, self.engine
         out = {"q": [], "qb": None, "mask_pattern": [], "mask_bias": []}
         for k in range(L.n_heads):
-            masks = np.stack(
-                [
-                    [draw_mask(self.rng, S, self.mask_bits) for _ in range(L.baby)]
-                    for _ in range(L.n_groups)
-                ]
-            )
-            out["q"].append(
-                [
-                    [e.to_bytes(q[k][g][b] + masks[g, b]) for b in range(L.baby)]
-                    for g in range(L.n_groups)
-                ]
-            )
+            masks = np.zeros((L.n_groups, S))
+            for g in q[k]:
+                masks[g] = draw_mask(self.rng, S, self.mask_bits)
+            out["q"].append({g: e.to_bytes(v + masks[g]) for g, v in q[k].items()})
             out["mask_pattern"].append(weight_pattern(gradient_map(masks, L), L))
         if qb is not None:
             out["qb"] = []
@@ -349,6 +383,18 @@ class EncryptedDiagonalBackend:
                 out["qb"].append(e.to_bytes(qb[k] + m))
                 out["mask_bias"].append(float(m.sum()))
         return out
+
+    def _group_sum(self, parts: list, k: int, g: int) -> bytes:
+        """One masked vector per group: computes that share a group are added here."""
+        blobs = [p["q"][k][g] for p in parts if g in p["q"][k]]
+        if len(blobs) == 1:
+            return blobs[0]
+        e = self.engine
+        total = None
+        for b in blobs:
+            v = e.from_bytes(b, sender="worker", item=f"masked products {k}/{g}")
+            total = v if total is None else total + v
+        return e.to_bytes(total)
 
     def sum_round(self, parts, step):
         import time
@@ -359,8 +405,7 @@ class EncryptedDiagonalBackend:
         L, e = self.layout, self.engine
         masked = []
         for k in range(L.n_heads):
-            for part in parts:
-                masked.extend(v for g in part["q"][k] for v in g)
+            masked.extend(self._group_sum(parts, k, g) for g in range(L.n_groups))
             masked.append(parts[0]["qb"][k])
         per_head = L.n_groups + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
@@ -405,19 +450,19 @@ def hospital_sums(
 ) -> list[bytes]:
     """The key holder's side of the round: decrypt masked products, sum, re-encrypt.
 
-    Per head the aggregator sends ``parts x groups x baby`` masked product vectors (one set per
-    worker) and one masked bias vector; the reply is one pattern ciphertext per group and one
-    replicated bias ciphertext.
+    Per head the aggregator sends one masked (folded) product vector per group and one masked
+    bias vector; the reply is one pattern ciphertext per group and one replicated bias
+    ciphertext.
     """
     from medfed.crypto.context import CiphertextError
 
-    S, H, unit = layout.slots, layout.n_heads, layout.n_groups * layout.baby
-    if len(masked) % H or (len(masked) // H - 1) % unit or len(masked) // H - 1 < unit:
+    H, G = layout.n_heads, layout.n_groups
+    per_head = G + 1
+    if len(masked) != per_head * H:
         raise CiphertextError(
-            f"the aggregator sent {len(masked)} masked vectors; expected a multiple of "
-            f"{unit} products plus one bias vector per head ({H} heads)"
+            f"the aggregator sent {len(masked)} masked vectors; expected {G} group products "
+            f"plus one bias vector per head ({H} heads): {per_head * H}"
         )
-    per_head = len(masked) // H
     bound = 2.0 ** (mask_bits + 3)
     out = []
     for k in range(H):
@@ -432,12 +477,12 @@ def hospital_sums(
                 "masked values from the aggregator decrypt outside the mask range: not "
                 "encrypted under this consortium's key, or corrupt."
             )
-        pattern, bias = keyholder_sums(values[:-1].reshape(-1, unit, S), values[-1], layout)
-        out.extend(engine.to_bytes(engine.encrypt(p)) for p in pattern)
-        out.append(engine.to_bytes(engine.encrypt(bias)))
+        pattern, bias = keyholder_sums(values[:-1], values[-1], layout)
+        out.extend(engine.encrypt_bytes(p) for p in pattern)
+        out.append(engine.encrypt_bytes(bias))
     return out
 
 
 def galois_steps(layout: DiagonalLayout) -> list[int]:
     """The only rotations the aggregator needs keys for; all others are chained from these."""
-    return sorted({1, layout.baby, -layout.baby})
+    return rotation_steps(layout.group, layout.baby)

@@ -58,15 +58,20 @@ def fit_sigmoid(degree: int = 3, radius: float = 8.0) -> SigmoidApprox:
     return SigmoidApprox(degree, float(radius), tuple(coeffs))
 
 
-def scaled_residual(z, y, approx: SigmoidApprox, scale: float):
+def target_term(y, approx: SigmoidApprox, scale: float):
+    """``scale * (a0 - y)``: the part of the residual that does not change between epochs."""
+    return y * (-scale) + scale * approx.coeffs[0]
+
+
+def scaled_residual(z, y, approx: SigmoidApprox, scale: float, term=None):
     """``scale * (sigmoid_approx(z) - y)`` with the fewest levels.
 
     Works on numpy arrays and on SealVec ciphertexts alike; ``z`` is one level down from fresh
     inputs, ``y`` is fresh. Depth above ``z``: 1 (degree 1), 2 (degree 3), 3 (degree 5).
+    ``term``: :func:`target_term` of ``y``, when the caller keeps it between epochs.
     """
     a = approx.coeffs
-    const = scale * a[0]
-    out = y * (-scale) + const  # fresh y: one level, in parallel with the terms below
+    out = term if term is not None else target_term(y, approx, scale)
     out = out + z * (scale * a[1])
     if approx.degree >= 3:
         z2 = z * z
