@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medfed.crypto.context import CiphertextError, make_secret_context
+from medfed.crypto.context import CiphertextError, KeyMaterialError, make_secret_context
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
@@ -95,6 +95,22 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
     seen = np.concatenate([np.concatenate(s) for s in keyholder.seen])
     assert np.median(np.abs(seen)) > 2 ** (params.mask_bits - 2)
     assert len(backend.records) == schedule.epochs
+    # one folded vector per group and one bias vector per head, however many parts computed
+    assert all(len(s) == layout.n_heads * (layout.n_groups + 1) for s in keyholder.seen)
+
+
+def test_seeded_encryption_round_trips_at_half_the_bytes(engines, params):
+    hospital, public = engines
+    aggregator = SealEngine(public)
+    values = np.random.default_rng(0).normal(size=params.slots)
+    seeded = hospital.encrypt_bytes(values)
+    full = hospital.to_bytes(hospital.encrypt(values))
+    assert len(seeded) < 0.6 * len(full)
+    loaded = aggregator.from_bytes(seeded, sender="hospital-0", item="x")
+    back = hospital.decrypt(hospital.from_bytes(aggregator.to_bytes(loaded), sender="a", item="x"))
+    assert np.abs(back - values).max() < 1e-3  # fresh CKKS error at scale 2^30: ~1e-6
+    with pytest.raises(KeyMaterialError, match="secret key"):
+        aggregator.encrypt_bytes(values)
 
 
 def test_keyholder_rejects_ciphertexts_under_a_foreign_key(engines, params):
