@@ -21,6 +21,7 @@ from medfed.train.diagonal_head import (
     PlainDiagonalBackend,
     blocks_from_packed,
     head_matrix,
+    plan_shares,
     split_range,
     train_diagonal,
 )
@@ -87,7 +88,7 @@ def _reference_gd(x, y, n_classes, epochs, lr, n_padded, approx):
     return w
 
 
-@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (3, 2), (4, 2), (5, 2)])
 def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
     rng = np.random.default_rng(n_classes)
     sizes, d = [70, 45, 120], 20
@@ -116,6 +117,27 @@ def test_work_split_is_a_partition():
             ranges = split_range(total, parts)
             assert [a for r in ranges for a in r] == list(range(total))
             assert all(len(r) > 0 for r in ranges)
+
+
+def test_shares_cover_every_head_step_and_unit_once():
+    for n_classes in (2, 3, 4, 5, 7):
+        layout = plan_diagonal([4], slots=256, n_classes=n_classes, bucket=32, n_features=40)
+        G, B, H = layout.n_groups, layout.baby, layout.n_heads
+        for parts in (1, 2, 3, 4):
+            shares, exchange = plan_shares(layout, parts)
+            covered = sorted((k, u) for sh in shares for k in sh.heads for u in sh.units)
+            assert covered == [(k, u) for k in range(H) for u in range(G * B)]
+            biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
+            assert biases == list(range(H))
+            if not exchange:  # whole heads: every compute runs every giant step of its heads
+                assert all(sh.steps == range(layout.giant) for sh in shares)
+            else:  # giant steps split: each head's forward is covered exactly once
+                assert sorted(a for sh in shares for a in sh.steps) == list(range(layout.giant))
+                assert all(sh.heads == range(H) for sh in shares)
+    binary = plan_diagonal([4], slots=256, n_classes=2, bucket=32, n_features=40)
+    assert plan_shares(binary, 2)[1]  # one head: giant-step split, partial z exchanged
+    seven = plan_diagonal([4], slots=256, n_classes=7, bucket=32, n_features=40)
+    assert not plan_shares(seven, 2)[1]  # 7 heads on 2 computes: 4 + 3 whole heads
 
 
 def test_partial_folds_add_up_to_the_full_fold():

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from medfed.crypto.context import load_public_context
 from medfed.crypto.diagonal import DiagonalLayout
 from medfed.crypto.seal import SealEngine
-from medfed.train.diagonal_head import Block, DiagonalCompute, EncryptedDiagonalBackend
+from medfed.train.diagonal_head import Block, DiagonalCompute, EncryptedDiagonalBackend, Share
 
 
 def block_to_bytes(engine: SealEngine, block: Block) -> dict:
@@ -49,21 +49,24 @@ class DiagonalWorker:
         ]
         return len(self.compute.blocks)
 
-    def forward(self, weights: list[list[bytes]], start: int, stop: int) -> list[list[bytes]]:
-        w = [[self._load(v, "w") for v in wk] for wk in weights]
-        self.partial = self.compute.forward(w, range(start, stop))
+    def forward(self, weights: list[list[bytes]], share: Share) -> list[list[bytes]]:
+        w = [
+            [self._load(v, "w") if k in share.heads else None for v in wk]
+            for k, wk in enumerate(weights)
+        ]
+        self.partial = self.compute.forward(w, share)
         return [[self.engine.to_bytes(v) for v in per_block] for per_block in self.partial]
 
-    def backward(self, biases, c, approx, start, stop, with_bias, own, *partials) -> dict:
-        """``partials``: every worker's partial ``z`` as bytes (``own``: this worker's, kept)."""
+    def backward(self, biases, c, approx, share: Share, own: int, *partials) -> dict:
+        """``partials``: the partial ``z`` it needs as bytes (``own``: this worker's, kept)."""
         loaded = [
             self.partial
             if j == own
             else [[self.engine.from_bytes(v, sender="worker", item="z") for v in pb] for pb in p]
             for j, p in enumerate(partials)
         ]
-        b = [self._load(v, "bias") for v in biases]
-        return self.compute.backward(loaded, b, c, approx, range(start, stop), with_bias)
+        b = [self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)]
+        return self.compute.backward(loaded, b, c, approx, share)
 
 
 class _RayHandle:
@@ -108,18 +111,15 @@ class RemoteCompute:
         self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
         self.last_forward = None
 
-    def submit_forward(self, weights, steps: range) -> _RayHandle:
+    def submit_forward(self, weights, share: Share) -> _RayHandle:
         w = self.broadcast.ref("weights", weights)
-        self.last_forward = self.actor.forward.remote(w, steps.start, steps.stop)
+        self.last_forward = self.actor.forward.remote(w, share)
         return _RayHandle(self.last_forward)
 
-    def submit_backward(self, partials, biases, c, approx, steps: range, with_bias: bool):
+    def submit_backward(self, partials, biases, c, approx, share: Share) -> _RayHandle:
         own = next((j for j, p in enumerate(partials) if p is self.last_forward), -1)
         b = self.broadcast.ref("biases", biases)
-        ref = self.actor.backward.remote(
-            b, c, approx, steps.start, steps.stop, with_bias, own, *partials
-        )
-        return _RayHandle(ref)
+        return _RayHandle(self.actor.backward.remote(b, c, approx, share, own, *partials))
 
 
 def start_workers(

@@ -58,8 +58,9 @@ class DiagonalBackend(Protocol):
     def lower(self, v: object, like: object) -> object:
         """``v`` at the level of ``like`` (identity for numpy)."""
 
-    def finish(self, q: list, qb: list | None) -> dict:
-        """A compute's folded products (``q[head]``: ``{group: vector}``) ready to leave it."""
+    def finish(self, q: dict, qb: dict) -> dict:
+        """A compute's folded products (``{head: {group: vector}}``, bias products
+        ``{head: vector}``) ready to leave it."""
 
     def sum_round(self, parts: list[dict], step: int) -> tuple[list, list]:
         """Weight and bias updates from every compute's finished products."""
@@ -95,33 +96,58 @@ def split_range(total: int, parts: int) -> list[range]:
     return [range(edges[i], edges[i + 1]) for i in range(parts)]
 
 
-class DiagonalCompute:
-    """The data-parallel part of an epoch (a worker's share).
+@dataclass(frozen=True)
+class Share:
+    """One compute's part of an epoch."""
 
-    The forward pass splits by giant steps (each worker relinearizes only its own inner sums);
-    the backward pass splits by ``(group, baby)`` units (each worker relinearizes and folds
-    only its own products).
+    heads: range  # the heads it trains
+    steps: range  # giant steps of its forward pass
+    units: range  # (group, baby) units ``g * baby + b`` of its backward pass
+    with_bias: bool  # it computes the bias products of its heads
+
+
+def plan_shares(layout: DiagonalLayout, parts: int) -> tuple[list[Share], bool]:
+    """Split an epoch over ``parts`` computes; also whether partial ``z`` must be exchanged.
+
+    With enough heads (one-vs-rest), each compute trains whole heads: nothing is repeated and
+    nothing is exchanged. Otherwise every compute works on every head, the forward pass split by
+    giant steps and the backward pass by ``(group, baby)`` units; each compute then repeats the
+    weights' baby-step rotations and the residuals, and needs every compute's partial ``z``.
     """
+    H, k = layout.n_heads, max(1, parts)
+    every = range(layout.n_groups * layout.baby)
+    if k > 1 and H >= k and (H % k == 0 or H >= 2 * k):
+        return [Share(h, range(layout.giant), every, True) for h in split_range(H, k)], False
+    steps = split_range(layout.giant, k)
+    units = split_range(len(every), len(steps))
+    shares = [
+        Share(range(H), st, u, j == 0) for j, (st, u) in enumerate(zip(steps, units, strict=True))
+    ]
+    return shares, True
+
+
+class DiagonalCompute:
+    """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it)."""
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
         self.backend = backend
         self.layout = layout
         self.blocks: list[Block] = []
 
-    def residuals(self, partials: list, biases: list, c: float, approx) -> list[list[object]]:
-        """``r[head][block]`` from every compute's partial ``z`` (each compute sums them itself)."""
+    def residuals(self, partials: list, biases: list, c: float, approx, heads: range) -> list:
+        """``r[head][block]`` for ``heads`` from every compute's partial ``z`` (summed here)."""
         out = []
-        for k, bias in enumerate(biases):
+        for i, k in enumerate(heads):
             per_block = []
-            for i, blk in enumerate(self.blocks):
-                z = partials[0][k][i]
+            for j, blk in enumerate(self.blocks):
+                z = partials[0][i][j]
                 for part in partials[1:]:
-                    z = z + part[k][i]
+                    z = z + part[i][j]
                 y = blk.targets[k]
                 key = ("target", k, c, approx.coeffs[0])
                 if key not in blk.low:  # fresh y: the same level-0 product every epoch
                     blk.low[key] = target_term(y, approx, c)
-                per_block.append(scaled_residual(z + bias, y, approx, c, blk.low[key]))
+                per_block.append(scaled_residual(z + biases[k], y, approx, c, blk.low[key]))
             out.append(per_block)
         return out
 
@@ -134,11 +160,11 @@ class DiagonalCompute:
             j += 1
         return v
 
-    def forward(self, weights: list[list[object]], steps: range) -> list[list[object]]:
-        """Partial ``z`` (without bias) per head and block, from the giant steps in ``steps``."""
-        L, be = self.layout, self.backend
+    def forward(self, weights: list[list[object]], share: Share) -> list[list[object]]:
+        """Partial ``z`` (without bias) per head of the share and block, from its giant steps."""
+        L, be, steps = self.layout, self.backend, share.steps
         out = []
-        for k in range(L.n_heads):
+        for k in share.heads:
             w_rot = []
             for g in range(L.n_groups):
                 chain = [weights[k][g]]
@@ -161,20 +187,18 @@ class DiagonalCompute:
             out.append(per_block)
         return out
 
-    def backward(
-        self, partials: list, biases: list, c: float, approx, units: range, with_bias: bool
-    ) -> dict:
-        """Residuals from all partial ``z``, then the folded products of the ``(group, baby)``
-        units ``g * baby + b`` in ``units`` (and the bias products), finished by the backend."""
+    def backward(self, partials: list, biases: list, c: float, approx, share: Share) -> dict:
+        """Residuals from all partial ``z``, then the folded products of the share's
+        ``(group, baby)`` units (and the bias products), finished by the backend."""
         L, be = self.layout, self.backend
-        residuals = self.residuals(partials, biases, c, approx)
+        residuals = self.residuals(partials, biases, c, approx, share.heads)
         owned: dict[int, list[int]] = {}
-        for u in units:
+        for u in share.units:
             owned.setdefault(u // L.baby, []).append(u % L.baby)
-        q_all, qb_all = [], []
-        for k in range(L.n_heads):
+        q_all, qb_all = {}, {}
+        for k, res in zip(share.heads, residuals, strict=True):
             shifted = []  # rot(r, -baby * a) for every giant step a
-            for r in residuals[k]:
+            for r in res:
                 chain = [r]
                 for _ in range(1, L.giant):
                     chain.append(be.rotate(chain[-1], -L.baby))
@@ -193,17 +217,15 @@ class DiagonalCompute:
                     for b in babies
                 ]
                 folded[g] = be.rescale(fold_products(q, babies[0], be.rotate))
-            q_all.append(folded)
-            if with_bias:
-                qb_all.append(
-                    be.dot(
-                        [
-                            (_low(blk, ("mask",), blk.mask, r, be), r)
-                            for blk, r in zip(self.blocks, residuals[k], strict=True)
-                        ]
-                    )
+            q_all[k] = folded
+            if share.with_bias:
+                qb_all[k] = be.dot(
+                    [
+                        (_low(blk, ("mask",), blk.mask, r, be), r)
+                        for blk, r in zip(self.blocks, res, strict=True)
+                    ]
                 )
-        return be.finish(q_all, qb_all if with_bias else None)
+        return be.finish(q_all, qb_all)
 
 
 def diagonal_epoch(
@@ -220,19 +242,18 @@ def diagonal_epoch(
     ``computes`` are :class:`DiagonalCompute` objects, or proxies of remote ones (Ray actors)
     with ``submit_forward``/``submit_backward`` returning handles. Partial ``z`` go from compute
     to compute without a stop at the driver (remote handles pass object references); every
-    compute sums them and forms the residuals itself.
+    compute sums the ones of its heads and forms their residuals itself.
     """
-    c = schedule.lr / layout.n_padded
-    steps = split_range(layout.giant, len(computes))
-    units = split_range(layout.n_groups * layout.baby, len(steps))
-    computes = computes[: len(steps)]
+    c, approx = schedule.lr / layout.n_padded, schedule.approx
+    shares, exchange = plan_shares(layout, len(computes))
+    computes = computes[: len(shares)]
     handles = [
-        submit(comp, "forward", weights, rng) for comp, rng in zip(computes, steps, strict=True)
+        submit(comp, "forward", weights, sh) for comp, sh in zip(computes, shares, strict=True)
     ]
     partials = [h.share() for h in handles]
     handles = [
-        submit(comp, "backward", partials, biases, c, schedule.approx, rng, j == 0)
-        for j, (comp, rng) in enumerate(zip(computes, units, strict=True))
+        submit(comp, "backward", partials if exchange else [partials[j]], biases, c, approx, sh)
+        for j, (comp, sh) in enumerate(zip(computes, shares, strict=True))
     ]
     parts = [h.result() for h in handles]
     upd_w, upd_b = backend.sum_round(parts, step)
@@ -312,13 +333,27 @@ class PlainDiagonalBackend:
         L = self.layout
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
-            q = np.stack(
-                [sum(p["q"][k][g] for p in parts if g in p["q"][k]) for g in range(L.n_groups)]
-            )
-            pattern, bias = keyholder_sums(q, parts[0]["qb"][k], L)
+            q = np.stack([sum(_of_group(parts, k, g)) for g in range(L.n_groups)])
+            pattern, bias = keyholder_sums(q, _bias_product(parts, k), L)
             upd_w.append(list(pattern))
             upd_b.append(bias)
         return upd_w, upd_b
+
+
+def _of_group(parts: list[dict], k: int, g: int) -> list:
+    """Every compute's (masked) folded product of head ``k``, group ``g``."""
+    found = [p["q"][k][g] for p in parts if g in p["q"].get(k, {})]
+    if not found:
+        raise ValueError(f"no compute returned the products of head {k}, group {g}")
+    return found
+
+
+def _bias_product(parts: list[dict], k: int):
+    """The one compute's (masked) bias product of head ``k``."""
+    for p in parts:
+        if k in p["qb"]:
+            return p["qb"][k]
+    raise ValueError(f"no compute returned the bias product of head {k}")
 
 
 def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layout) -> np.ndarray:
@@ -365,28 +400,27 @@ class EncryptedDiagonalBackend:
     def finish(self, q, qb):
         """Mask and serialize products where they were computed (a worker, or in-process).
 
-        Returns the masked bytes (``q[head]``: ``{group: bytes}``) and the masks' image under
-        the key holder's linear map, so no unmasked product leaves the compute.
+        Returns the masked bytes (``{head: {group: bytes}}``, bias ``{head: bytes}``) and the
+        masks' images under the key holder's linear map, so no unmasked product leaves the
+        compute.
         """
         L, S, e = self.layout, self.layout.slots, self.engine
-        out = {"q": [], "qb": None, "mask_pattern": [], "mask_bias": []}
-        for k in range(L.n_heads):
+        out = {"q": {}, "qb": {}, "mask_pattern": {}, "mask_bias": {}}
+        for k, per_group in q.items():
             masks = np.zeros((L.n_groups, S))
-            for g in q[k]:
+            for g in per_group:
                 masks[g] = draw_mask(self.rng, S, self.mask_bits)
-            out["q"].append({g: e.to_bytes(v + masks[g]) for g, v in q[k].items()})
-            out["mask_pattern"].append(weight_pattern(gradient_map(masks, L), L))
-        if qb is not None:
-            out["qb"] = []
-            for k in range(L.n_heads):
-                m = draw_mask(self.rng, S, self.mask_bits)
-                out["qb"].append(e.to_bytes(qb[k] + m))
-                out["mask_bias"].append(float(m.sum()))
+            out["q"][k] = {g: e.to_bytes(v + masks[g]) for g, v in per_group.items()}
+            out["mask_pattern"][k] = weight_pattern(gradient_map(masks, L), L)
+        for k, v in qb.items():
+            m = draw_mask(self.rng, S, self.mask_bits)
+            out["qb"][k] = e.to_bytes(v + m)
+            out["mask_bias"][k] = float(m.sum())
         return out
 
     def _group_sum(self, parts: list, k: int, g: int) -> bytes:
         """One masked vector per group: computes that share a group are added here."""
-        blobs = [p["q"][k][g] for p in parts if g in p["q"][k]]
+        blobs = _of_group(parts, k, g)
         if len(blobs) == 1:
             return blobs[0]
         e = self.engine
@@ -406,7 +440,7 @@ class EncryptedDiagonalBackend:
         masked = []
         for k in range(L.n_heads):
             masked.extend(self._group_sum(parts, k, g) for g in range(L.n_groups))
-            masked.append(parts[0]["qb"][k])
+            masked.append(_bias_product(parts, k))
         per_head = L.n_groups + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
             replies, who = self.keyholder.sum_masked(masked, step)
@@ -428,8 +462,8 @@ class EncryptedDiagonalBackend:
                 reject(who, str(err), step)
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
-            pattern = sum(p["mask_pattern"][k] for p in parts)
-            bias = np.full(L.slots, parts[0]["mask_bias"][k])
+            pattern = sum(p["mask_pattern"][k] for p in parts if k in p["mask_pattern"])
+            bias = np.full(L.slots, next(p["mask_bias"][k] for p in parts if k in p["mask_bias"]))
             got = loaded[k * per_head : (k + 1) * per_head]
             upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
             upd_b.append(got[-1] - bias)
