@@ -2,8 +2,9 @@
 
 TenSEAL's CKKSVector has no rotations and relinearizes after every product. The diagonal layout
 needs both, so the aggregator's hot loop uses SEAL's Evaluator directly: products are summed
-unrelinearized and relinearized once per sum, and rotations use Galois keys for exactly three
-steps (``+1``, ``+baby``, ``-baby``), which every other rotation is chained from.
+unrelinearized and relinearized once per sum, and rotations use Galois keys for a few steps
+(:func:`medfed.crypto.diagonal.rotation_steps`), which every other rotation is chained from.
+Hospitals encrypt with SEAL's seeded secret-key encryption (half the bytes).
 
 :class:`SealVec` overloads ``+ - *`` like a numpy array, so the same training code runs on
 numpy slot vectors (plaintext reference) and on ciphertexts.

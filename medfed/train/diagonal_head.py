@@ -366,7 +366,7 @@ def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layou
 
 
 class EncryptedDiagonalBackend:
-    """The aggregator's CKKS backend: public key, relinearization and three Galois keys."""
+    """The aggregator's CKKS backend: public key, relinearization and Galois keys (no secret)."""
 
     def __init__(self, engine, layout: DiagonalLayout, keyholder, mask_bits: int, rng=None):
         from medfed.crypto.masking import mask_rng
