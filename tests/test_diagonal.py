@@ -119,25 +119,28 @@ def test_work_split_is_a_partition():
             assert all(len(r) > 0 for r in ranges)
 
 
-def test_shares_cover_every_head_step_and_unit_once():
+def test_shares_cover_every_cell_unit_and_residual_once():
     for n_classes in (2, 3, 4, 5, 7):
         layout = plan_diagonal([4], slots=256, n_classes=n_classes, bucket=32, n_features=40)
-        G, B, H = layout.n_groups, layout.baby, layout.n_heads
-        for parts in (1, 2, 3, 4):
-            shares, exchange = plan_shares(layout, parts)
-            covered = sorted((k, u) for sh in shares for k in sh.heads for u in sh.units)
-            assert covered == [(k, u) for k in range(H) for u in range(G * B)]
-            biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
-            assert biases == list(range(H))
-            if not exchange:  # whole heads: every compute runs every giant step of its heads
-                assert all(sh.steps == range(layout.giant) for sh in shares)
-            else:  # giant steps split: each head's forward is covered exactly once
-                assert sorted(a for sh in shares for a in sh.steps) == list(range(layout.giant))
-                assert all(sh.heads == range(H) for sh in shares)
+        G, B, H, A = layout.n_groups, layout.baby, layout.n_heads, layout.giant
+        for n_blocks in (1, 3):
+            for parts in (1, 2, 3, 4):
+                shares = plan_shares(layout, parts, n_blocks)
+                cells = sorted((k, c) for sh in shares for k in sh.heads for c in sh.cells)
+                assert cells == [(k, c) for k in range(H) for c in range(n_blocks * A)]
+                units = sorted((k, u) for sh in shares for k in sh.heads for u in sh.units)
+                assert units == [(k, u) for k in range(H) for u in range(G * B)]
+                owned = sorted((k, i) for sh in shares for k in sh.heads for i in sh.owned)
+                assert owned == [(k, i) for k in range(H) for i in range(n_blocks)]
+                biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
+                assert biases == list(range(H))
+                for sh in shares:  # a block's owner computes its last giant step
+                    assert all(i * A + A - 1 in sh.cells for i in sh.owned)
+                    assert sh.exchange == (len(shares) > 1 and sh.heads == range(H))
     binary = plan_diagonal([4], slots=256, n_classes=2, bucket=32, n_features=40)
-    assert plan_shares(binary, 2)[1]  # one head: giant-step split, partial z exchanged
+    assert plan_shares(binary, 2, 3)[0].exchange  # one head: cells split, z exchanged
     seven = plan_diagonal([4], slots=256, n_classes=7, bucket=32, n_features=40)
-    assert not plan_shares(seven, 2)[1]  # 7 heads on 2 computes: 4 + 3 whole heads
+    assert [len(sh.heads) for sh in plan_shares(seven, 2, 3)] == [4, 3]  # whole heads
 
 
 def test_partial_folds_add_up_to_the_full_fold():

@@ -33,7 +33,7 @@ class DiagonalWorker:
         self.layout = DiagonalLayout.from_dict(layout)
         self.backend = EncryptedDiagonalBackend(self.engine, self.layout, None, mask_bits)
         self.compute = DiagonalCompute(self.backend, self.layout)
-        self.partial: list | None = None  # this worker's partial z of the current epoch
+        self.biases: tuple | None = None  # (the epoch's bias bytes, loaded biases)
 
     def _load(self, blob: bytes, item: str):
         return self.engine.from_bytes(blob, sender="aggregator", item=item)
@@ -49,24 +49,39 @@ class DiagonalWorker:
         ]
         return len(self.compute.blocks)
 
-    def forward(self, weights: list[list[bytes]], share: Share) -> list[list[bytes]]:
+    def _vectors(self, blobs: dict, item: str, keep) -> dict[int, list]:
+        return {
+            int(i): [self.engine.from_bytes(v, sender="worker", item=item) for v in vs]
+            for i, vs in blobs.items()
+            if keep(int(i))
+        }
+
+    def _blobs(self, vectors: dict[int, list]) -> dict[int, list[bytes]]:
+        return {i: [self.engine.to_bytes(v) for v in vs] for i, vs in vectors.items()}
+
+    def forward(self, weights: list[list[bytes]], share: Share) -> dict[int, list[bytes]]:
         w = [
-            [self._load(v, "w") if k in share.heads else None for v in wk]
+            [self._load(v, "w") for v in wk] if k in share.heads else None
             for k, wk in enumerate(weights)
         ]
-        self.partial = self.compute.forward(w, share)
-        return [[self.engine.to_bytes(v) for v in per_block] for per_block in self.partial]
+        return self._blobs(self.compute.forward(w, share))
 
-    def backward(self, biases, c, approx, share: Share, own: int, *partials) -> dict:
-        """``partials``: the partial ``z`` it needs as bytes (``own``: this worker's, kept)."""
-        loaded = [
-            self.partial
-            if j == own
-            else [[self.engine.from_bytes(v, sender="worker", item="z") for v in pb] for pb in p]
-            for j, p in enumerate(partials)
-        ]
-        b = [self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)]
-        return self.compute.backward(loaded, b, c, approx, share)
+    def residuals(self, biases, c, approx, share: Share, blocks: tuple, *partials) -> dict:
+        """Residuals of ``blocks``; ``partials``: the published partial ``z`` they need."""
+        loaded = [self._vectors(p, "z", lambda i: i in blocks) for p in partials]
+        if self.biases is None or self.biases[0] != biases:  # load once per epoch
+            loaded_b = [
+                self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)
+            ]
+            self.biases = (biases, loaded_b)
+        out = self.compute.residuals(loaded, self.biases[1], c, approx, share, blocks)
+        return self._blobs(out)
+
+    def backward(self, share: Share, *residuals) -> dict:
+        """``residuals``: every worker's published residuals (its own stay loaded)."""
+        kept = self.compute.residual
+        loaded = [self._vectors(r, "r", lambda i: i not in kept) for r in residuals]
+        return self.compute.backward(loaded, share)
 
 
 class _RayHandle:
@@ -105,21 +120,23 @@ class _Broadcast:
 class RemoteCompute:
     """Driver-side proxy with the DiagonalCompute interface, running on a Ray actor."""
 
-    def __init__(self, actor, engine: SealEngine, broadcast: _Broadcast | None = None) -> None:
+    def __init__(
+        self, actor, engine: SealEngine, n_blocks: int, broadcast: _Broadcast | None = None
+    ) -> None:
         self.actor = actor
         self.engine = engine
+        self.n_blocks = n_blocks
         self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
-        self.last_forward = None
 
     def submit_forward(self, weights, share: Share) -> _RayHandle:
-        w = self.broadcast.ref("weights", weights)
-        self.last_forward = self.actor.forward.remote(w, share)
-        return _RayHandle(self.last_forward)
+        return _RayHandle(self.actor.forward.remote(self.broadcast.ref("weights", weights), share))
 
-    def submit_backward(self, partials, biases, c, approx, share: Share) -> _RayHandle:
-        own = next((j for j, p in enumerate(partials) if p is self.last_forward), -1)
+    def submit_residuals(self, partials, biases, c, approx, share: Share, blocks) -> _RayHandle:
         b = self.broadcast.ref("biases", biases)
-        return _RayHandle(self.actor.backward.remote(b, c, approx, share, own, *partials))
+        return _RayHandle(self.actor.residuals.remote(b, c, approx, share, blocks, *partials))
+
+    def submit_backward(self, residuals, share: Share) -> _RayHandle:
+        return _RayHandle(self.actor.backward.remote(share, *residuals))
 
 
 def start_workers(
@@ -142,7 +159,7 @@ def start_workers(
     payload = ray.put([block_to_bytes(engine, b) for b in blocks])
     ray.get([a.load_blocks.remote(payload) for a in actors])
     broadcast = _Broadcast(engine)
-    return [RemoteCompute(a, engine, broadcast) for a in actors]
+    return [RemoteCompute(a, engine, len(blocks), broadcast) for a in actors]
 
 
 def stop_workers(computes: Sequence) -> None:

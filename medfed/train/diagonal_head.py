@@ -101,55 +101,54 @@ class Share:
     """One compute's part of an epoch."""
 
     heads: range  # the heads it trains
-    steps: range  # giant steps of its forward pass
-    units: range  # (group, baby) units ``g * baby + b`` of its backward pass
+    cells: range  # forward (block, giant step) cells ``i * giant + a``
+    units: range  # backward (group, baby) units ``g * baby + b``
     with_bias: bool  # it computes the bias products of its heads
+    owned: tuple[int, ...]  # blocks whose residuals it forms (it holds their last giant step)
+    exchange: bool  # partial z and residuals go to and from the other computes
 
 
-def plan_shares(layout: DiagonalLayout, parts: int) -> tuple[list[Share], bool]:
-    """Split an epoch over ``parts`` computes; also whether partial ``z`` must be exchanged.
+def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share]:
+    """Split an epoch over ``parts`` computes.
 
     With enough heads (one-vs-rest), each compute trains whole heads: nothing is repeated and
-    nothing is exchanged. Otherwise every compute works on every head, the forward pass split by
-    giant steps and the backward pass by ``(group, baby)`` units; each compute then repeats the
-    weights' baby-step rotations and the residuals, and needs every compute's partial ``z``.
+    nothing is exchanged. Otherwise every compute works on every head: the forward pass split by
+    (block, giant step) cells, each block's residuals formed by one compute, the backward pass
+    split by ``(group, baby)`` units. Each compute then repeats the weights' baby-step
+    rotations and the residual shifts, and partial z and residuals are exchanged.
     """
-    H, k = layout.n_heads, max(1, parts)
-    every = range(layout.n_groups * layout.baby)
+    H, A = layout.n_heads, layout.giant
+    cells_all, units_all = range(n_blocks * A), range(layout.n_groups * layout.baby)
+    k = max(1, min(parts, len(cells_all), len(units_all)))
+    every = tuple(range(n_blocks))
     if k > 1 and H >= k and (H % k == 0 or H >= 2 * k):
-        return [Share(h, range(layout.giant), every, True) for h in split_range(H, k)], False
-    steps = split_range(layout.giant, k)
-    units = split_range(len(every), len(steps))
-    shares = [
-        Share(range(H), st, u, j == 0) for j, (st, u) in enumerate(zip(steps, units, strict=True))
+        return [Share(h, cells_all, units_all, True, every, False) for h in split_range(H, k)]
+    cells = split_range(len(cells_all), k)
+    units = split_range(len(units_all), len(cells))
+    owner = {i: j for j, c in enumerate(cells) for i in every if i * A + A - 1 in c}
+    return [
+        Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1)
+        for j, (c, u) in enumerate(zip(cells, units, strict=True))
     ]
-    return shares, True
 
 
 class DiagonalCompute:
-    """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it)."""
+    """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it).
+
+    An epoch calls :meth:`forward`, :meth:`residuals` and :meth:`backward` in turn; each
+    returns what the other computes need and keeps the rest (``partial_z``, ``residual``).
+    """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
         self.backend = backend
         self.layout = layout
         self.blocks: list[Block] = []
+        self.partial_z: dict[int, list] = {}  # block -> [head]: this epoch's partial z
+        self.residual: dict[int, list] = {}  # block -> [head]: residuals of the owned blocks
 
-    def residuals(self, partials: list, biases: list, c: float, approx, heads: range) -> list:
-        """``r[head][block]`` for ``heads`` from every compute's partial ``z`` (summed here)."""
-        out = []
-        for i, k in enumerate(heads):
-            per_block = []
-            for j, blk in enumerate(self.blocks):
-                z = partials[0][i][j]
-                for part in partials[1:]:
-                    z = z + part[i][j]
-                y = blk.targets[k]
-                key = ("target", k, c, approx.coeffs[0])
-                if key not in blk.low:  # fresh y: the same level-0 product every epoch
-                    blk.low[key] = target_term(y, approx, c)
-                per_block.append(scaled_residual(z + biases[k], y, approx, c, blk.low[key]))
-            out.append(per_block)
-        return out
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
 
     def _rotate_by(self, v, giant_steps: int, sign: int):
         """Rotate by ``sign * baby * giant_steps``: one rotation per set bit (power-of-two keys)."""
@@ -160,10 +159,16 @@ class DiagonalCompute:
             j += 1
         return v
 
-    def forward(self, weights: list[list[object]], share: Share) -> list[list[object]]:
-        """Partial ``z`` (without bias) per head of the share and block, from its giant steps."""
-        L, be, steps = self.layout, self.backend, share.steps
-        out = []
+    def forward(self, weights: list[list[object]], share: Share) -> dict[int, list]:
+        """Partial ``z`` (without bias) of the share's cells, per block and head; returns
+        those of the blocks that other computes own."""
+        L, be, A = self.layout, self.backend, self.layout.giant
+        steps = {}
+        for i in range(self.n_blocks):
+            lo, hi = max(share.cells.start - i * A, 0), min(share.cells.stop - i * A, A)
+            if lo < hi:
+                steps[i] = range(lo, hi)
+        self.partial_z, self.residual = {i: [] for i in steps}, {}
         for k in share.heads:
             w_rot = []
             for g in range(L.n_groups):
@@ -171,10 +176,9 @@ class DiagonalCompute:
                 for _ in range(1, L.baby):
                     chain.append(be.rotate(chain[-1], 1))
                 w_rot.append(chain)
-            per_block = []
-            for blk in self.blocks:
-                z = None
-                for a in reversed(steps):  # Horner over this worker's giant steps
+            for i, rng in steps.items():
+                blk, z = self.blocks[i], None
+                for a in reversed(rng):  # Horner over this share's giant steps of the block
                     inner = be.dot(
                         [
                             (blk.diagonals[g][a][b], w_rot[g][b])
@@ -183,20 +187,45 @@ class DiagonalCompute:
                         ]
                     )
                     z = inner if z is None else inner + be.rotate(z, L.baby)
-                per_block.append(self._rotate_by(z, steps.start, +1))
-            out.append(per_block)
-        return out
+                self.partial_z[i].append(self._rotate_by(z, rng.start, +1))
+        return {i: z for i, z in self.partial_z.items() if i not in share.owned}
 
-    def backward(self, partials: list, biases: list, c: float, approx, share: Share) -> dict:
-        """Residuals from all partial ``z``, then the folded products of the share's
-        ``(group, baby)`` units (and the bias products), finished by the backend."""
+    def residuals(
+        self, partials: list[dict], biases: list, c: float, approx, share: Share, blocks: tuple
+    ) -> dict:
+        """Residuals of ``blocks`` (owned) from the kept and the other computes' partial ``z``;
+        returns them for the other computes (those that share the heads)."""
+        for i in blocks:
+            blk, per_head = self.blocks[i], []
+            for pos, k in enumerate(share.heads):
+                z = self.partial_z[i][pos]
+                for other in partials:
+                    if i in other:
+                        z = z + other[i][pos]
+                key = ("target", k, c, approx.coeffs[0])
+                if key not in blk.low:  # fresh y: the same level-0 product every epoch
+                    blk.low[key] = target_term(blk.targets[k], approx, c)
+                per_head.append(
+                    scaled_residual(z + biases[k], blk.targets[k], approx, c, blk.low[key])
+                )
+            self.residual[i] = per_head
+        return {i: self.residual[i] for i in blocks} if share.exchange else {}
+
+    def backward(self, residuals: list[dict], share: Share) -> dict:
+        """Folded products of the share's ``(group, baby)`` units over every block (and the
+        bias products), from the kept and the other computes' residuals; finished by the
+        backend (masked, serialized)."""
         L, be = self.layout, self.backend
-        residuals = self.residuals(partials, biases, c, approx, share.heads)
+        merged = dict(self.residual)
+        for other in residuals:
+            for i, rs in other.items():
+                merged.setdefault(i, rs)
         owned: dict[int, list[int]] = {}
         for u in share.units:
             owned.setdefault(u // L.baby, []).append(u % L.baby)
         q_all, qb_all = {}, {}
-        for k, res in zip(share.heads, residuals, strict=True):
+        for pos, k in enumerate(share.heads):
+            res = [merged[i][pos] for i in range(self.n_blocks)]
             shifted = []  # rot(r, -baby * a) for every giant step a
             for r in res:
                 chain = [r]
@@ -228,6 +257,27 @@ class DiagonalCompute:
         return be.finish(q_all, qb_all)
 
 
+def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple, list]]:
+    """Share ``j``'s owned blocks, grouped by the other shares whose partial ``z`` they need.
+
+    Blocks that need no other share come first, so a compute forms those residuals while it
+    waits for the others' forward passes.
+    """
+    share = shares[j]
+    if not share.exchange:
+        return [(share.owned, [])]
+
+    def touches(other: Share, i: int) -> bool:
+        return other.cells.start < (i + 1) * giant and i * giant < other.cells.stop
+
+    tasks: dict[tuple, list[int]] = {}
+    for i in share.owned:
+        sources = tuple(m for m, o in enumerate(shares) if m != j and touches(o, i))
+        tasks.setdefault(sources, []).append(i)
+    ordered = sorted(tasks.items(), key=lambda item: len(item[0]))
+    return [(tuple(blocks), list(src)) for src, blocks in ordered]
+
+
 def diagonal_epoch(
     backend: DiagonalBackend,
     computes: Sequence,
@@ -240,21 +290,20 @@ def diagonal_epoch(
     """One full-batch gradient step over computes that each own a share of the work.
 
     ``computes`` are :class:`DiagonalCompute` objects, or proxies of remote ones (Ray actors)
-    with ``submit_forward``/``submit_backward`` returning handles. Partial ``z`` go from compute
-    to compute without a stop at the driver (remote handles pass object references); every
-    compute sums the ones of its heads and forms their residuals itself.
+    with ``submit_forward``/``submit_residuals``/``submit_backward`` returning handles. Partial
+    ``z`` and residuals go from compute to compute without a stop at the driver (remote
+    handles pass object references).
     """
     c, approx = schedule.lr / layout.n_padded, schedule.approx
-    shares, exchange = plan_shares(layout, len(computes))
-    computes = computes[: len(shares)]
-    handles = [
-        submit(comp, "forward", weights, sh) for comp, sh in zip(computes, shares, strict=True)
+    shares = plan_shares(layout, len(computes), computes[0].n_blocks)
+    pairs = list(zip(computes[: len(shares)], shares, strict=True))
+    z = [submit(comp, "forward", weights, sh).share() for comp, sh in pairs]
+    r = [
+        submit(comp, "residuals", [z[m] for m in src], biases, c, approx, sh, blocks).share()
+        for j, (comp, sh) in enumerate(pairs)
+        for blocks, src in _residual_tasks(shares, j, layout.giant)
     ]
-    partials = [h.share() for h in handles]
-    handles = [
-        submit(comp, "backward", partials if exchange else [partials[j]], biases, c, approx, sh)
-        for j, (comp, sh) in enumerate(zip(computes, shares, strict=True))
-    ]
+    handles = [submit(comp, "backward", r if sh.exchange else [], sh) for comp, sh in pairs]
     parts = [h.result() for h in handles]
     upd_w, upd_b = backend.sum_round(parts, step)
     new_w = [
