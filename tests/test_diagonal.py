@@ -134,8 +134,8 @@ def test_shares_cover_every_cell_unit_and_residual_once():
                 assert owned == [(k, i) for k in range(H) for i in range(n_blocks)]
                 biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
                 assert biases == list(range(H))
-                for sh in shares:  # a block's owner computes its last giant step
-                    assert all(i * A + A - 1 in sh.cells for i in sh.owned)
+                for sh in shares:  # a block's owner computes its giant step 0
+                    assert all(i * A in sh.cells for i in sh.owned)
                     assert sh.exchange == (len(shares) > 1 and sh.heads == range(H))
     binary = plan_diagonal([4], slots=256, n_classes=2, bucket=32, n_features=40)
     assert plan_shares(binary, 2, 3)[0].exchange  # one head: cells split, z exchanged

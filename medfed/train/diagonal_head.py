@@ -104,7 +104,7 @@ class Share:
     cells: range  # forward (block, giant step) cells ``i * giant + a``
     units: range  # backward (group, baby) units ``g * baby + b``
     with_bias: bool  # it computes the bias products of its heads
-    owned: tuple[int, ...]  # blocks whose residuals it forms (it holds their last giant step)
+    owned: tuple[int, ...]  # blocks whose residuals it forms (it holds their giant step 0)
     exchange: bool  # partial z and residuals go to and from the other computes
 
 
@@ -115,7 +115,9 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
     nothing is exchanged. Otherwise every compute works on every head: the forward pass split by
     (block, giant step) cells, each block's residuals formed by one compute, the backward pass
     split by ``(group, baby)`` units. Each compute then repeats the weights' baby-step
-    rotations and the residual shifts, and partial z and residuals are exchanged.
+    rotations and the residual shifts, and partial z and residuals are exchanged. A block's
+    residuals are formed by the compute that holds its giant step 0: that part needs no shift
+    rotation, so its compute tends to finish its forward pass first.
     """
     H, A = layout.n_heads, layout.giant
     cells_all, units_all = range(n_blocks * A), range(layout.n_groups * layout.baby)
@@ -125,7 +127,7 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
         return [Share(h, cells_all, units_all, True, every, False) for h in split_range(H, k)]
     cells = split_range(len(cells_all), k)
     units = split_range(len(units_all), len(cells))
-    owner = {i: j for j, c in enumerate(cells) for i in every if i * A + A - 1 in c}
+    owner = {i: j for j, c in enumerate(cells) for i in every if i * A in c}
     return [
         Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1)
         for j, (c, u) in enumerate(zip(cells, units, strict=True))
