@@ -88,30 +88,24 @@ def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
     return blocks_from_packed([b for _, b in sorted(raw.items())], layout, enc)
 
 
-def timed_epochs(backend, computes, layout, schedule, epochs: int, on_epoch=None) -> list:
+def timed_epochs(backend, computes, layout, schedule, epochs: int, after_warmup=None) -> list:
     """Seconds of each of ``epochs`` epochs after one untimed warm-up epoch, back to back.
 
     Configurations are timed one after another, not interleaved: on this kind of virtual
     machine, memory left idle while another configuration runs comes back slowly, which would
-    charge a cold start to every interleaved epoch. ``on_epoch(run)`` wraps each timed epoch.
+    charge a cold start to every interleaved epoch. ``after_warmup()`` runs before the first
+    timed epoch.
     """
     w = [[backend.zeros() for _ in range(layout.n_groups)] for _ in range(layout.n_heads)]
     b = [backend.zeros() for _ in range(layout.n_heads)]
     seconds = []
     for r in range(epochs + 1):
-        state = {}
-
-        def run(w=w, b=b, r=r, state=state):
-            state["wb"] = diagonal_epoch(backend, computes, w, b, layout, schedule, r)
-
+        if r == 1 and after_warmup is not None:
+            after_warmup()
         t0 = time.perf_counter()
-        if r and on_epoch is not None:
-            on_epoch(run)
-        else:
-            run()
+        w, b = diagonal_epoch(backend, computes, w, b, layout, schedule, r)
         if r:
             seconds.append(time.perf_counter() - t0)
-        w, b = state["wb"]
     return seconds
 
 
@@ -240,16 +234,15 @@ def main(argv=None) -> int:
     compute = DiagonalCompute(backend, layout)
     compute.blocks = blocks
     schedule = HeadSchedule(1, args.lr, approx)
-    counts: Counter = Counter()
 
-    def count_ops(run):
-        before = aggregator.counts + hospital.counts
-        run()
-        counts.update((aggregator.counts + hospital.counts) - before)
+    def clear_counts():
+        aggregator.counts.clear()
+        hospital.counts.clear()
 
     epoch_seconds = {
-        "in-process": timed_epochs(backend, [compute], layout, schedule, args.epochs, count_ops)
+        "in-process": timed_epochs(backend, [compute], layout, schedule, args.epochs, clear_counts)
     }
+    counts = aggregator.counts + hospital.counts  # the timed in-process epochs only
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
     if worker_counts:
         from medfed.scale.cluster import ray_session

@@ -173,6 +173,22 @@ def pack_diagonal(
     return out
 
 
+def rotate_by(v, steps: int, unit: int, rotate) -> object:
+    """Rotate ``v`` by ``unit * steps`` with one rotation by ``unit * 2^j`` per set bit of
+    ``steps`` (the power-of-two keys of :func:`rotation_steps`)."""
+    j = 0
+    while steps >> j:
+        if steps >> j & 1:
+            v = rotate(v, unit << j)
+        j += 1
+    return v
+
+
+def cell_steps(cells: range, block: int, giant: int) -> range:
+    """The giant steps of ``block`` among forward cells ``block * giant + a`` (maybe empty)."""
+    return range(max(cells.start - block * giant, 0), min(cells.stop - block * giant, giant))
+
+
 def fold_products(q: Sequence, first: int, rotate) -> object:
     """``sum_i rot(q[i], -(first + i))``: baby-step products aligned on one feature pattern.
 
@@ -184,12 +200,7 @@ def fold_products(q: Sequence, first: int, rotate) -> object:
     acc = q[-1]
     for i in range(len(q) - 2, -1, -1):
         acc = rotate(acc, -1) + q[i]
-    j = 0
-    while first >> j:
-        if first >> j & 1:
-            acc = rotate(acc, -(1 << j))
-        j += 1
-    return acc
+    return rotate_by(acc, first, -1, rotate)
 
 
 def gradient_map(products: np.ndarray, layout: DiagonalLayout) -> np.ndarray:

@@ -24,9 +24,11 @@ import numpy as np
 
 from medfed.crypto.diagonal import (
     DiagonalLayout,
+    cell_steps,
     fold_products,
     gradient_map,
     rot,
+    rotate_by,
     rotation_steps,
     unpattern,
     weight_pattern,
@@ -152,24 +154,12 @@ class DiagonalCompute:
     def n_blocks(self) -> int:
         return len(self.blocks)
 
-    def _rotate_by(self, v, giant_steps: int, sign: int):
-        """Rotate by ``sign * baby * giant_steps``: one rotation per set bit (power-of-two keys)."""
-        j = 0
-        while giant_steps >> j:
-            if giant_steps >> j & 1:
-                v = self.backend.rotate(v, sign * self.layout.baby << j)
-            j += 1
-        return v
-
     def forward(self, weights: list[list[object]], share: Share) -> dict[int, list]:
         """Partial ``z`` (without bias) of the share's cells, per block and head; returns
         those of the blocks that other computes own."""
         L, be, A = self.layout, self.backend, self.layout.giant
-        steps = {}
-        for i in range(self.n_blocks):
-            lo, hi = max(share.cells.start - i * A, 0), min(share.cells.stop - i * A, A)
-            if lo < hi:
-                steps[i] = range(lo, hi)
+        steps = {i: cell_steps(share.cells, i, A) for i in range(self.n_blocks)}
+        steps = {i: rng for i, rng in steps.items() if rng}
         self.partial_z, self.residual = {i: [] for i in steps}, {}
         for k in share.heads:
             w_rot = []
@@ -189,7 +179,7 @@ class DiagonalCompute:
                         ]
                     )
                     z = inner if z is None else inner + be.rotate(z, L.baby)
-                self.partial_z[i].append(self._rotate_by(z, rng.start, +1))
+                self.partial_z[i].append(rotate_by(z, rng.start, L.baby, be.rotate))
         return {i: z for i, z in self.partial_z.items() if i not in share.owned}
 
     def residuals(
@@ -269,12 +259,9 @@ def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple
     if not share.exchange:
         return [(share.owned, [])]
 
-    def touches(other: Share, i: int) -> bool:
-        return other.cells.start < (i + 1) * giant and i * giant < other.cells.stop
-
     tasks: dict[tuple, list[int]] = {}
     for i in share.owned:
-        sources = tuple(m for m, o in enumerate(shares) if m != j and touches(o, i))
+        sources = tuple(m for m, o in enumerate(shares) if m != j and cell_steps(o.cells, i, giant))
         tasks.setdefault(sources, []).append(i)
     ordered = sorted(tasks.items(), key=lambda item: len(item[0]))
     return [(tuple(blocks), list(src)) for src, blocks in ordered]
