@@ -32,14 +32,7 @@ def run(cfg: SimulationConfig) -> dict:
 
     started = time.perf_counter()
     data = prepare(cfg)
-    described = {
-        "dataset": data.dataset.name,
-        "backbone": data.backbone.name,
-        "backbone_weights": data.backbone.weights,
-        "backbone_pretrained": data.backbone.pretrained,
-        "embedding_cache_hits": data.cache_hits,
-    }
-    return federate(cfg, data.hospitals, data.dataset.n_classes, described, started)
+    return federate(cfg, data.hospitals, data.dataset.n_classes, data.described, started)
 
 
 def federate(

@@ -31,6 +31,17 @@ class PreparedData:
     hospitals: list[HospitalData]
     cache_hits: dict[str, bool]
 
+    @property
+    def described(self) -> dict:
+        """What the run report says about the data and the backbone."""
+        return {
+            "dataset": self.dataset.name,
+            "backbone": self.backbone.name,
+            "backbone_weights": self.backbone.weights,
+            "backbone_pretrained": self.backbone.pretrained,
+            "embedding_cache_hits": self.cache_hits,
+        }
+
 
 def embed(cfg: SimulationConfig, dataset: MedMNISTDataset) -> tuple[dict, BackboneInfo, dict]:
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else FeatureCache()

@@ -357,17 +357,7 @@ def execute_cell(task: CellTask) -> dict[str, Any]:
     """Run one cell and return its record; never raises for a failing cell (Ctrl-C aside)."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     t0 = time.perf_counter()
-    record: dict[str, Any] = {
-        "version": RECORD_VERSION,
-        "cell_id": task.cell_id,
-        "status": "failed",
-        "knobs": task.knobs,
-        "config": task.config,
-        "metrics": None,
-        "error": None,
-        "traceback": None,
-        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
-    }
+    record = _failed(task, worker={"host": socket.gethostname(), "pid": os.getpid()})
     files: dict[str, str] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="medfed-cell-") as tmp:
@@ -555,20 +545,31 @@ def store_record(out: Path, record: dict[str, Any]) -> None:
     atomic_write_text(record_path(out, cid), json.dumps(record, indent=2) + "\n")
 
 
-def failed_record(task: CellTask, error: BaseException) -> dict[str, Any]:
-    """The record for a cell whose task was lost (worker crash, cancellation)."""
-    return {
+def _failed(task: CellTask, **fields: Any) -> dict[str, Any]:
+    """A cell's record, failed until a run says otherwise."""
+    record: dict[str, Any] = {
         "version": RECORD_VERSION,
         "cell_id": task.cell_id,
         "status": "failed",
         "knobs": task.knobs,
         "config": task.config,
         "metrics": None,
-        "error": _error_text(error),
-        "traceback": _ANSI.sub("", "".join(traceback.format_exception(error))),
+        "error": None,
+        "traceback": None,
         "worker": None,
-        "seconds": None,
     }
+    record.update(fields)
+    return record
+
+
+def failed_record(task: CellTask, error: BaseException) -> dict[str, Any]:
+    """The record for a cell whose task was lost (worker crash, cancellation)."""
+    return _failed(
+        task,
+        error=_error_text(error),
+        traceback=_ANSI.sub("", "".join(traceback.format_exception(error))),
+        seconds=None,
+    )
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

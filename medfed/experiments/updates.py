@@ -116,14 +116,7 @@ def hospitals_from_pipeline(cfg: SimulationConfig) -> tuple[list[HospitalData], 
     from medfed.experiments.prepare import prepare
 
     data = prepare(cfg)
-    described = {
-        "dataset": data.dataset.name,
-        "backbone": data.backbone.name,
-        "backbone_weights": data.backbone.weights,
-        "backbone_pretrained": data.backbone.pretrained,
-        "embedding_cache_hits": data.cache_hits,
-    }
-    return data.hospitals, data.dataset.n_classes, described
+    return data.hospitals, data.dataset.n_classes, data.described
 
 
 def dropout_plan(cfg: SimulationConfig) -> dict[int, int]:

@@ -30,7 +30,6 @@ from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.train.diagonal_head import head_matrix, hospital_sums
-from medfed.train.head import accuracy
 from medfed.train.normalization import (  # noqa: F401 - re-exported
     normalization_from_stats,
     normalize,
@@ -221,14 +220,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
             mean, std = f["mean"], f["std"]
         x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
-        acc = accuracy(weights, x, data.test_labels) if len(x) else float("nan")
-        result = {
-            "hospital": data.name,
-            "correct": int(round(acc * len(x))) if len(x) else 0,
-            "total": len(x),
-            "weights": weights.tolist(),
-        }
-        (W.hospital_dir(Path(workspace), i) / W.EVAL).write_text(json.dumps(result))
+        W.write_evaluation(Path(workspace), i, data.name, weights, x, data.test_labels)
         return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
 
     return app

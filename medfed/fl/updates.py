@@ -31,7 +31,6 @@ environment.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -49,7 +48,6 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
-from medfed.train.head import accuracy
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
@@ -340,14 +338,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         rec = msg.content[M.RECORD]
         w, mean, std = global_head(rec, data, meta, i)
         x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
-        acc = accuracy(w, x, data.test_labels) if len(x) else float("nan")
-        result = {
-            "hospital": data.name,
-            "correct": int(round(acc * len(x))) if len(x) else 0,
-            "total": len(x),
-            "weights": w.tolist(),
-        }
-        (W.hospital_dir(Path(workspace), i) / W.EVAL).write_text(json.dumps(result))
+        W.write_evaluation(Path(workspace), i, data.name, w, x, data.test_labels)
         return reply(msg, data, **{M.OK: 1})
 
     return app

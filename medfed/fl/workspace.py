@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.train.head import accuracy
+
 SECRET_CONTEXT = "secret_context.bin"
 DATA = "data.npz"
 META = "meta.json"
@@ -134,6 +136,20 @@ def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, dict]:
 
 def read_secret_context(workspace: Path, index: int) -> bytes:
     return (hospital_dir(workspace, index) / SECRET_CONTEXT).read_bytes()
+
+
+def write_evaluation(
+    workspace: Path, index: int, name: str, weights: np.ndarray, x: np.ndarray, labels
+) -> None:
+    """A hospital's private evaluation of the final head on its test split (``eval.json``)."""
+    acc = accuracy(weights, x, labels) if len(x) else float("nan")
+    result = {
+        "hospital": name,
+        "correct": int(round(acc * len(x))) if len(x) else 0,
+        "total": len(x),
+        "weights": weights.tolist(),
+    }
+    (hospital_dir(workspace, index) / EVAL).write_text(json.dumps(result))
 
 
 def read_evaluations(workspace: Path, n: int) -> list[dict | None]:
