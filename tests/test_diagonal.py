@@ -22,7 +22,9 @@ from medfed.train.diagonal_head import (
     blocks_from_packed,
     head_matrix,
     plan_shares,
+    plan_tasks,
     split_range,
+    submission_order,
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule
@@ -141,6 +143,28 @@ def test_shares_cover_every_cell_unit_and_residual_once():
     assert plan_shares(binary, 2, 3)[0].exchange  # one head: cells split, z exchanged
     seven = plan_diagonal([4], slots=256, n_classes=7, bucket=32, n_features=40)
     assert [len(sh.heads) for sh in plan_shares(seven, 2, 3)] == [4, 3]  # whole heads
+
+
+def test_task_plan_gives_every_share_each_block_once_after_its_residuals():
+    for n_classes in (2, 7):
+        layout = plan_diagonal([4], slots=256, n_classes=n_classes, bucket=32, n_features=40)
+        for n_blocks in (1, 3):
+            for parts in (1, 2, 3, 4):
+                shares = plan_shares(layout, parts, n_blocks)
+                plans = plan_tasks(shares, layout.giant)
+                order = submission_order(plans)
+                assert sorted(order) == [(j, t) for j, p in enumerate(plans) for t in range(len(p))]
+                formed = set()
+                for j, t in order:
+                    task = plans[j][t]
+                    if task.method == "residuals":
+                        formed.update(task.blocks)
+                    else:  # a block's backward products come after its residuals are formed
+                        assert set(task.blocks) <= formed
+                for plan in plans:
+                    back = [i for task in plan if task.method == "backward" for i in task.blocks]
+                    assert sorted(back) == list(range(n_blocks))
+                    assert [task.last for task in plan] == [False] * (len(plan) - 1) + [True]
 
 
 def test_partial_folds_add_up_to_the_full_fold():

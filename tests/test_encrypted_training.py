@@ -133,8 +133,9 @@ def test_malformed_ciphertext_bytes_are_rejected(engines, params):
             hospital.from_bytes(bad, sender="hospital-1", item="feature 3")
 
 
-@pytest.mark.parametrize("n_classes", [2, 4])  # giant-step split; whole heads per worker
-def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes):
+# binary over 3 blocks: cells and units split, residuals exchanged; 4 classes: whole heads
+@pytest.mark.parametrize(("n_classes", "n"), [(2, 9000), (4, 100)])
+def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes, n):
     """Two long-lived Ray actors (public keys only) give the single-process result."""
     from medfed.scale.cluster import ray_session
     from medfed.scale.workers import start_workers, stop_workers
@@ -143,24 +144,26 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
     from medfed.crypto.context import public_context_bytes
 
     rng = np.random.default_rng(7)
-    d, n = 24, 100
-    x, y = rng.normal(size=(n, d)) / np.sqrt(d), rng.integers(0, n_classes, n)
+    d = 24
+    x = rng.normal(size=(n, d)) / np.sqrt(d)
+    y = (x @ rng.normal(size=(d, n_classes))).argmax(axis=1)  # learnable labels
     layout = plan_diagonal(
         [n_buckets(n, 32)], slots=params.slots, n_classes=n_classes, bucket=32, n_features=d
     )
     galois = hospital.make_galois_keys(galois_steps(layout))
     aggregator = SealEngine(public, galois_keys=galois)
-    (b,) = pack_diagonal(x, y, layout, 0).values()
+    packed = [b for _, b in sorted(pack_diagonal(x, y, layout, 0).items())]
+    assert len(packed) == (3 if n > 2 * params.slots else 1)
 
     def enc(v):
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
-    (block,) = blocks_from_packed([b], layout, enc)
+    blocks = blocks_from_packed(packed, layout, enc)
     schedule = HeadSchedule(epochs=2, lr=4.0, approx=fit_sigmoid(3, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
     local = DiagonalCompute(backend, layout)
-    local.blocks = [block]
+    local.blocks = blocks
 
     def dec(v):
         return hospital.decrypt(hospital.from_bytes(aggregator.to_bytes(v), sender="a", item="w"))
@@ -172,7 +175,7 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
     want = head(train_diagonal(backend, [local], layout, schedule))
     with ray_session(None, num_cpus=2):
         pub_bytes = public_context_bytes(public)
-        remotes = start_workers(2, aggregator, pub_bytes, galois, layout, params.mask_bits, [block])
+        remotes = start_workers(2, aggregator, pub_bytes, galois, layout, params.mask_bits, blocks)
         try:
             got = head(train_diagonal(backend, remotes, layout, schedule))
         finally:

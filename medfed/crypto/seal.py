@@ -196,8 +196,11 @@ class SealEngine:
         ct.scale = self.scale  # primes are ~2^scale_bits: keep the nominal scale (as TenSEAL)
         return ct
 
-    def dot(self, pairs: Sequence[tuple[SealVec, SealVec]], rescale: bool = True) -> SealVec:
-        """``sum a * b`` with one relinearization and (unless told not to) one rescale."""
+    def dot(
+        self, pairs: Sequence[tuple[SealVec, SealVec]], rescale: bool = True, relin: bool = True
+    ) -> SealVec:
+        """``sum a * b`` with one relinearization and one rescale (unless told not to: a sum
+        left unrelinearized can take more products, then :meth:`relinearize`)."""
         acc = None
         tmp = sa.Ciphertext()
         for a, b in pairs:
@@ -209,9 +212,17 @@ class SealEngine:
             else:
                 self.ev.multiply(x, y, tmp)
                 self.ev.add_inplace(acc, tmp)
-        self.counts["relin", self.level(acc)] += 1
-        self.ev.relinearize_inplace(acc, self.relin)
+        if relin:
+            acc = self.relinearize(SealVec(self, acc)).ct
         return SealVec(self, self.rescale(acc) if rescale else acc)
+
+    def relinearize(self, v: SealVec) -> SealVec:
+        """``v`` relinearized in place (and returned); a two-component ``v`` as it is."""
+        if v.ct.size() == 2:
+            return v
+        self.counts["relin", self.level(v.ct)] += 1
+        self.ev.relinearize_inplace(v.ct, self.relin)
+        return v
 
     def rotate(self, v: SealVec, step: int) -> SealVec:
         if self.galois is None:

@@ -77,11 +77,11 @@ class DiagonalWorker:
         out = self.compute.residuals(loaded, self.biases[1], c, approx, share, blocks)
         return self._blobs(out)
 
-    def backward(self, share: Share, *residuals) -> dict:
-        """``residuals``: every worker's published residuals (its own stay loaded)."""
+    def backward(self, share: Share, blocks: tuple, last: bool, *residuals) -> dict | None:
+        """``residuals``: the published residuals of ``blocks`` (its own stay loaded)."""
         kept = self.compute.residual
-        loaded = [self._vectors(r, "r", lambda i: i not in kept) for r in residuals]
-        return self.compute.backward(loaded, share)
+        loaded = [self._vectors(r, "r", lambda i: i in blocks and i not in kept) for r in residuals]
+        return self.compute.backward(loaded, share, blocks, last)
 
 
 class _RayHandle:
@@ -135,8 +135,8 @@ class RemoteCompute:
         b = self.broadcast.ref("biases", biases)
         return _RayHandle(self.actor.residuals.remote(b, c, approx, share, blocks, *partials))
 
-    def submit_backward(self, residuals, share: Share) -> _RayHandle:
-        return _RayHandle(self.actor.backward.remote(share, *residuals))
+    def submit_backward(self, residuals, share: Share, blocks, last: bool) -> _RayHandle:
+        return _RayHandle(self.actor.backward.remote(share, blocks, last, *residuals))
 
 
 def start_workers(

@@ -51,7 +51,11 @@ class Block:
 class DiagonalBackend(Protocol):
     def zeros(self) -> object: ...
 
-    def dot(self, pairs: Sequence[tuple[object, object]], rescale: bool = True) -> object: ...
+    def dot(
+        self, pairs: Sequence[tuple[object, object]], rescale: bool = True, relin: bool = True
+    ) -> object: ...
+
+    def relinearize(self, v: object) -> object: ...
 
     def rescale(self, v: object) -> object: ...
 
@@ -149,6 +153,7 @@ class DiagonalCompute:
         self.blocks: list[Block] = []
         self.partial_z: dict[int, list] = {}  # block -> [head]: this epoch's partial z
         self.residual: dict[int, list] = {}  # block -> [head]: residuals of the owned blocks
+        self.sums: dict[int, dict] = {}  # head -> unit or "bias": unrelinearized product sums
 
     @property
     def n_blocks(self) -> int:
@@ -160,7 +165,7 @@ class DiagonalCompute:
         L, be, A = self.layout, self.backend, self.layout.giant
         steps = {i: cell_steps(share.cells, i, A) for i in range(self.n_blocks)}
         steps = {i: rng for i, rng in steps.items() if rng}
-        self.partial_z, self.residual = {i: [] for i in steps}, {}
+        self.partial_z, self.residual, self.sums = {i: [] for i in steps}, {}, {}
         for k in share.heads:
             w_rot = []
             for g in range(L.n_groups):
@@ -203,50 +208,67 @@ class DiagonalCompute:
             self.residual[i] = per_head
         return {i: self.residual[i] for i in blocks} if share.exchange else {}
 
-    def backward(self, residuals: list[dict], share: Share) -> dict:
-        """Folded products of the share's ``(group, baby)`` units over every block (and the
-        bias products), from the kept and the other computes' residuals; finished by the
-        backend (masked, serialized)."""
+    def backward(
+        self, residuals: list[dict], share: Share, blocks: Sequence[int], last: bool
+    ) -> dict | None:
+        """Add the products of ``blocks`` (the share's ``(group, baby)`` units, and the bias
+        products) to the running sums, from the kept or the other computes' residuals; the
+        ``last`` call folds the sums and returns them finished by the backend (masked,
+        serialized). Blocks are taken as their residuals arrive, so a compute that waits for
+        another's residuals works on those it has."""
         L, be = self.layout, self.backend
         merged = dict(self.residual)
         for other in residuals:
             for i, rs in other.items():
                 merged.setdefault(i, rs)
+        owned = self._owned_units(share)
+        for pos, k in enumerate(share.heads):
+            sums = self.sums.setdefault(k, {})
+            for i in blocks:
+                blk, r = self.blocks[i], merged[i][pos]
+                shifted = [r]  # rot(r, -baby * a) for every giant step a
+                for _ in range(1, L.giant):
+                    shifted.append(be.rotate(shifted[-1], -L.baby))
+                for g, babies in owned.items():
+                    for b in babies:
+                        part = be.dot(
+                            [
+                                (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr, be), sr)
+                                for a, sr in enumerate(shifted)
+                            ],
+                            rescale=False,
+                            relin=False,
+                        )
+                        _add(sums, (g, b), part)
+                if share.with_bias:
+                    part = be.dot([(_low(blk, ("mask",), blk.mask, r, be), r)], False, False)
+                    _add(sums, "bias", part)
+        if not last:
+            return None
+        q_all, qb_all = {}, {}
+        for k in share.heads:
+            sums = self.sums.pop(k)
+            q_all[k] = {  # fold before the rescale: rotation noise shrinks with the rescale
+                g: be.rescale(
+                    fold_products(
+                        [be.relinearize(sums[g, b]) for b in babies], babies[0], be.rotate
+                    )
+                )
+                for g, babies in owned.items()
+            }
+            if share.with_bias:
+                qb_all[k] = be.rescale(be.relinearize(sums["bias"]))
+        return be.finish(q_all, qb_all)
+
+    def _owned_units(self, share: Share) -> dict[int, list[int]]:
         owned: dict[int, list[int]] = {}
         for u in share.units:
-            owned.setdefault(u // L.baby, []).append(u % L.baby)
-        q_all, qb_all = {}, {}
-        for pos, k in enumerate(share.heads):
-            res = [merged[i][pos] for i in range(self.n_blocks)]
-            shifted = []  # rot(r, -baby * a) for every giant step a
-            for r in res:
-                chain = [r]
-                for _ in range(1, L.giant):
-                    chain.append(be.rotate(chain[-1], -L.baby))
-                shifted.append(chain)
-            folded = {}
-            for g, babies in owned.items():
-                q = [
-                    be.dot(
-                        [
-                            (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr[a], be), sr[a])
-                            for blk, sr in zip(self.blocks, shifted, strict=True)
-                            for a in range(L.giant)
-                        ],
-                        rescale=False,  # fold first: rotation noise shrinks with the rescale
-                    )
-                    for b in babies
-                ]
-                folded[g] = be.rescale(fold_products(q, babies[0], be.rotate))
-            q_all[k] = folded
-            if share.with_bias:
-                qb_all[k] = be.dot(
-                    [
-                        (_low(blk, ("mask",), blk.mask, r, be), r)
-                        for blk, r in zip(self.blocks, res, strict=True)
-                    ]
-                )
-        return be.finish(q_all, qb_all)
+            owned.setdefault(u // self.layout.baby, []).append(u % self.layout.baby)
+        return owned
+
+
+def _add(sums: dict, key, part) -> None:
+    sums[key] = part if key not in sums else sums[key] + part
 
 
 def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple, list]]:
@@ -267,6 +289,59 @@ def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple
     return [(tuple(blocks), list(src)) for src, blocks in ordered]
 
 
+@dataclass(frozen=True)
+class Task:
+    """One call on a compute after its forward pass."""
+
+    method: str  # "residuals" or "backward"
+    blocks: tuple[int, ...]
+    sources: tuple[int, ...] = ()  # residuals: the shares whose partial z they need
+    after: tuple[int, int] | None = None  # backward: (share, task) that publishes the residuals
+    last: bool = False  # backward: fold and return the sums
+
+
+def plan_tasks(shares: list[Share], giant: int) -> list[list[Task]]:
+    """Each share's calls, in order: its residuals, each followed by those blocks' backward
+    products, then the backward products of the blocks other shares publish (in the order they
+    are formed). A compute waiting for residuals thus works on the ones it has."""
+    plans: list[list[Task]] = []
+    for j in range(len(shares)):
+        tasks = []
+        for blocks, src in _residual_tasks(shares, j, giant):
+            tasks += [Task("residuals", blocks, tuple(src)), Task("backward", blocks)]
+        plans.append(tasks)
+    published = sorted(
+        (t, m)
+        for m, tasks in enumerate(plans)
+        for t, task in enumerate(tasks)
+        if task.method == "residuals" and shares[m].exchange
+    )
+    for j, tasks in enumerate(plans):
+        if shares[j].exchange:
+            tasks += [
+                Task("backward", plans[m][t].blocks, after=(m, t)) for t, m in published if m != j
+            ]
+        tasks[-1] = Task("backward", tasks[-1].blocks, after=tasks[-1].after, last=True)
+    return plans
+
+
+def submission_order(plans: list[list[Task]]) -> list[tuple[int, int]]:
+    """``(share, task)`` pairs, each after the residuals task it takes its inputs from."""
+    cursor, order = [0] * len(plans), []
+    while len(order) < sum(map(len, plans)):
+        before = len(order)
+        for j, tasks in enumerate(plans):
+            while cursor[j] < len(tasks):
+                after = tasks[cursor[j]].after
+                if after is not None and cursor[after[0]] <= after[1]:
+                    break
+                order.append((j, cursor[j]))
+                cursor[j] += 1
+        if len(order) == before:
+            raise RuntimeError("the epoch's task plan has a dependency cycle")
+    return order
+
+
 def diagonal_epoch(
     backend: DiagonalBackend,
     computes: Sequence,
@@ -285,15 +360,22 @@ def diagonal_epoch(
     """
     c, approx = schedule.lr / layout.n_padded, schedule.approx
     shares = plan_shares(layout, len(computes), computes[0].n_blocks)
-    pairs = list(zip(computes[: len(shares)], shares, strict=True))
-    z = [submit(comp, "forward", weights, sh).share() for comp, sh in pairs]
-    r = [
-        submit(comp, "residuals", [z[m] for m in src], biases, c, approx, sh, blocks).share()
-        for j, (comp, sh) in enumerate(pairs)
-        for blocks, src in _residual_tasks(shares, j, layout.giant)
+    plans = plan_tasks(shares, layout.giant)
+    comps = computes[: len(shares)]
+    z = [
+        submit(comp, "forward", weights, sh).share() for comp, sh in zip(comps, shares, strict=True)
     ]
-    handles = [submit(comp, "backward", r if sh.exchange else [], sh) for comp, sh in pairs]
-    parts = [h.result() for h in handles]
+    published, backward = {}, []
+    for j, t in submission_order(plans):
+        task, comp, sh = plans[j][t], comps[j], shares[j]
+        if task.method == "residuals":
+            src = [z[m] for m in task.sources]
+            handle = submit(comp, "residuals", src, biases, c, approx, sh, task.blocks)
+            published[j, t] = handle.share()
+        else:
+            inputs = [published[task.after]] if task.after is not None else []
+            backward.append(submit(comp, "backward", inputs, sh, task.blocks, task.last))
+    parts = [p for p in (h.result() for h in backward) if p is not None]  # raises any failure
     upd_w, upd_b = backend.sum_round(parts, step)
     new_w = [
         [w - u for w, u in zip(wk, uk, strict=True)] for wk, uk in zip(weights, upd_w, strict=True)
@@ -352,8 +434,11 @@ class PlainDiagonalBackend:
     def zeros(self) -> np.ndarray:
         return np.zeros(self.layout.slots)
 
-    def dot(self, pairs, rescale=True):
+    def dot(self, pairs, rescale=True, relin=True):
         return sum(a * b for a, b in pairs)
+
+    def relinearize(self, v):
+        return v
 
     def rescale(self, v):
         return v
@@ -421,8 +506,11 @@ class EncryptedDiagonalBackend:
     def zeros(self):
         return self.engine.encrypt(np.zeros(self.layout.slots))
 
-    def dot(self, pairs, rescale=True):
-        return self.engine.dot(pairs, rescale)
+    def dot(self, pairs, rescale=True, relin=True):
+        return self.engine.dot(pairs, rescale, relin)
+
+    def relinearize(self, v):
+        return self.engine.relinearize(v)
 
     def rescale(self, v):
         from medfed.crypto.seal import SealVec
