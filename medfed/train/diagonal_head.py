@@ -216,7 +216,7 @@ class DiagonalCompute:
         ``last`` call folds the sums and returns them finished by the backend (masked,
         serialized). Blocks are taken as their residuals arrive, so a compute that waits for
         another's residuals works on those it has."""
-        L, be = self.layout, self.backend
+        L, be, blk = self.layout, self.backend, self.blocks
         merged = dict(self.residual)
         for other in residuals:
             for i, rs in other.items():
@@ -224,25 +224,23 @@ class DiagonalCompute:
         owned = self._owned_units(share)
         for pos, k in enumerate(share.heads):
             sums = self.sums.setdefault(k, {})
-            for i in blocks:
-                blk, r = self.blocks[i], merged[i][pos]
-                shifted = [r]  # rot(r, -baby * a) for every giant step a
+            res = {i: merged[i][pos] for i in blocks}
+            shifted = {}  # rot(r, -baby * a) for every block and giant step a
+            for i, r in res.items():
+                shifted[i] = [r]
                 for _ in range(1, L.giant):
-                    shifted.append(be.rotate(shifted[-1], -L.baby))
-                for g, babies in owned.items():
-                    for b in babies:
-                        part = be.dot(
-                            [
-                                (_low(blk, (g, a, b), blk.diagonals[g][a][b], sr, be), sr)
-                                for a, sr in enumerate(shifted)
-                            ],
-                            rescale=False,
-                            relin=False,
-                        )
-                        _add(sums, (g, b), part)
-                if share.with_bias:
-                    part = be.dot([(_low(blk, ("mask",), blk.mask, r, be), r)], False, False)
-                    _add(sums, "bias", part)
+                    shifted[i].append(be.rotate(shifted[i][-1], -L.baby))
+            for g, babies in owned.items():
+                for b in babies:
+                    pairs = [
+                        (_low(blk[i], (g, a, b), blk[i].diagonals[g][a][b], sr, be), sr)
+                        for i, chain in shifted.items()
+                        for a, sr in enumerate(chain)
+                    ]
+                    _add(sums, (g, b), be.dot(pairs, rescale=False, relin=False))
+            if share.with_bias:
+                pairs = [(_low(blk[i], ("mask",), blk[i].mask, r, be), r) for i, r in res.items()]
+                _add(sums, "bias", be.dot(pairs, rescale=False, relin=False))
         if not last:
             return None
         q_all, qb_all = {}, {}
