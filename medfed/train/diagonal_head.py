@@ -17,7 +17,7 @@ The plaintext reference (``PlainDiagonalBackend``) executes exactly this on nump
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -319,7 +319,7 @@ def plan_tasks(shares: list[Share], giant: int) -> list[list[Task]]:
             tasks += [
                 Task("backward", plans[m][t].blocks, after=(m, t)) for t, m in published if m != j
             ]
-        tasks[-1] = Task("backward", tasks[-1].blocks, after=tasks[-1].after, last=True)
+        tasks[-1] = replace(tasks[-1], last=True)
     return plans
 
 
