@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfed.crypto.diagonal import (
+    baby_rotations,
     fold_products,
     gradient_map,
     pack_diagonal,
@@ -19,6 +20,7 @@ from medfed.crypto.packing import LayoutError, n_buckets
 from medfed.train.diagonal_head import (
     DiagonalCompute,
     PlainDiagonalBackend,
+    balanced_ranges,
     blocks_from_packed,
     head_matrix,
     plan_shares,
@@ -119,6 +121,13 @@ def test_work_split_is_a_partition():
             ranges = split_range(total, parts)
             assert [a for r in ranges for a in r] == list(range(total))
             assert all(len(r) > 0 for r in ranges)
+            if parts <= total:
+                skewed = [9] + [0] * (parts - 1)
+                for extra in ([0] * parts, [2 * (j % 2) for j in range(parts)], skewed):
+                    ranges = balanced_ranges(total, extra)
+                    assert [a for r in ranges for a in r] == list(range(total))
+                    assert all(len(r) > 0 for r in ranges)
+    assert [len(r) for r in balanced_ranges(24, [4, 2])] == [11, 13]  # 2 owned blocks vs 1
 
 
 def test_shares_cover_every_cell_unit_and_residual_once():
@@ -136,6 +145,16 @@ def test_shares_cover_every_cell_unit_and_residual_once():
                 assert owned == [(k, i) for k in range(H) for i in range(n_blocks)]
                 biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
                 assert biases == list(range(H))
+                rotations = sorted(
+                    (k, g, b)
+                    for sh in shares
+                    for k in sh.heads
+                    for g, lo, hi in sh.chains
+                    for b in range(lo, hi + 1)
+                )  # every head's rotations rot(W_g, b), b >= 1, made once (by its compute)
+                every = [(k, g, b) for k in range(H) for g in range(G) for b in range(1, B)]
+                assert rotations == every
+                assert all(len(sh.units) > 0 for sh in shares)
                 for sh in shares:  # a block's owner computes its giant step 0
                     assert all(i * A in sh.cells for i in sh.owned)
                     assert sh.exchange == (len(shares) > 1 and sh.heads == range(H))
@@ -183,3 +202,21 @@ def test_layout_rejects_bad_inputs():
         pack_diagonal(np.zeros((3, 5)), np.zeros(3, int), layout, 0)
     with pytest.raises(LayoutError, match="more samples"):
         pack_diagonal(np.zeros((40, 4)), np.zeros(40, int), layout, 0)
+
+
+def test_baby_rotations_take_the_cheaper_chain():
+    w = np.arange(64.0)
+    for lo in range(1, 8):
+        for hi in range(lo, 8):
+            calls = []
+
+            def counted(v, k, calls=calls):
+                calls.append(k)
+                return rot(v, k)
+
+            got = baby_rotations(w, lo, hi, 8, 64, counted)
+            assert sorted(got) == list(range(lo, hi + 1))
+            assert all(np.array_equal(v, rot(w, b)) for b, v in got.items())
+            assert len(calls) == min(hi, 1 + 8 - lo)
+    # without a +baby key (baby == group) only the +1 chain is possible
+    assert len(baby_rotations(np.arange(8.0), 5, 7, 8, 8, lambda v, k: rot(v, k))) == 3

@@ -184,6 +184,26 @@ def rotate_by(v, steps: int, unit: int, rotate) -> object:
     return v
 
 
+def baby_rotations(w, lo: int, hi: int, baby: int, group: int, rotate) -> dict[int, object]:
+    """``{b: rot(w, b)}`` for ``lo <= b <= hi`` (``1 <= lo``, ``hi < baby``), the cheaper way:
+    ``+1`` steps from ``w`` (``hi`` rotations), or one ``+baby`` step then ``-1`` steps
+    (``1 + baby - lo``; needs ``baby < group`` for the key)."""
+    out: dict[int, object] = {}
+    if hi <= 1 + baby - lo or baby >= group:
+        v = w
+        for b in range(1, hi + 1):
+            v = rotate(v, 1)
+            if b >= lo:
+                out[b] = v
+        return out
+    v = rotate(w, baby)
+    for b in range(baby - 1, lo - 1, -1):
+        v = rotate(v, -1)
+        if b <= hi:
+            out[b] = v
+    return out
+
+
 def cell_steps(cells: range, block: int, giant: int) -> range:
     """The giant steps of ``block`` among forward cells ``block * giant + a`` (maybe empty)."""
     return range(max(cells.start - block * giant, 0), min(cells.stop - block * giant, giant))

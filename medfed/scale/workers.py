@@ -1,9 +1,10 @@
 """Encrypted batch workers: long-lived Ray actors that hold the aggregator's public keys.
 
 Each worker loads the public context and Galois keys once, keeps the uploaded feature
-ciphertexts resident, and computes its share of every epoch (a range of giant steps).
-Ciphertexts travel as bytes (SEAL objects do not pickle). Workers belong to the aggregator
-and hold exactly what it holds: no secret key.
+ciphertexts resident, and computes its share of every epoch. Ciphertexts travel as bytes (SEAL
+objects do not pickle): between the aggregator's own processes in SEAL's uncompressed format
+(:mod:`medfed.crypto.uncompressed`), so sharing a rotation costs less than computing it again.
+Workers belong to the aggregator and hold exactly what it holds: no secret key.
 """
 
 from __future__ import annotations
@@ -49,22 +50,35 @@ class DiagonalWorker:
         ]
         return len(self.compute.blocks)
 
-    def _vectors(self, blobs: dict, item: str, keep) -> dict[int, list]:
-        return {
-            int(i): [self.engine.from_bytes(v, sender="worker", item=item) for v in vs]
-            for i, vs in blobs.items()
-            if keep(int(i))
-        }
+    def _nested(self, blob, item: str):
+        if isinstance(blob, list):
+            return [self._nested(b, item) for b in blob]
+        return self.engine.from_bytes(blob, sender="worker", item=item)
 
-    def _blobs(self, vectors: dict[int, list]) -> dict[int, list[bytes]]:
-        return {i: [self.engine.to_bytes(v) for v in vs] for i, vs in vectors.items()}
+    def _vectors(self, blobs: dict, item: str, keep) -> dict:
+        return {i: self._nested(vs, item) for i, vs in blobs.items() if keep(i)}
 
-    def forward(self, weights: list[list[bytes]], share: Share) -> dict[int, list[bytes]]:
+    def _blobs(self, vectors: dict) -> dict:
+        return {i: _dump(self.engine, vs) for i, vs in vectors.items()}
+
+    def rotate(self, weights: list[list[bytes]], share: Share) -> dict[tuple, bytes]:
+        """This share's weight rotations (kept, and returned when shared)."""
         w = [
             [self._load(v, "w") for v in wk] if k in share.heads else None
             for k, wk in enumerate(weights)
         ]
-        return self._blobs(self.compute.forward(w, share))
+        return self._blobs(self.compute.rotate(w, share))
+
+    def forward(self, share: Share, rotations: list) -> dict[int, list[bytes]]:
+        """``rotations``: object references of the other shares' published weight rotations,
+        fetched once this worker's first cells are under way."""
+
+        def fetch() -> list[dict]:
+            import ray
+
+            return [self._vectors(r, "rot(w)", lambda key: True) for r in ray.get(rotations)]
+
+        return self._blobs(self.compute.forward(fetch, share))
 
     def residuals(self, biases, c, approx, share: Share, blocks: tuple, *partials) -> dict:
         """Residuals of ``blocks``; ``partials``: the published partial ``z`` they need."""
@@ -82,6 +96,13 @@ class DiagonalWorker:
         kept = self.compute.residual
         loaded = [self._vectors(r, "r", lambda i: i in blocks and i not in kept) for r in residuals]
         return self.compute.backward(loaded, share, blocks, last)
+
+
+def _dump(engine: SealEngine, v):
+    """(Nested lists of) ciphertexts as uncompressed bytes, for the aggregator's processes."""
+    if isinstance(v, list):
+        return [_dump(engine, x) for x in v]
+    return engine.to_uncompressed_bytes(v)
 
 
 class _RayHandle:
@@ -105,15 +126,12 @@ class _Broadcast:
         self.engine = engine
         self.cache: dict[str, tuple[object, object]] = {}  # name -> (source list, object ref)
 
-    def _bytes(self, v):
-        return [self._bytes(x) for x in v] if isinstance(v, list) else self.engine.to_bytes(v)
-
     def ref(self, name: str, vectors: list):
         import ray
 
         last = self.cache.get(name)
         if last is None or last[0] is not vectors:
-            last = self.cache[name] = (vectors, ray.put(self._bytes(vectors)))
+            last = self.cache[name] = (vectors, ray.put(_dump(self.engine, vectors)))
         return last[1]
 
 
@@ -128,8 +146,11 @@ class RemoteCompute:
         self.n_blocks = n_blocks
         self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
 
-    def submit_forward(self, weights, share: Share) -> _RayHandle:
-        return _RayHandle(self.actor.forward.remote(self.broadcast.ref("weights", weights), share))
+    def submit_rotate(self, weights, share: Share) -> _RayHandle:
+        return _RayHandle(self.actor.rotate.remote(self.broadcast.ref("weights", weights), share))
+
+    def submit_forward(self, rotations, share: Share) -> _RayHandle:
+        return _RayHandle(self.actor.forward.remote(share, list(rotations)))  # not awaited
 
     def submit_residuals(self, partials, biases, c, approx, share: Share, blocks) -> _RayHandle:
         b = self.broadcast.ref("biases", biases)

@@ -24,6 +24,7 @@ import numpy as np
 
 from medfed.crypto.diagonal import (
     DiagonalLayout,
+    baby_rotations,
     cell_steps,
     fold_products,
     gradient_map,
@@ -95,6 +96,10 @@ def _low(block: Block, key: tuple, v: object, like: object, backend: DiagonalBac
     return block.low[key]
 
 
+EARLY_CELLS = 16  # forward cells started before waiting for other computes' rotations
+OWNED_BLOCK_UNITS = 2  # forming a block's residuals and shifts costs about 2 backward units
+
+
 def split_range(total: int, parts: int) -> list[range]:
     """Contiguous, balanced ranges of ``range(total)``, one per worker."""
     parts = max(1, min(parts, total))
@@ -111,78 +116,146 @@ class Share:
     units: range  # backward (group, baby) units ``g * baby + b``
     with_bias: bool  # it computes the bias products of its heads
     owned: tuple[int, ...]  # blocks whose residuals it forms (it holds their giant step 0)
-    exchange: bool  # partial z and residuals go to and from the other computes
+    exchange: bool  # weight rotations, partial z and residuals go to and from the others
+    chains: tuple[tuple[int, int, int], ...] = ()  # (group, lo, hi): the rot(W, lo..hi) it makes
 
 
 def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share]:
     """Split an epoch over ``parts`` computes.
 
     With enough heads (one-vs-rest), each compute trains whole heads: nothing is repeated and
-    nothing is exchanged. Otherwise every compute works on every head: the forward pass split by
-    (block, giant step) cells, each block's residuals formed by one compute, the backward pass
-    split by ``(group, baby)`` units. Each compute then repeats the weights' baby-step
-    rotations and the residual shifts, and partial z and residuals are exchanged. A block's
-    residuals are formed by the compute that holds its giant step 0: that part needs no shift
-    rotation, so its compute tends to finish its forward pass first.
+    nothing is exchanged. Otherwise every compute works on every head: the weights' baby-step
+    rotations split by ``(group, baby)``, the forward pass by (block, giant step) cells, each
+    block's residuals (and their shifts) formed by one compute, the backward pass by
+    ``(group, baby)`` units; rotations, partial z and shifted residuals are exchanged
+    (uncompressed: cheaper than computing them again). A block's residuals are formed by the
+    compute that holds its giant step 0: that part needs no shift rotation, so its compute
+    tends to finish its forward pass first.
     """
-    H, A = layout.n_heads, layout.giant
-    cells_all, units_all = range(n_blocks * A), range(layout.n_groups * layout.baby)
+    H, A, G, B = layout.n_heads, layout.giant, layout.n_groups, layout.baby
+    cells_all, units_all = range(n_blocks * A), range(G * B)
     k = max(1, min(parts, len(cells_all), len(units_all)))
     every = tuple(range(n_blocks))
+    whole = tuple((g, 1, B - 1) for g in range(G)) if B > 1 else ()
     if k > 1 and H >= k and (H % k == 0 or H >= 2 * k):
-        return [Share(h, cells_all, units_all, True, every, False) for h in split_range(H, k)]
+        return [
+            Share(h, cells_all, units_all, True, every, False, whole) for h in split_range(H, k)
+        ]
     cells = split_range(len(cells_all), k)
-    units = split_range(len(units_all), len(cells))
     owner = {i: j for j, c in enumerate(cells) for i in every if i * A in c}
+    owned = [sum(1 for j in owner.values() if j == m) for m in range(len(cells))]
+    units = balanced_ranges(len(units_all), [OWNED_BLOCK_UNITS * o for o in owned])
+    chains = plan_chains(G, B, len(cells)) if len(cells) > 1 else [whole]
     return [
-        Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1)
-        for j, (c, u) in enumerate(zip(cells, units, strict=True))
+        Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1, ch)
+        for j, (c, u, ch) in enumerate(zip(cells, units, chains, strict=True))
     ]
+
+
+def balanced_ranges(total: int, extra: Sequence[float]) -> list[range]:
+    """Contiguous ranges of ``range(total)``, at least one item each, sized so that
+    ``len(range_j) + extra[j]`` is as even as it can be."""
+    k = len(extra)
+    target = (total + sum(extra)) / k
+    sizes = [max(1, round(target - e)) for e in extra]
+    while sum(sizes) > total:
+        j = max((m for m in range(k) if sizes[m] > 1), key=lambda m: sizes[m] + extra[m])
+        sizes[j] -= 1
+    while sum(sizes) < total:
+        sizes[min(range(k), key=lambda m: sizes[m] + extra[m])] += 1
+    edges = np.cumsum([0, *sizes])
+    return [range(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def plan_chains(n_groups: int, baby: int, parts: int) -> list[tuple[tuple[int, int, int], ...]]:
+    """The weights' baby-step rotations ``(group, b)``, ``1 <= b < baby``, in ``parts``
+    contiguous runs, as ``(group, lo, hi)`` chains per part (a part may get none)."""
+    units = [(g, b) for g in range(n_groups) for b in range(1, baby)]
+    out = []
+    for rng in split_range(len(units), parts) if units else [range(0)] * parts:
+        chains: dict[int, list[int]] = {}
+        for g, b in (units[i] for i in rng):
+            chains.setdefault(g, []).append(b)
+        out.append(tuple((g, bs[0], bs[-1]) for g, bs in chains.items()))
+    out += [()] * (parts - len(out))
+    return out
 
 
 class DiagonalCompute:
     """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it).
 
-    An epoch calls :meth:`forward`, :meth:`residuals` and :meth:`backward` in turn; each
-    returns what the other computes need and keeps the rest (``partial_z``, ``residual``).
+    An epoch calls :meth:`rotate`, :meth:`forward`, :meth:`residuals` and :meth:`backward` in
+    turn; each returns what the other computes need and keeps the rest (``w_rot``,
+    ``partial_z``, ``residual``).
     """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
         self.backend = backend
         self.layout = layout
         self.blocks: list[Block] = []
+        self.w_rot: dict[int, list[dict]] = {}  # head -> [group] -> {b: rot(W, b)}
         self.partial_z: dict[int, list] = {}  # block -> [head]: this epoch's partial z
-        self.residual: dict[int, list] = {}  # block -> [head]: residuals of the owned blocks
+        self.residual: dict[int, list] = {}  # block -> [head] -> [a]: rot(r, -baby * a), owned
         self.sums: dict[int, dict] = {}  # head -> unit or "bias": unrelinearized product sums
 
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
 
-    def forward(self, weights: list[list[object]], share: Share) -> dict[int, list]:
-        """Partial ``z`` (without bias) of the share's cells, per block and head; returns
-        those of the blocks that other computes own."""
+    def rotate(self, weights: list[list[object]], share: Share) -> dict[tuple, object]:
+        """The share's baby-step rotations of its heads' weights (``share.chains``); returns
+        them for the other computes when they are shared, as ``{(head, group, b): vector}``."""
+        L, be = self.layout, self.backend
+        self.w_rot, mine = {}, {}
+        for k in share.heads:
+            self.w_rot[k] = [{0: weights[k][g]} for g in range(L.n_groups)]
+            for g, lo, hi in share.chains:
+                made = baby_rotations(weights[k][g], lo, hi, L.baby, L.group, be.rotate)
+                self.w_rot[k][g].update(made)
+                mine.update({(k, g, b): v for b, v in made.items()})
+        return mine if share.exchange else {}
+
+    def forward(self, rotations, share: Share) -> dict[int, list]:
+        """Partial ``z`` (without bias) of the share's cells, per block and head, from the kept
+        and the other computes' weight rotations; returns those of the blocks that other
+        computes own.
+
+        ``rotations``: the other computes' published rotations, or a function that waits for
+        them. It is called only after the first cells' products with the rotations in hand
+        (up to :data:`EARLY_CELLS` unrelinearized partial sums), so a compute does not wait
+        while another finishes its rotations.
+        """
         L, be, A = self.layout, self.backend, self.layout.giant
         steps = {i: cell_steps(share.cells, i, A) for i in range(self.n_blocks)}
         steps = {i: rng for i, rng in steps.items() if rng}
         self.partial_z, self.residual, self.sums = {i: [] for i in steps}, {}, {}
+        units = [(g, b) for g in range(L.n_groups) for b in range(L.baby)]
+
+        def pairs(k, i, a, which):
+            d, w = self.blocks[i].diagonals, self.w_rot[k]
+            return [(d[g][a][b], w[g][b]) for g, b in which]
+
+        cells = [(k, i, a) for k in share.heads for i, rng in steps.items() for a in reversed(rng)]
+        early, rest = {}, {}
         for k in share.heads:
-            w_rot = []
-            for g in range(L.n_groups):
-                chain = [weights[k][g]]
-                for _ in range(1, L.baby):
-                    chain.append(be.rotate(chain[-1], 1))
-                w_rot.append(chain)
+            rest[k] = [(g, b) for g, b in units if b not in self.w_rot[k][g]]
+        for k, i, a in cells[:EARLY_CELLS] if any(rest.values()) else []:
+            ready = [(g, b) for g, b in units if b in self.w_rot[k][g]]
+            early[k, i, a] = be.dot(pairs(k, i, a, ready), rescale=False, relin=False)
+        for other in rotations() if callable(rotations) else rotations:
+            for (k, g, b), v in other.items():
+                self.w_rot[k][g][b] = v
+        for k in share.heads:
             for i, rng in steps.items():
-                blk, z = self.blocks[i], None
+                z = None
                 for a in reversed(rng):  # Horner over this share's giant steps of the block
-                    inner = be.dot(
-                        [
-                            (blk.diagonals[g][a][b], w_rot[g][b])
-                            for g in range(L.n_groups)
-                            for b in range(L.baby)
-                        ]
-                    )
+                    if (k, i, a) in early:
+                        part = early.pop((k, i, a)) + be.dot(
+                            pairs(k, i, a, rest[k]), rescale=False, relin=False
+                        )
+                        inner = be.rescale(be.relinearize(part))
+                    else:
+                        inner = be.dot(pairs(k, i, a, units))
                     z = inner if z is None else inner + be.rotate(z, L.baby)
                 self.partial_z[i].append(rotate_by(z, rng.start, L.baby, be.rotate))
         return {i: z for i, z in self.partial_z.items() if i not in share.owned}
@@ -190,8 +263,10 @@ class DiagonalCompute:
     def residuals(
         self, partials: list[dict], biases: list, c: float, approx, share: Share, blocks: tuple
     ) -> dict:
-        """Residuals of ``blocks`` (owned) from the kept and the other computes' partial ``z``;
-        returns them for the other computes (those that share the heads)."""
+        """Residuals of ``blocks`` (owned) from the kept and the other computes' partial ``z``,
+        with their giant-step shifts ``rot(r, -baby * a)``; returns them for the other computes
+        (those that share the heads)."""
+        L, be = self.layout, self.backend
         for i in blocks:
             blk, per_head = self.blocks[i], []
             for pos, k in enumerate(share.heads):
@@ -202,9 +277,10 @@ class DiagonalCompute:
                 key = ("target", k, c, approx.coeffs[0])
                 if key not in blk.low:  # fresh y: the same level-0 product every epoch
                     blk.low[key] = target_term(blk.targets[k], approx, c)
-                per_head.append(
-                    scaled_residual(z + biases[k], blk.targets[k], approx, c, blk.low[key])
-                )
+                chain = [scaled_residual(z + biases[k], blk.targets[k], approx, c, blk.low[key])]
+                for _ in range(1, L.giant):
+                    chain.append(be.rotate(chain[-1], -L.baby))
+                per_head.append(chain)
             self.residual[i] = per_head
         return {i: self.residual[i] for i in blocks} if share.exchange else {}
 
@@ -212,11 +288,12 @@ class DiagonalCompute:
         self, residuals: list[dict], share: Share, blocks: Sequence[int], last: bool
     ) -> dict | None:
         """Add the products of ``blocks`` (the share's ``(group, baby)`` units, and the bias
-        products) to the running sums, from the kept or the other computes' residuals; the
+        products) to the running sums, from the kept or the other computes' shifted residuals;
+        the
         ``last`` call folds the sums and returns them finished by the backend (masked,
         serialized). Blocks are taken as their residuals arrive, so a compute that waits for
         another's residuals works on those it has."""
-        L, be, blk = self.layout, self.backend, self.blocks
+        be, blk = self.backend, self.blocks
         merged = dict(self.residual)
         for other in residuals:
             for i, rs in other.items():
@@ -224,12 +301,7 @@ class DiagonalCompute:
         owned = self._owned_units(share)
         for pos, k in enumerate(share.heads):
             sums = self.sums.setdefault(k, {})
-            res = {i: merged[i][pos] for i in blocks}
-            shifted = {}  # rot(r, -baby * a) for every block and giant step a
-            for i, r in res.items():
-                shifted[i] = [r]
-                for _ in range(1, L.giant):
-                    shifted[i].append(be.rotate(shifted[i][-1], -L.baby))
+            shifted = {i: merged[i][pos] for i in blocks}  # rot(r, -baby * a) per giant step a
             for g, babies in owned.items():
                 for b in babies:
                     pairs = [
@@ -239,7 +311,10 @@ class DiagonalCompute:
                     ]
                     _add(sums, (g, b), be.dot(pairs, rescale=False, relin=False))
             if share.with_bias:
-                pairs = [(_low(blk[i], ("mask",), blk[i].mask, r, be), r) for i, r in res.items()]
+                pairs = [
+                    (_low(blk[i], ("mask",), blk[i].mask, sr[0], be), sr[0])
+                    for i, sr in shifted.items()
+                ]
                 _add(sums, "bias", be.dot(pairs, rescale=False, relin=False))
         if not last:
             return None
@@ -352,16 +427,22 @@ def diagonal_epoch(
     """One full-batch gradient step over computes that each own a share of the work.
 
     ``computes`` are :class:`DiagonalCompute` objects, or proxies of remote ones (Ray actors)
-    with ``submit_forward``/``submit_residuals``/``submit_backward`` returning handles. Partial
-    ``z`` and residuals go from compute to compute without a stop at the driver (remote
-    handles pass object references).
+    with ``submit_rotate``/``submit_forward``/``submit_residuals``/``submit_backward`` returning
+    handles. Weight rotations, partial ``z`` and residuals go from compute to compute without a
+    stop at the driver (remote handles pass object references).
     """
     c, approx = schedule.lr / layout.n_padded, schedule.approx
     shares = plan_shares(layout, len(computes), computes[0].n_blocks)
     plans = plan_tasks(shares, layout.giant)
     comps = computes[: len(shares)]
+    rotated = [
+        submit(comp, "rotate", weights, sh).share() for comp, sh in zip(comps, shares, strict=True)
+    ]
     z = [
-        submit(comp, "forward", weights, sh).share() for comp, sh in zip(comps, shares, strict=True)
+        submit(
+            comp, "forward", [r for m, r in enumerate(rotated) if m != j and sh.exchange], sh
+        ).share()
+        for j, (comp, sh) in enumerate(zip(comps, shares, strict=True))
     ]
     published, backward = {}, []
     for j, t in submission_order(plans):
