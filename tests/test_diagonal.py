@@ -20,7 +20,6 @@ from medfed.crypto.packing import LayoutError, n_buckets
 from medfed.train.diagonal_head import (
     DiagonalCompute,
     PlainDiagonalBackend,
-    balanced_ranges,
     blocks_from_packed,
     head_matrix,
     plan_shares,
@@ -121,13 +120,6 @@ def test_work_split_is_a_partition():
             ranges = split_range(total, parts)
             assert [a for r in ranges for a in r] == list(range(total))
             assert all(len(r) > 0 for r in ranges)
-            if parts <= total:
-                skewed = [9] + [0] * (parts - 1)
-                for extra in ([0] * parts, [2 * (j % 2) for j in range(parts)], skewed):
-                    ranges = balanced_ranges(total, extra)
-                    assert [a for r in ranges for a in r] == list(range(total))
-                    assert all(len(r) > 0 for r in ranges)
-    assert [len(r) for r in balanced_ranges(24, [4, 2])] == [11, 13]  # 2 owned blocks vs 1
 
 
 def test_shares_cover_every_cell_unit_and_residual_once():

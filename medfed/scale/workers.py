@@ -69,32 +69,49 @@ class DiagonalWorker:
         ]
         return self._blobs(self.compute.rotate(w, share))
 
-    def forward(self, share: Share, rotations: list) -> dict[int, list[bytes]]:
-        """``rotations``: object references of the other shares' published weight rotations,
-        fetched once this worker's first cells are under way."""
+    def _biases(self, biases: list[bytes], share: Share) -> list:
+        if self.biases is None or self.biases[0] != biases:  # load once per epoch
+            loaded = [
+                self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)
+            ]
+            self.biases = (biases, loaded)
+        return self.biases[1]
+
+    def forward(
+        self, weights, share: Share, rotations: list, biases, c, approx, blocks: tuple
+    ) -> dict:
+        """Forward pass and the residuals of ``blocks``; ``weights`` is None when
+        :meth:`rotate` ran. ``rotations``: object references of the other shares' published
+        weight rotations, fetched once this worker's first cells are under way."""
+        if weights is not None:
+            weights = [
+                [self._load(v, "w") for v in wk] if k in share.heads else None
+                for k, wk in enumerate(weights)
+            ]
 
         def fetch() -> list[dict]:
             import ray
 
             return [self._vectors(r, "rot(w)", lambda key: True) for r in ray.get(rotations)]
 
-        return self._blobs(self.compute.forward(fetch, share))
+        b = self._biases(biases, share) if blocks else None
+        out = self.compute.forward(weights, fetch, share, b, c, approx, blocks)
+        return {name: self._blobs(v) for name, v in out.items()}
 
-    def residuals(self, biases, c, approx, share: Share, blocks: tuple, *partials) -> dict:
-        """Residuals of ``blocks``; ``partials``: the published partial ``z`` they need."""
-        loaded = [self._vectors(p, "z", lambda i: i in blocks) for p in partials]
-        if self.biases is None or self.biases[0] != biases:  # load once per epoch
-            loaded_b = [
-                self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)
-            ]
-            self.biases = (biases, loaded_b)
-        out = self.compute.residuals(loaded, self.biases[1], c, approx, share, blocks)
-        return self._blobs(out)
+    def residuals(self, biases, c, approx, share: Share, blocks: tuple, *published) -> dict:
+        """Residuals of ``blocks``; ``published``: the forward outputs with their partial z."""
+        loaded = [{"z": self._vectors(p["z"], "z", lambda i: i in blocks)} for p in published]
+        out = self.compute.residuals(loaded, self._biases(biases, share), c, approx, share, blocks)
+        return {"r": self._blobs(out["r"])}
 
-    def backward(self, share: Share, blocks: tuple, last: bool, *residuals) -> dict | None:
-        """``residuals``: the published residuals of ``blocks`` (its own stay loaded)."""
+    def backward(self, share: Share, blocks: tuple, last: bool, *published) -> dict | None:
+        """``published``: the outputs that carry the residuals of ``blocks`` (its own stay
+        loaded)."""
         kept = self.compute.residual
-        loaded = [self._vectors(r, "r", lambda i: i in blocks and i not in kept) for r in residuals]
+        loaded = [
+            {"r": self._vectors(p["r"], "r", lambda i: i in blocks and i not in kept)}
+            for p in published
+        ]
         return self.compute.backward(loaded, share, blocks, last)
 
 
@@ -149,15 +166,20 @@ class RemoteCompute:
     def submit_rotate(self, weights, share: Share) -> _RayHandle:
         return _RayHandle(self.actor.rotate.remote(self.broadcast.ref("weights", weights), share))
 
-    def submit_forward(self, rotations, share: Share) -> _RayHandle:
-        return _RayHandle(self.actor.forward.remote(share, list(rotations)))  # not awaited
-
-    def submit_residuals(self, partials, biases, c, approx, share: Share, blocks) -> _RayHandle:
+    def submit_forward(
+        self, weights, rotations, share: Share, biases, c, approx, blocks
+    ) -> _RayHandle:
+        w = self.broadcast.ref("weights", weights) if weights is not None else None
         b = self.broadcast.ref("biases", biases)
-        return _RayHandle(self.actor.residuals.remote(b, c, approx, share, blocks, *partials))
+        rotations = list(rotations)  # nested: fetched by the worker, not awaited by Ray
+        return _RayHandle(self.actor.forward.remote(w, share, rotations, b, c, approx, blocks))
 
-    def submit_backward(self, residuals, share: Share, blocks, last: bool) -> _RayHandle:
-        return _RayHandle(self.actor.backward.remote(share, blocks, last, *residuals))
+    def submit_residuals(self, published, biases, c, approx, share: Share, blocks) -> _RayHandle:
+        b = self.broadcast.ref("biases", biases)
+        return _RayHandle(self.actor.residuals.remote(b, c, approx, share, blocks, *published))
+
+    def submit_backward(self, published, share: Share, blocks, last: bool) -> _RayHandle:
+        return _RayHandle(self.actor.backward.remote(share, blocks, last, *published))
 
 
 def start_workers(

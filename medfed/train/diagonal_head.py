@@ -97,7 +97,6 @@ def _low(block: Block, key: tuple, v: object, like: object, backend: DiagonalBac
 
 
 EARLY_CELLS = 16  # forward cells started before waiting for other computes' rotations
-OWNED_BLOCK_UNITS = 2  # forming a block's residuals and shifts costs about 2 backward units
 
 
 def split_range(total: int, parts: int) -> list[range]:
@@ -143,28 +142,12 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
         ]
     cells = split_range(len(cells_all), k)
     owner = {i: j for j, c in enumerate(cells) for i in every if i * A in c}
-    owned = [sum(1 for j in owner.values() if j == m) for m in range(len(cells))]
-    units = balanced_ranges(len(units_all), [OWNED_BLOCK_UNITS * o for o in owned])
+    units = split_range(len(units_all), len(cells))
     chains = plan_chains(G, B, len(cells)) if len(cells) > 1 else [whole]
     return [
         Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1, ch)
         for j, (c, u, ch) in enumerate(zip(cells, units, chains, strict=True))
     ]
-
-
-def balanced_ranges(total: int, extra: Sequence[float]) -> list[range]:
-    """Contiguous ranges of ``range(total)``, at least one item each, sized so that
-    ``len(range_j) + extra[j]`` is as even as it can be."""
-    k = len(extra)
-    target = (total + sum(extra)) / k
-    sizes = [max(1, round(target - e)) for e in extra]
-    while sum(sizes) > total:
-        j = max((m for m in range(k) if sizes[m] > 1), key=lambda m: sizes[m] + extra[m])
-        sizes[j] -= 1
-    while sum(sizes) < total:
-        sizes[min(range(k), key=lambda m: sizes[m] + extra[m])] += 1
-    edges = np.cumsum([0, *sizes])
-    return [range(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def plan_chains(n_groups: int, baby: int, parts: int) -> list[tuple[tuple[int, int, int], ...]]:
@@ -184,9 +167,10 @@ def plan_chains(n_groups: int, baby: int, parts: int) -> list[tuple[tuple[int, i
 class DiagonalCompute:
     """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it).
 
-    An epoch calls :meth:`rotate`, :meth:`forward`, :meth:`residuals` and :meth:`backward` in
-    turn; each returns what the other computes need and keeps the rest (``w_rot``,
-    ``partial_z``, ``residual``).
+    An epoch calls :meth:`rotate` (when rotations are shared), :meth:`forward`, then
+    :meth:`residuals` and :meth:`backward` as :func:`plan_tasks` says. Each returns what the
+    other computes need (``{"rot": ...}``, ``{"z": ..., "r": ...}``, ``{"r": ...}``) and keeps
+    the rest (``w_rot``, ``partial_z``, ``residual``).
     """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
@@ -215,7 +199,20 @@ class DiagonalCompute:
                 mine.update({(k, g, b): v for b, v in made.items()})
         return mine if share.exchange else {}
 
-    def forward(self, rotations, share: Share) -> dict[int, list]:
+    def forward(
+        self, weights, rotations, share: Share, biases: list, c: float, approx, blocks: tuple
+    ) -> dict:
+        """One call: the weight rotations (unless ``weights`` is None: :meth:`rotate` ran), the
+        forward pass, then the residuals of ``blocks``, owned blocks that need no other
+        compute's partial ``z``. Returns ``{"z": partial z of blocks others own, "r": those
+        residuals when they are shared}``."""
+        if weights is not None:
+            self.rotate(weights, share)
+        z = self.forward_pass(rotations, share)
+        r = self.residuals([], biases, c, approx, share, blocks)["r"] if blocks else {}
+        return {"z": z, "r": r}
+
+    def forward_pass(self, rotations, share: Share) -> dict[int, list]:
         """Partial ``z`` (without bias) of the share's cells, per block and head, from the kept
         and the other computes' weight rotations; returns those of the blocks that other
         computes own.
@@ -261,19 +258,19 @@ class DiagonalCompute:
         return {i: z for i, z in self.partial_z.items() if i not in share.owned}
 
     def residuals(
-        self, partials: list[dict], biases: list, c: float, approx, share: Share, blocks: tuple
+        self, published: list[dict], biases: list, c: float, approx, share: Share, blocks: tuple
     ) -> dict:
-        """Residuals of ``blocks`` (owned) from the kept and the other computes' partial ``z``,
-        with their giant-step shifts ``rot(r, -baby * a)``; returns them for the other computes
-        (those that share the heads)."""
+        """Residuals of ``blocks`` (owned) from the kept and the other computes' partial ``z``
+        (``published[m]["z"]``), with their giant-step shifts ``rot(r, -baby * a)``; returns
+        ``{"r": them}`` for the other computes (those that share the heads)."""
         L, be = self.layout, self.backend
         for i in blocks:
             blk, per_head = self.blocks[i], []
             for pos, k in enumerate(share.heads):
                 z = self.partial_z[i][pos]
-                for other in partials:
-                    if i in other:
-                        z = z + other[i][pos]
+                for other in published:
+                    if i in other["z"]:
+                        z = z + other["z"][i][pos]
                 key = ("target", k, c, approx.coeffs[0])
                 if key not in blk.low:  # fresh y: the same level-0 product every epoch
                     blk.low[key] = target_term(blk.targets[k], approx, c)
@@ -282,21 +279,20 @@ class DiagonalCompute:
                     chain.append(be.rotate(chain[-1], -L.baby))
                 per_head.append(chain)
             self.residual[i] = per_head
-        return {i: self.residual[i] for i in blocks} if share.exchange else {}
+        return {"r": {i: self.residual[i] for i in blocks} if share.exchange else {}}
 
     def backward(
-        self, residuals: list[dict], share: Share, blocks: Sequence[int], last: bool
+        self, published: list[dict], share: Share, blocks: Sequence[int], last: bool
     ) -> dict | None:
         """Add the products of ``blocks`` (the share's ``(group, baby)`` units, and the bias
-        products) to the running sums, from the kept or the other computes' shifted residuals;
-        the
-        ``last`` call folds the sums and returns them finished by the backend (masked,
-        serialized). Blocks are taken as their residuals arrive, so a compute that waits for
-        another's residuals works on those it has."""
+        products) to the running sums, from the kept or the other computes' shifted residuals
+        (``published[m]["r"]``); the ``last`` call folds the sums and returns them finished by
+        the backend (masked, serialized). Blocks are taken as their residuals arrive, so a
+        compute that waits for another's residuals works on those it has."""
         be, blk = self.backend, self.blocks
         merged = dict(self.residual)
-        for other in residuals:
-            for i, rs in other.items():
+        for other in published:
+            for i, rs in other["r"].items():
                 merged.setdefault(i, rs)
         owned = self._owned_units(share)
         for pos, k in enumerate(share.heads):
@@ -364,24 +360,32 @@ def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple
 
 @dataclass(frozen=True)
 class Task:
-    """One call on a compute after its forward pass."""
+    """One call on a compute after its forward pass (or, ``fused``, part of it)."""
 
     method: str  # "residuals" or "backward"
     blocks: tuple[int, ...]
     sources: tuple[int, ...] = ()  # residuals: the shares whose partial z they need
-    after: tuple[int, int] | None = None  # backward: (share, task) that publishes the residuals
+    inputs: tuple[tuple[int, tuple[int, ...]], ...] = ()  # backward: (share, blocks) residuals
+    fused: bool = False  # residuals formed in the forward call (they need no other share)
     last: bool = False  # backward: fold and return the sums
 
 
 def plan_tasks(shares: list[Share], giant: int) -> list[list[Task]]:
     """Each share's calls, in order: its residuals, each followed by those blocks' backward
     products, then the backward products of the blocks other shares publish (in the order they
-    are formed). A compute waiting for residuals thus works on the ones it has."""
+    are formed). A compute waiting for residuals thus works on the ones it has.
+
+    Residuals that need no other share's partial ``z`` are formed in the forward call
+    (``fused``), and the products of blocks whose residuals come from such a call join the
+    backward call before them: those residuals are ready when every forward pass is. Fewer
+    calls, fewer round trips through Ray.
+    """
     plans: list[list[Task]] = []
     for j in range(len(shares)):
         tasks = []
         for blocks, src in _residual_tasks(shares, j, giant):
-            tasks += [Task("residuals", blocks, tuple(src)), Task("backward", blocks)]
+            residuals = Task("residuals", blocks, tuple(src), fused=not src)
+            tasks += [residuals, Task("backward", blocks)]
         plans.append(tasks)
     published = sorted(
         (t, m)
@@ -389,24 +393,47 @@ def plan_tasks(shares: list[Share], giant: int) -> list[list[Task]]:
         for t, task in enumerate(tasks)
         if task.method == "residuals" and shares[m].exchange
     )
+    fused = {(m, task.blocks) for m, tasks in enumerate(plans) for task in tasks if task.fused}
     for j, tasks in enumerate(plans):
         if shares[j].exchange:
             tasks += [
-                Task("backward", plans[m][t].blocks, after=(m, t)) for t, m in published if m != j
+                Task("backward", plans[m][t].blocks, inputs=((m, plans[m][t].blocks),))
+                for t, m in published
+                if m != j
             ]
-        tasks[-1] = replace(tasks[-1], last=True)
+        merged: list[Task] = []
+        for task in tasks:
+            prev = merged[-1] if merged else None
+            if (
+                task.method == "backward"
+                and prev is not None
+                and prev.method == "backward"
+                and all(key in fused for key in task.inputs)
+            ):
+                merged[-1] = replace(
+                    prev, blocks=prev.blocks + task.blocks, inputs=prev.inputs + task.inputs
+                )
+            else:
+                merged.append(task)
+        merged[-1] = replace(merged[-1], last=True)
+        plans[j] = merged
     return plans
 
 
 def submission_order(plans: list[list[Task]]) -> list[tuple[int, int]]:
-    """``(share, task)`` pairs, each after the residuals task it takes its inputs from."""
+    """``(share, task)`` pairs, each after the residuals tasks it takes its inputs from."""
+    where = {
+        (m, task.blocks): t
+        for m, tasks in enumerate(plans)
+        for t, task in enumerate(tasks)
+        if task.method == "residuals"
+    }
     cursor, order = [0] * len(plans), []
     while len(order) < sum(map(len, plans)):
         before = len(order)
         for j, tasks in enumerate(plans):
             while cursor[j] < len(tasks):
-                after = tasks[cursor[j]].after
-                if after is not None and cursor[after[0]] <= after[1]:
+                if any(cursor[m] <= where[m, blocks] for m, blocks in tasks[cursor[j]].inputs):
                     break
                 order.append((j, cursor[j]))
                 cursor[j] += 1
@@ -428,31 +455,37 @@ def diagonal_epoch(
 
     ``computes`` are :class:`DiagonalCompute` objects, or proxies of remote ones (Ray actors)
     with ``submit_rotate``/``submit_forward``/``submit_residuals``/``submit_backward`` returning
-    handles. Weight rotations, partial ``z`` and residuals go from compute to compute without a
-    stop at the driver (remote handles pass object references).
+    handles (:func:`plan_tasks` says which calls each compute gets). Weight rotations, partial
+    ``z`` and residuals go from compute to compute without a stop at the driver (remote handles
+    pass object references).
     """
     c, approx = schedule.lr / layout.n_padded, schedule.approx
     shares = plan_shares(layout, len(computes), computes[0].n_blocks)
     plans = plan_tasks(shares, layout.giant)
     comps = computes[: len(shares)]
-    rotated = [
-        submit(comp, "rotate", weights, sh).share() for comp, sh in zip(comps, shares, strict=True)
-    ]
-    z = [
-        submit(
-            comp, "forward", [r for m, r in enumerate(rotated) if m != j and sh.exchange], sh
-        ).share()
+    rotated = {  # shared rotations go out first; a share that shares none rotates in forward
+        j: submit(comp, "rotate", weights, sh).share()
         for j, (comp, sh) in enumerate(zip(comps, shares, strict=True))
-    ]
+        if sh.exchange
+    }
+    fwd = []
+    for j, (comp, sh) in enumerate(zip(comps, shares, strict=True)):
+        others = [r for m, r in rotated.items() if m != j]
+        fused = next((t.blocks for t in plans[j] if t.fused), ())
+        own = None if sh.exchange else weights
+        fwd.append(submit(comp, "forward", own, others, sh, biases, c, approx, fused).share())
     published, backward = {}, []
     for j, t in submission_order(plans):
         task, comp, sh = plans[j][t], comps[j], shares[j]
         if task.method == "residuals":
-            src = [z[m] for m in task.sources]
+            if task.fused:  # formed by the forward call, published with its partial z
+                published[j, task.blocks] = fwd[j]
+                continue
+            src = [fwd[m] for m in task.sources]
             handle = submit(comp, "residuals", src, biases, c, approx, sh, task.blocks)
-            published[j, t] = handle.share()
+            published[j, task.blocks] = handle.share()
         else:
-            inputs = [published[task.after]] if task.after is not None else []
+            inputs = [published[key] for key in task.inputs]
             backward.append(submit(comp, "backward", inputs, sh, task.blocks, task.last))
     parts = [p for p in (h.result() for h in backward) if p is not None]  # raises any failure
     upd_w, upd_b = backend.sum_round(parts, step)
