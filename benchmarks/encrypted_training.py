@@ -109,44 +109,6 @@ def timed_epochs(backend, computes, layout, schedule, epochs: int, after_warmup=
     return seconds
 
 
-def _seal_loop(preset: str, barrier, out, reps: int = 14) -> None:
-    """A fixed SEAL workload (24 products summed, one relinearization, one rotation), timed
-    after every process of the run has passed ``barrier``: its median seconds go to ``out``."""
-    engine = SealEngine(make_secret_context(get_preset(preset)))
-    engine.galois = engine._load_galois(engine.make_galois_keys([1]))
-    rng = np.random.default_rng(0)
-    xs = [engine.encrypt(rng.normal(size=engine.slots)) for _ in range(24)]
-    w = engine.encrypt(rng.normal(size=engine.slots))
-    barrier.wait()
-    seconds = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        engine.rotate(engine.dot([(x, w) for x in xs]), 1)
-        seconds.append(time.perf_counter() - t0)
-    out.put(float(np.median(seconds[2:])))
-
-
-def two_core_scaling(preset: str) -> float:
-    """Throughput of two processes running the same SEAL loop at once, over one process alone:
-    the most 2 workers can gain over 1 on this machine at this moment. 2.0 when the two cores
-    do not slow each other down; on a virtual machine they sometimes do."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-
-    def slowest(n: int) -> float:
-        barrier, out = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_seal_loop, args=(preset, barrier, out)) for _ in range(n)]
-        for proc in procs:
-            proc.start()
-        seconds = [out.get() for _ in procs]
-        for proc in procs:
-            proc.join()
-        return max(seconds)
-
-    return 2 * slowest(1) / slowest(2)
-
-
 def per_sample_baseline(params, x, y, samples: int, approx, lr: float) -> tuple[float, Counter]:
     """One ciphertext per sample: x_i * W, rotate-and-sum over all slots (z replicated),
     residual, x_i * r, accumulate. Same engine, parameters and polynomial as medfed."""
@@ -282,14 +244,10 @@ def main(argv=None) -> int:
     }
     counts = aggregator.counts + hospital.counts  # the timed in-process epochs only
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
-    cpu_scaling = None
     if worker_counts:
         from medfed.scale.cluster import ray_session
         from medfed.scale.workers import start_workers, stop_workers
 
-        if max(worker_counts) >= 2:
-            cpu_scaling = two_core_scaling(args.ckks)
-            log(f"two processes on this machine now: {cpu_scaling:.2f}x one (the 2-worker ceiling)")
         with ray_session(None, num_cpus=max(worker_counts)):
             for k in worker_counts:
                 remotes = start_workers(
@@ -367,7 +325,6 @@ def main(argv=None) -> int:
         "worker_speedup_2v1": (by_workers["1"] / by_workers["2"])
         if {"1", "2"} <= set(by_workers)
         else None,
-        "two_core_scaling": cpu_scaling,
         "baseline_seconds_per_epoch": baseline,
         "baseline_ms_per_sample": per_sample * 1000,
         "baseline_samples_timed": args.baseline_samples,
