@@ -212,3 +212,19 @@ def test_baby_rotations_take_the_cheaper_chain():
             assert len(calls) == min(hi, 1 + 8 - lo)
     # without a +baby key (baby == group) only the +1 chain is possible
     assert len(baby_rotations(np.arange(8.0), 5, 7, 8, 8, lambda v, k: rot(v, k))) == 3
+
+
+def test_binary_two_worker_plan_fuses_calls():
+    # 3 blocks, one head, 2 workers: 9 Ray calls (rotate and forward on each, plus these)
+    layout = plan_diagonal([313], slots=4096, n_classes=2, bucket=32, n_features=192)
+    shares = plan_shares(layout, 2, layout.n_blocks)
+    plans = plan_tasks(shares, layout.giant)
+    calls = [[(t.method, t.blocks) for t in plan if not t.fused] for plan in plans]
+    assert calls == [
+        [("backward", (0,)), ("residuals", (1,)), ("backward", (1, 2))],
+        [("backward", (2, 0)), ("backward", (1,))],
+    ]
+    assert [[t.blocks for t in plan if t.fused] for plan in plans] == [[(0,)], [(2,)]]
+    # one worker: residuals in the forward call, then one backward call
+    (single,) = plan_tasks(plan_shares(layout, 1, layout.n_blocks), layout.giant)
+    assert [(t.method, t.fused) for t in single] == [("residuals", True), ("backward", False)]
