@@ -80,3 +80,22 @@ def test_corrupt_uncompressed_bytes_are_rejected(engines, params):
         aggregator.from_bytes(bytes(raw), sender="worker-1", item="rot(w)")
     with pytest.raises(CiphertextError, match="not a valid ciphertext"):
         aggregator.from_bytes(bytes(raw[: len(raw) // 2]), sender="worker-1", item="rot(w)")
+
+
+def test_loads_reuse_one_file_without_mixing_in_earlier_bytes(engines, params):
+    # loads write into one file in place: a shorter load after a longer one must neither read
+    # the longer one's tail nor accept truncated or padded bytes
+    hospital, aggregator = engines
+    values = np.random.default_rng(1).normal(size=params.slots)
+    big = aggregator.encrypt(values)
+    aggregator.from_bytes(aggregator.to_uncompressed_bytes(big), sender="w", item="x")
+    small = aggregator.to_bytes(aggregator.mod_switch_to_level(big, 2))
+    back = aggregator.from_bytes(small, sender="w", item="x")
+    blob = aggregator.to_bytes(back)
+    got = hospital.decrypt(hospital.from_bytes(blob, sender="a", item="x"))
+    assert np.abs(got - values).max() < 1e-3
+    full = aggregator.to_uncompressed_bytes(big)
+    aggregator.from_bytes(full, sender="w", item="x")
+    for bad in (full[: len(full) - 8], small[: len(small) // 2], small + b"\0" * 8):
+        with pytest.raises(CiphertextError, match="SEAL header states"):
+            aggregator.from_bytes(bad, sender="worker-1", item="z")

@@ -44,6 +44,7 @@ class SealEngine:
         self.sym_encryptor = sa.Encryptor(self.sc, ctx.secret_key().data) if self.private else None
         self.counts: Counter = Counter()  # (operation, level) -> calls, for op-count floors
         self._tmp = tempfile.mkdtemp(prefix="medfed-seal-", dir=_SHM)
+        self._in: tuple[int, int, str] | None = None  # (pid, fd, path) of the file loads read
         self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
         self.parms_ids = []
         data = self.sc.first_context_data()
@@ -82,8 +83,8 @@ class SealEngine:
         return keys
 
     # -- (de)serialization ------------------------------------------------------------------
-    def _path(self) -> str:
-        return os.path.join(self._tmp, f"{os.getpid()}-{id(self)}.bin")
+    def _path(self, kind: str = "out") -> str:
+        return os.path.join(self._tmp, f"{os.getpid()}-{id(self)}-{kind}.bin")
 
     def _dump(self, obj) -> bytes:
         path = self._path()
@@ -92,10 +93,20 @@ class SealEngine:
             return f.read()
 
     def _load(self, obj, data: bytes) -> None:
-        path = self._path()
-        with open(path, "wb") as f:
-            f.write(data)
-        obj.load(self.sc, path)
+        """``obj`` from SEAL-serialized ``data``, whose header must state exactly its length.
+
+        The bytes go into one reused file, written in place: truncating and refilling a tmpfs
+        file costs 0.3 ms for a top-level ciphertext, 4x SEAL's load itself. The length check
+        also keeps an earlier, longer load's bytes out of this one.
+        """
+        stated = int.from_bytes(data[8:16], "little") if len(data) >= 16 else -1
+        if stated != len(data):
+            raise ValueError(f"the SEAL header states {stated} bytes, the data has {len(data)}")
+        if self._in is None or self._in[0] != os.getpid():
+            path = self._path("in")
+            self._in = (os.getpid(), os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path)
+        os.pwrite(self._in[1], data, 0)
+        obj.load(self.sc, self._in[2])
 
     def to_bytes(self, v: SealVec) -> bytes:
         return self._dump(v.ct)
@@ -104,7 +115,7 @@ class SealEngine:
         """``v`` in SEAL's format without compression (:mod:`medfed.crypto.uncompressed`): 10x
         faster than :meth:`to_bytes`, 1.6x larger. For transfers between the aggregator's own
         processes; anything :meth:`from_bytes` reads."""
-        data = save_uncompressed(v.ct, self._path())
+        data = save_uncompressed(v.ct, self._path("probe"))
         return data if data is not None else self.to_bytes(v)
 
     def from_bytes(self, data: bytes, *, sender: str, item: str) -> SealVec:
@@ -246,6 +257,9 @@ class SealEngine:
         return SealVec(self, self._switch(v.ct, list(self.parms_ids[level])))
 
     def close(self) -> None:
+        if self._in is not None and self._in[0] == os.getpid():
+            os.close(self._in[1])
+        self._in = None
         for name in os.listdir(self._tmp):
             os.unlink(os.path.join(self._tmp, name))
         os.rmdir(self._tmp)
