@@ -61,13 +61,16 @@ class DiagonalWorker:
     def _blobs(self, vectors: dict) -> dict:
         return {i: _dump(self.engine, vs) for i, vs in vectors.items()}
 
-    def rotate(self, weights: list[list[bytes]], share: Share) -> dict[tuple, bytes]:
-        """This share's weight rotations (kept, and returned when shared)."""
-        w = [
+    def _weights(self, weights: list[list[bytes]], share: Share) -> list:
+        """The share's heads' weights, loaded (None for the other heads)."""
+        return [
             [self._load(v, "w") for v in wk] if k in share.heads else None
             for k, wk in enumerate(weights)
         ]
-        return self._blobs(self.compute.rotate(w, share))
+
+    def rotate(self, weights: list[list[bytes]], share: Share) -> dict[tuple, bytes]:
+        """This share's weight rotations (kept, and returned when shared)."""
+        return self._blobs(self.compute.rotate(self._weights(weights, share), share))
 
     def _biases(self, biases: list[bytes], share: Share) -> list:
         if self.biases is None or self.biases[0] != biases:  # load once per epoch
@@ -84,10 +87,7 @@ class DiagonalWorker:
         :meth:`rotate` ran. ``rotations``: object references of the other shares' published
         weight rotations, fetched once this worker's first cells are under way."""
         if weights is not None:
-            weights = [
-                [self._load(v, "w") for v in wk] if k in share.heads else None
-                for k, wk in enumerate(weights)
-            ]
+            weights = self._weights(weights, share)
 
         def fetch() -> list[dict]:
             import ray

@@ -169,8 +169,8 @@ class DiagonalCompute:
 
     An epoch calls :meth:`rotate` (when rotations are shared), :meth:`forward`, then
     :meth:`residuals` and :meth:`backward` as :func:`plan_tasks` says. Each returns what the
-    other computes need (``{"rot": ...}``, ``{"z": ..., "r": ...}``, ``{"r": ...}``) and keeps
-    the rest (``w_rot``, ``partial_z``, ``residual``).
+    other computes need (``{(head, group, b): rotation}``, ``{"z": ..., "r": ...}``,
+    ``{"r": ...}``) and keeps the rest (``w_rot``, ``partial_z``, ``residual``).
     """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
@@ -340,7 +340,7 @@ def _add(sums: dict, key, part) -> None:
     sums[key] = part if key not in sums else sums[key] + part
 
 
-def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple, list]]:
+def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple, tuple]]:
     """Share ``j``'s owned blocks, grouped by the other shares whose partial ``z`` they need.
 
     Blocks that need no other share come first, so a compute forms those residuals while it
@@ -348,14 +348,14 @@ def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple
     """
     share = shares[j]
     if not share.exchange:
-        return [(share.owned, [])]
+        return [(share.owned, ())]
 
     tasks: dict[tuple, list[int]] = {}
     for i in share.owned:
         sources = tuple(m for m, o in enumerate(shares) if m != j and cell_steps(o.cells, i, giant))
         tasks.setdefault(sources, []).append(i)
     ordered = sorted(tasks.items(), key=lambda item: len(item[0]))
-    return [(tuple(blocks), list(src)) for src, blocks in ordered]
+    return [(tuple(blocks), src) for src, blocks in ordered]
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def plan_tasks(shares: list[Share], giant: int) -> list[list[Task]]:
     for j in range(len(shares)):
         tasks = []
         for blocks, src in _residual_tasks(shares, j, giant):
-            residuals = Task("residuals", blocks, tuple(src), fused=not src)
+            residuals = Task("residuals", blocks, src, fused=not src)
             tasks += [residuals, Task("backward", blocks)]
         plans.append(tasks)
     published = sorted(
