@@ -18,6 +18,7 @@ from medfed.crypto.diagonal import (
 )
 from medfed.crypto.packing import LayoutError, n_buckets
 from medfed.train.diagonal_head import (
+    ClaimBoard,
     DiagonalCompute,
     PlainDiagonalBackend,
     blocks_from_packed,
@@ -114,6 +115,53 @@ def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
     assert np.allclose(got, want, atol=1e-10)
 
 
+class _RisingTakesAtMost(ClaimBoard):
+    """Hands the rising (left) share at most ``limit`` cells of each contest."""
+
+    limit = 0
+
+    def take(self, contest):
+        given = self.open.get(contest.key, [contest.cells.start])[0] - contest.cells.start
+        if contest.rising and given >= self.limit:
+            return None
+        return super().take(contest)
+
+
+@pytest.mark.parametrize("parts,limit", [(2, 0), (2, 1), (2, 2), (3, 0), (3, 1)])
+def test_contested_cells_train_the_same_whoever_takes_them(monkeypatch, parts, limit):
+    import medfed.train.diagonal_head as dh
+
+    rng = np.random.default_rng(parts)
+    sizes, d = [70, 45, 120], 40  # 3 blocks of 8 giant steps
+    data = [(rng.normal(size=(s, d)) / np.sqrt(d), rng.integers(0, 2, s)) for s in sizes]
+    layout = plan_diagonal(
+        [n_buckets(s, 32) for s in sizes], slots=128, n_classes=2, bucket=32, n_features=d
+    )
+    shares = plan_shares(layout, parts, layout.n_blocks)
+    assert all(sh.contests for sh in shares)  # the split really is contested
+    monkeypatch.setattr(dh, "ClaimBoard", type("B", (_RisingTakesAtMost,), {"limit": limit}))
+    schedule = HeadSchedule(3, 3.0, fit_sigmoid(3, 8.0))
+    computes = []
+    for _ in range(parts):
+        c = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+        c.blocks = blocks_from_packed(_sum_blocks(data, layout), layout)
+        computes.append(c)
+    w, b = train_diagonal(PlainDiagonalBackend(layout), computes, layout, schedule)
+    x = np.vstack([a for a, _ in data])
+    y = np.concatenate([t for _, t in data])
+    want = _reference_gd(x, y, 2, 3, 3.0, layout.n_padded, schedule.approx)
+    assert np.allclose(head_matrix(w, b, layout), want, atol=1e-10)
+
+
+def test_claim_board_hands_each_cell_out_once_from_either_end():
+    from medfed.train.diagonal_head import Contest
+
+    board = ClaimBoard()
+    up, down = Contest(0, range(3, 7), True), Contest(0, range(3, 7), False)
+    got = [board.take(up), board.take(down), board.take(down), board.take(up), board.take(up)]
+    assert got == [3, 6, 5, 4, None] and board.take(down) is None
+
+
 def test_work_split_is_a_partition():
     for total in (1, 4, 8, 24):  # giant steps, (group, baby) units
         for parts in (1, 2, 3, 16):
@@ -129,8 +177,19 @@ def test_shares_cover_every_cell_unit_and_residual_once():
         for n_blocks in (1, 3):
             for parts in (1, 2, 3, 4):
                 shares = plan_shares(layout, parts, n_blocks)
-                cells = sorted((k, c) for sh in shares for k in sh.heads for c in sh.cells)
+                contested = {
+                    (k, c.key): c.cells for sh in shares for k in sh.heads for c in sh.contests
+                }
+                cells = sorted(
+                    [(k, c) for sh in shares for k in sh.heads for c in sh.cells]
+                    + [(k, c) for (k, _), rng in contested.items() for c in rng]
+                )  # each cell fixed to one share, or contested by two neighbours
                 assert cells == [(k, c) for k in range(H) for c in range(n_blocks * A)]
+                for sh in shares:
+                    assert len(sh.cells) > 0 and all(c.cells for c in sh.contests)
+                    assert all(c % A for t in sh.contests for c in t.cells)  # owners stay fixed
+                    sides = sorted(t.rising for t in sh.contests)
+                    assert sides in ([], [False], [True], [False, True])
                 units = sorted((k, u) for sh in shares for k in sh.heads for u in sh.units)
                 assert units == [(k, u) for k in range(H) for u in range(G * B)]
                 owned = sorted((k, i) for sh in shares for k in sh.heads for i in sh.owned)

@@ -15,6 +15,7 @@ from medfed.train.diagonal_head import (
     galois_steps,
     head_matrix,
     hospital_sums,
+    plan_shares,
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule
@@ -159,6 +160,8 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
     blocks = blocks_from_packed(packed, layout, enc)
+    if n_classes == 2:  # the workers take contested cells from the pool's ClaimDesk
+        assert all(sh.contests for sh in plan_shares(layout, 2, len(blocks)))
     schedule = HeadSchedule(epochs=2, lr=4.0, approx=fit_sigmoid(3, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)

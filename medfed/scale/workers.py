@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from medfed.crypto.context import load_public_context
 from medfed.crypto.diagonal import DiagonalLayout
 from medfed.crypto.seal import SealEngine
-from medfed.train.diagonal_head import Block, DiagonalCompute, EncryptedDiagonalBackend, Share
+from medfed.train.diagonal_head import (
+    Block,
+    ClaimBoard,
+    Contest,
+    DiagonalCompute,
+    EncryptedDiagonalBackend,
+    Share,
+)
 
 
 def block_to_bytes(engine: SealEngine, block: Block) -> dict:
@@ -81,11 +88,12 @@ class DiagonalWorker:
         return self.biases[1]
 
     def forward(
-        self, weights, share: Share, rotations: list, biases, c, approx, blocks: tuple
+        self, weights, share: Share, rotations: list, biases, c, approx, blocks: tuple, desk=None
     ) -> dict:
         """Forward pass and the residuals of ``blocks``; ``weights`` is None when
         :meth:`rotate` ran. ``rotations``: object references of the other shares' published
-        weight rotations, fetched once this worker's first cells are under way."""
+        weight rotations, fetched once this worker's first cells are under way. ``desk``:
+        ``(ClaimDesk actor, epoch)`` that hands out the share's contested cells."""
         if weights is not None:
             weights = self._weights(weights, share)
 
@@ -95,7 +103,8 @@ class DiagonalWorker:
             return [self._vectors(r, "rot(w)", lambda key: True) for r in ray.get(rotations)]
 
         b = self._biases(biases, share) if blocks else None
-        out = self.compute.forward(weights, fetch, share, b, c, approx, blocks)
+        board = _DeskBoard(*desk) if desk is not None else None
+        out = self.compute.forward(weights, fetch, share, b, c, approx, blocks, board)
         return {name: self._blobs(v) for name, v in out.items()}
 
     def residuals(self, biases, c, approx, share: Share, blocks: tuple, *published) -> dict:
@@ -113,6 +122,36 @@ class DiagonalWorker:
             for p in published
         ]
         return self.compute.backward(loaded, share, blocks, last)
+
+
+class ClaimDesk:
+    """Ray actor holding each epoch's :class:`ClaimBoard`: workers take contested forward
+    cells from it, so the faster worker of two neighbours computes more of them."""
+
+    def __init__(self) -> None:
+        self.boards: dict[str, ClaimBoard] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def take(self, epoch: str, contest: Contest) -> int | None:
+        if epoch not in self.boards:
+            if len(self.boards) >= 4:  # earlier epochs are over
+                self.boards.pop(next(iter(self.boards)))
+            self.boards[epoch] = ClaimBoard()
+        return self.boards[epoch].take(contest)
+
+
+class _DeskBoard:
+    """A worker's view of the desk: :meth:`take` as a :class:`ClaimBoard` would."""
+
+    def __init__(self, desk, epoch: str) -> None:
+        self.desk, self.epoch = desk, epoch
+
+    def take(self, contest: Contest) -> int | None:
+        import ray
+
+        return ray.get(self.desk.take.remote(self.epoch, contest))
 
 
 def _dump(engine: SealEngine, v):
@@ -156,23 +195,36 @@ class RemoteCompute:
     """Driver-side proxy with the DiagonalCompute interface, running on a Ray actor."""
 
     def __init__(
-        self, actor, engine: SealEngine, n_blocks: int, broadcast: _Broadcast | None = None
+        self,
+        actor,
+        engine: SealEngine,
+        n_blocks: int,
+        broadcast: _Broadcast | None = None,
+        desk=None,
     ) -> None:
         self.actor = actor
         self.engine = engine
         self.n_blocks = n_blocks
         self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
+        self.desk = desk  # a ClaimDesk actor shared by the pool (None: one worker)
 
     def submit_rotate(self, weights, share: Share) -> _RayHandle:
         return _RayHandle(self.actor.rotate.remote(self.broadcast.ref("weights", weights), share))
 
     def submit_forward(
-        self, weights, rotations, share: Share, biases, c, approx, blocks
+        self, weights, rotations, share: Share, biases, c, approx, blocks, board=None
     ) -> _RayHandle:
         w = self.broadcast.ref("weights", weights) if weights is not None else None
         b = self.broadcast.ref("biases", biases)
         rotations = list(rotations)  # nested: fetched by the worker, not awaited by Ray
-        return _RayHandle(self.actor.forward.remote(w, share, rotations, b, c, approx, blocks))
+        desk = None
+        if board is not None and share.contests:
+            if self.desk is None:
+                raise RuntimeError("a share with contested cells needs the pool's ClaimDesk")
+            desk = (self.desk, board.epoch)
+        return _RayHandle(
+            self.actor.forward.remote(w, share, rotations, b, c, approx, blocks, desk)
+        )
 
     def submit_residuals(self, published, biases, c, approx, share: Share, blocks) -> _RayHandle:
         b = self.broadcast.ref("biases", biases)
@@ -199,15 +251,23 @@ def start_workers(
     actors = [
         actor_cls.remote(public_context, galois_keys, layout.to_dict(), mask_bits) for _ in range(n)
     ]
+    desk = ray.remote(num_cpus=0)(ClaimDesk).remote() if n > 1 else None
     payload = ray.put([block_to_bytes(engine, b) for b in blocks])
     ray.get([a.load_blocks.remote(payload) for a in actors])
+    if desk is not None:  # started now, not in the first epoch
+        ray.get(desk.ready.remote())
     broadcast = _Broadcast(engine)
-    return [RemoteCompute(a, engine, len(blocks), broadcast) for a in actors]
+    return [RemoteCompute(a, engine, len(blocks), broadcast, desk) for a in actors]
 
 
 def stop_workers(computes: Sequence) -> None:
     import ray
 
+    desks = {}
     for c in computes:
         if isinstance(c, RemoteCompute):
             ray.kill(c.actor)
+            if c.desk is not None:
+                desks[id(c.desk)] = c.desk
+    for desk in desks.values():
+        ray.kill(desk)

@@ -16,6 +16,7 @@ The plaintext reference (``PlainDiagonalBackend``) executes exactly this on nump
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -107,16 +108,34 @@ def split_range(total: int, parts: int) -> list[range]:
 
 
 @dataclass(frozen=True)
+class Contest:
+    """Forward cells between two neighbouring shares that either takes, one at a time, as it
+    gets to them: the faster compute takes more (a worker slowed by its host, or a slower node,
+    does less). Never a block's giant step 0, so owners stay fixed."""
+
+    key: int  # the boundary: the index of the left share
+    cells: range
+    rising: bool  # this share takes from the low end up (the left share), else from the top
+
+
+@dataclass(frozen=True)
 class Share:
     """One compute's part of an epoch."""
 
     heads: range  # the heads it trains
-    cells: range  # forward (block, giant step) cells ``i * giant + a``
+    cells: range  # forward (block, giant step) cells ``i * giant + a`` it always computes
     units: range  # backward (group, baby) units ``g * baby + b``
     with_bias: bool  # it computes the bias products of its heads
     owned: tuple[int, ...]  # blocks whose residuals it forms (it holds their giant step 0)
     exchange: bool  # weight rotations, partial z and residuals go to and from the others
     chains: tuple[tuple[int, int, int], ...] = ()  # (group, lo, hi): the rot(W, lo..hi) it makes
+    contests: tuple[Contest, ...] = ()  # cells it may take besides ``cells``
+
+    @property
+    def reach(self) -> range:
+        """Every forward cell this share may compute (its cells and its contests')."""
+        ranges = [self.cells, *(c.cells for c in self.contests)]
+        return range(min(r.start for r in ranges), max(r.stop for r in ranges))
 
 
 def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share]:
@@ -141,13 +160,49 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
             Share(h, cells_all, units_all, True, every, False, whole) for h in split_range(H, k)
         ]
     cells = split_range(len(cells_all), k)
-    owner = {i: j for j, c in enumerate(cells) for i in every if i * A in c}
+    contested = [contested_cells(cells[j], cells[j + 1], A) for j in range(len(cells) - 1)]
+    contests: list[list[Contest]] = [[] for _ in cells]
+    for j, rng in enumerate(contested):
+        if rng:
+            contests[j].append(Contest(j, rng, True))
+            contests[j + 1].append(Contest(j, rng, False))
+    fixed = [
+        range(
+            max([c.start, *(t.cells.stop for t in contests[j] if not t.rising)]),
+            min([c.stop, *(t.cells.start for t in contests[j] if t.rising)]),
+        )
+        for j, c in enumerate(cells)
+    ]
+    owner = {i: j for j, c in enumerate(fixed) for i in every if i * A in c}
     units = split_range(len(units_all), len(cells))
     chains = plan_chains(G, B, len(cells)) if len(cells) > 1 else [whole]
     return [
-        Share(range(H), c, u, j == 0, tuple(i for i in every if owner[i] == j), len(cells) > 1, ch)
-        for j, (c, u, ch) in enumerate(zip(cells, units, chains, strict=True))
+        Share(
+            range(H),
+            c,
+            u,
+            j == 0,
+            tuple(i for i in every if owner[i] == j),
+            len(cells) > 1,
+            ch,
+            tuple(contests[j]),
+        )
+        for j, (c, u, ch) in enumerate(zip(fixed, units, chains, strict=True))
     ]
+
+
+def contested_cells(left: range, right: range, giant: int) -> range:
+    """The cells around the boundary of two neighbouring shares that either may take: up to
+    half a block on each side, at most half of either share's cells minus one (so each keeps
+    one, and a share's two contests never meet), and no giant step 0 (owners stay fixed)."""
+    b = right.start
+    lo = max(b - giant // 2, b - (len(left) - 1) // 2)
+    hi = min(b + giant // 2, b + (len(right) - 1) // 2)
+    if b % giant:  # the boundary's block, after its giant step 0
+        lo, hi = max(lo, b - b % giant + 1), min(hi, b - b % giant + giant)
+    else:  # the block before the boundary, after its giant step 0
+        lo, hi = max(lo, b - giant + 1), min(hi, b)
+    return range(lo, hi) if hi - lo > 1 else range(0)
 
 
 def plan_chains(n_groups: int, baby: int, parts: int) -> list[tuple[tuple[int, int, int], ...]]:
@@ -200,7 +255,15 @@ class DiagonalCompute:
         return mine if share.exchange else {}
 
     def forward(
-        self, weights, rotations, share: Share, biases: list, c: float, approx, blocks: tuple
+        self,
+        weights,
+        rotations,
+        share: Share,
+        biases: list,
+        c: float,
+        approx,
+        blocks: tuple,
+        board: ClaimBoard | None = None,
     ) -> dict:
         """One call: the weight rotations (unless ``weights`` is None: :meth:`rotate` ran), the
         forward pass, then the residuals of ``blocks``, owned blocks that need no other
@@ -208,11 +271,11 @@ class DiagonalCompute:
         residuals when they are shared}``."""
         if weights is not None:
             self.rotate(weights, share)
-        z = self.forward_pass(rotations, share)
+        z = self.forward_pass(rotations, share, board)
         r = self.residuals([], biases, c, approx, share, blocks)["r"] if blocks else {}
         return {"z": z, "r": r}
 
-    def forward_pass(self, rotations, share: Share) -> dict[int, list]:
+    def forward_pass(self, rotations, share: Share, board: ClaimBoard | None = None) -> dict:
         """Partial ``z`` (without bias) of the share's cells, per block and head, from the kept
         and the other computes' weight rotations; returns those of the blocks that other
         computes own.
@@ -220,41 +283,49 @@ class DiagonalCompute:
         ``rotations``: the other computes' published rotations, or a function that waits for
         them. It is called only after the first cells' products with the rotations in hand
         (up to :data:`EARLY_CELLS` unrelinearized partial sums), so a compute does not wait
-        while another finishes its rotations.
+        while another finishes its rotations. Then the share's contested cells are taken from
+        ``board`` one at a time until its neighbours have taken the rest.
         """
         L, be, A = self.layout, self.backend, self.layout.giant
-        steps = {i: cell_steps(share.cells, i, A) for i in range(self.n_blocks)}
-        steps = {i: rng for i, rng in steps.items() if rng}
-        self.partial_z, self.residual, self.sums = {i: [] for i in steps}, {}, {}
+        self.partial_z, self.residual, self.sums = {}, {}, {}
         units = [(g, b) for g in range(L.n_groups) for b in range(L.baby)]
 
-        def pairs(k, i, a, which):
-            d, w = self.blocks[i].diagonals, self.w_rot[k]
-            return [(d[g][a][b], w[g][b]) for g, b in which]
+        def pairs(k, cell, which):
+            d, w = self.blocks[cell // A].diagonals, self.w_rot[k]
+            return [(d[g][cell % A][b], w[g][b]) for g, b in which]
 
-        cells = [(k, i, a) for k in share.heads for i, rng in steps.items() for a in reversed(rng)]
-        early, rest = {}, {}
+        inner, early, rest = {}, {}, {}  # (head, cell) -> the cell's relinearized inner product
+        cells = [(k, i * A + a) for k in share.heads for i, a in _block_steps(share.cells, A)]
         for k in share.heads:
             rest[k] = [(g, b) for g, b in units if b not in self.w_rot[k][g]]
-        for k, i, a in cells[:EARLY_CELLS] if any(rest.values()) else []:
+        for k, cell in cells[:EARLY_CELLS] if any(rest.values()) else []:
             ready = [(g, b) for g, b in units if b in self.w_rot[k][g]]
-            early[k, i, a] = be.dot(pairs(k, i, a, ready), rescale=False, relin=False)
+            early[k, cell] = be.dot(pairs(k, cell, ready), rescale=False, relin=False)
         for other in rotations() if callable(rotations) else rotations:
             for (k, g, b), v in other.items():
                 self.w_rot[k][g][b] = v
+        for k, cell in cells:
+            if (k, cell) in early:
+                part = early.pop((k, cell)) + be.dot(pairs(k, cell, rest[k]), False, False)
+                inner[k, cell] = be.rescale(be.relinearize(part))
+            else:
+                inner[k, cell] = be.dot(pairs(k, cell, units))
+        mine = list(share.cells)
+        for contest in share.contests if board is not None else ():
+            while (cell := board.take(contest)) is not None:
+                mine.append(cell)
+                for k in share.heads:
+                    inner[k, cell] = be.dot(pairs(k, cell, units))
+        done = range(min(mine), max(mine) + 1) if mine else range(0)
+        if len(done) != len(mine):
+            raise RuntimeError(f"a share's forward cells must be contiguous, got {sorted(mine)}")
         for k in share.heads:
-            for i, rng in steps.items():
+            for i, rng in _steps_by_block(done, A, self.n_blocks):
                 z = None
                 for a in reversed(rng):  # Horner over this share's giant steps of the block
-                    if (k, i, a) in early:
-                        part = early.pop((k, i, a)) + be.dot(
-                            pairs(k, i, a, rest[k]), rescale=False, relin=False
-                        )
-                        inner = be.rescale(be.relinearize(part))
-                    else:
-                        inner = be.dot(pairs(k, i, a, units))
-                    z = inner if z is None else inner + be.rotate(z, L.baby)
-                self.partial_z[i].append(rotate_by(z, rng.start, L.baby, be.rotate))
+                    cur = inner[k, i * A + a]
+                    z = cur if z is None else cur + be.rotate(z, L.baby)
+                self.partial_z.setdefault(i, []).append(rotate_by(z, rng.start, L.baby, be.rotate))
         return {i: z for i, z in self.partial_z.items() if i not in share.owned}
 
     def residuals(
@@ -336,6 +407,37 @@ class DiagonalCompute:
         return owned
 
 
+def _steps_by_block(cells: range, giant: int, n_blocks: int) -> list[tuple[int, range]]:
+    """``(block, giant steps)`` of the blocks that ``cells`` touch."""
+    found = [(i, cell_steps(cells, i, giant)) for i in range(n_blocks)]
+    return [(i, rng) for i, rng in found if rng]
+
+
+def _block_steps(cells: range, giant: int) -> list[tuple[int, int]]:
+    """``(block, giant step)`` of ``cells``, each block's steps from the top (Horner order)."""
+    blocks = range(cells.start // giant, -(-cells.stop // giant)) if cells else range(0)
+    return [(i, a) for i, rng in _steps_by_block(cells, giant, blocks.stop) for a in reversed(rng)]
+
+
+class ClaimBoard:
+    """One epoch's contested cells: :meth:`take` hands each out once, from either end."""
+
+    def __init__(self) -> None:
+        self.epoch = uuid.uuid4().hex  # names this board on a remote ClaimDesk
+        self.open: dict[int, list[int]] = {}  # contest key -> [next low cell, one past the high]
+
+    def take(self, contest: Contest) -> int | None:
+        """The next cell of ``contest`` from the caller's end, or None when none is left."""
+        lo, hi = self.open.setdefault(contest.key, [contest.cells.start, contest.cells.stop])
+        if lo >= hi:
+            return None
+        if contest.rising:
+            self.open[contest.key][0] = lo + 1
+            return lo
+        self.open[contest.key][1] = hi - 1
+        return hi - 1
+
+
 def _add(sums: dict, key, part) -> None:
     sums[key] = part if key not in sums else sums[key] + part
 
@@ -352,7 +454,7 @@ def _residual_tasks(shares: list[Share], j: int, giant: int) -> list[tuple[tuple
 
     tasks: dict[tuple, list[int]] = {}
     for i in share.owned:
-        sources = tuple(m for m, o in enumerate(shares) if m != j and cell_steps(o.cells, i, giant))
+        sources = tuple(m for m, o in enumerate(shares) if m != j and cell_steps(o.reach, i, giant))
         tasks.setdefault(sources, []).append(i)
     ordered = sorted(tasks.items(), key=lambda item: len(item[0]))
     return [(tuple(blocks), src) for src, blocks in ordered]
@@ -463,6 +565,7 @@ def diagonal_epoch(
     shares = plan_shares(layout, len(computes), computes[0].n_blocks)
     plans = plan_tasks(shares, layout.giant)
     comps = computes[: len(shares)]
+    board = ClaimBoard() if any(sh.contests for sh in shares) else None
     rotated = {  # shared rotations go out first; a share that shares none rotates in forward
         j: submit(comp, "rotate", weights, sh).share()
         for j, (comp, sh) in enumerate(zip(comps, shares, strict=True))
@@ -473,7 +576,9 @@ def diagonal_epoch(
         others = [r for m, r in rotated.items() if m != j]
         fused = next((t.blocks for t in plans[j] if t.fused), ())
         own = None if sh.exchange else weights
-        fwd.append(submit(comp, "forward", own, others, sh, biases, c, approx, fused).share())
+        fwd.append(
+            submit(comp, "forward", own, others, sh, biases, c, approx, fused, board).share()
+        )
     published, backward = {}, []
     for j, t in submission_order(plans):
         task, comp, sh = plans[j][t], comps[j], shares[j]
