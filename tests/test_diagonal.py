@@ -92,26 +92,37 @@ def _reference_gd(x, y, n_classes, epochs, lr, n_padded, approx):
     return w
 
 
-@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (3, 2), (4, 2), (5, 2)])
-def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
-    rng = np.random.default_rng(n_classes)
-    sizes, d = [70, 45, 120], 20
+def _data(n_classes: int, d: int, seed: int):
+    """Three hospitals' features and labels, and their layout (several blocks at 128 slots)."""
+    rng = np.random.default_rng(seed)
+    sizes = [70, 45, 120]
     data = [(rng.normal(size=(s, d)) / np.sqrt(d), rng.integers(0, n_classes, s)) for s in sizes]
     layout = plan_diagonal(
         [n_buckets(s, 32) for s in sizes], slots=128, n_classes=n_classes, bucket=32, n_features=d
     )
-    assert layout.n_blocks > 1  # exercise several blocks
-    schedule = HeadSchedule(5, 3.0, fit_sigmoid(3, 8.0))
+    return data, layout
+
+
+def _plain_training_and_reference(data, layout, parts: int, epochs: int):
+    """The plain diagonal head trained on ``parts`` computes, and the reference GD's."""
+    schedule = HeadSchedule(epochs, 3.0, fit_sigmoid(3, 8.0))
     computes = []
     for _ in range(parts):
         c = DiagonalCompute(PlainDiagonalBackend(layout), layout)
         c.blocks = blocks_from_packed(_sum_blocks(data, layout), layout)
         computes.append(c)
     w, b = train_diagonal(PlainDiagonalBackend(layout), computes, layout, schedule)
-    got = head_matrix(w, b, layout)
     x = np.vstack([a for a, _ in data])
     y = np.concatenate([t for _, t in data])
-    want = _reference_gd(x, y, n_classes, 5, 3.0, layout.n_padded, schedule.approx)
+    want = _reference_gd(x, y, layout.n_classes, epochs, 3.0, layout.n_padded, schedule.approx)
+    return head_matrix(w, b, layout), want
+
+
+@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (3, 2), (4, 2), (5, 2)])
+def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
+    data, layout = _data(n_classes, 20, seed=n_classes)
+    assert layout.n_blocks > 1  # exercise several blocks
+    got, want = _plain_training_and_reference(data, layout, parts, epochs=5)
     assert np.allclose(got, want, atol=1e-10)
 
 
@@ -131,26 +142,12 @@ class _RisingTakesAtMost(ClaimBoard):
 def test_contested_cells_train_the_same_whoever_takes_them(monkeypatch, parts, limit):
     import medfed.train.diagonal_head as dh
 
-    rng = np.random.default_rng(parts)
-    sizes, d = [70, 45, 120], 40  # 3 blocks of 8 giant steps
-    data = [(rng.normal(size=(s, d)) / np.sqrt(d), rng.integers(0, 2, s)) for s in sizes]
-    layout = plan_diagonal(
-        [n_buckets(s, 32) for s in sizes], slots=128, n_classes=2, bucket=32, n_features=d
-    )
+    data, layout = _data(2, 40, seed=parts)  # 3 blocks of 8 giant steps
     shares = plan_shares(layout, parts, layout.n_blocks)
     assert all(sh.contests for sh in shares)  # the split really is contested
     monkeypatch.setattr(dh, "ClaimBoard", type("B", (_RisingTakesAtMost,), {"limit": limit}))
-    schedule = HeadSchedule(3, 3.0, fit_sigmoid(3, 8.0))
-    computes = []
-    for _ in range(parts):
-        c = DiagonalCompute(PlainDiagonalBackend(layout), layout)
-        c.blocks = blocks_from_packed(_sum_blocks(data, layout), layout)
-        computes.append(c)
-    w, b = train_diagonal(PlainDiagonalBackend(layout), computes, layout, schedule)
-    x = np.vstack([a for a, _ in data])
-    y = np.concatenate([t for _, t in data])
-    want = _reference_gd(x, y, 2, 3, 3.0, layout.n_padded, schedule.approx)
-    assert np.allclose(head_matrix(w, b, layout), want, atol=1e-10)
+    got, want = _plain_training_and_reference(data, layout, parts, epochs=3)
+    assert np.allclose(got, want, atol=1e-10)
 
 
 def test_claim_board_hands_each_cell_out_once_from_either_end():

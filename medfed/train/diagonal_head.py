@@ -295,7 +295,12 @@ class DiagonalCompute:
             return [(d[g][cell % A][b], w[g][b]) for g, b in which]
 
         inner, early, rest = {}, {}, {}  # (head, cell) -> the cell's relinearized inner product
-        cells = [(k, i * A + a) for k in share.heads for i, a in _block_steps(share.cells, A)]
+        cells = [  # each block's giant steps from the top (Horner order)
+            (k, i * A + a)
+            for k in share.heads
+            for i, rng in _steps_by_block(share.cells, A, self.n_blocks)
+            for a in reversed(rng)
+        ]
         for k in share.heads:
             rest[k] = [(g, b) for g, b in units if b not in self.w_rot[k][g]]
         for k, cell in cells[:EARLY_CELLS] if any(rest.values()) else []:
@@ -413,12 +418,6 @@ def _steps_by_block(cells: range, giant: int, n_blocks: int) -> list[tuple[int, 
     return [(i, rng) for i, rng in found if rng]
 
 
-def _block_steps(cells: range, giant: int) -> list[tuple[int, int]]:
-    """``(block, giant step)`` of ``cells``, each block's steps from the top (Horner order)."""
-    blocks = range(cells.start // giant, -(-cells.stop // giant)) if cells else range(0)
-    return [(i, a) for i, rng in _steps_by_block(cells, giant, blocks.stop) for a in reversed(rng)]
-
-
 class ClaimBoard:
     """One epoch's contested cells: :meth:`take` hands each out once, from either end."""
 
@@ -428,14 +427,14 @@ class ClaimBoard:
 
     def take(self, contest: Contest) -> int | None:
         """The next cell of ``contest`` from the caller's end, or None when none is left."""
-        lo, hi = self.open.setdefault(contest.key, [contest.cells.start, contest.cells.stop])
-        if lo >= hi:
+        span = self.open.setdefault(contest.key, [contest.cells.start, contest.cells.stop])
+        if span[0] >= span[1]:
             return None
         if contest.rising:
-            self.open[contest.key][0] = lo + 1
-            return lo
-        self.open[contest.key][1] = hi - 1
-        return hi - 1
+            span[0] += 1
+            return span[0] - 1
+        span[1] -= 1
+        return span[1]
 
 
 def _add(sums: dict, key, part) -> None:
