@@ -9,7 +9,10 @@ Everything is measured side by side in ONE process and ONE run (ratios, never ti
     MedBlindTuner) at the same CKKS parameters and polynomial, timed on a subsample and scaled;
 (c) the plaintext reference (same arithmetic on numpy) and exact logistic regression;
 (d) the op-count floor: the epoch's ct*ct, relinearizations, rescales, ct*plain, rotations,
-    encryptions and decryptions, per level, times each op's cost measured in this run.
+    encryptions and decryptions, per level, times each op's cost measured in this run;
+(e) the machine's parallel capacity right after each Ray configuration's timing: a fixed SEAL
+    workload on two Ray workers at once against one alone (the ceiling of
+    ``worker_speedup_2v1``; a virtual machine's two cores are not always two).
 
 The last output line is one JSON object. Example::
 
@@ -88,25 +91,58 @@ def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
     return blocks_from_packed([b for _, b in sorted(raw.items())], layout, enc)
 
 
-def timed_epochs(backend, computes, layout, schedule, epochs: int, after_warmup=None) -> list:
-    """Seconds of each of ``epochs`` epochs after one untimed warm-up epoch, back to back.
+def timed_epochs(
+    backend, computes, layout, schedule, epochs: int, warmup: int, after_warmup=None
+) -> tuple[list, list]:
+    """Seconds of ``warmup`` untimed epochs, then of ``epochs`` timed ones, back to back.
 
     Configurations are timed one after another, not interleaved: on this kind of virtual
     machine, memory left idle while another configuration runs comes back slowly, which would
-    charge a cold start to every interleaved epoch. ``after_warmup()`` runs before the first
-    timed epoch.
+    charge a cold start to every interleaved epoch. The first epochs after Ray workers start are
+    slow too (their memory pools fill). ``after_warmup()`` runs before the first timed epoch.
     """
     w = [[backend.zeros() for _ in range(layout.n_groups)] for _ in range(layout.n_heads)]
     b = [backend.zeros() for _ in range(layout.n_heads)]
     seconds = []
-    for r in range(epochs + 1):
-        if r == 1 and after_warmup is not None:
+    for r in range(warmup + epochs):
+        if r == warmup and after_warmup is not None:
             after_warmup()
         t0 = time.perf_counter()
         w, b = diagonal_epoch(backend, computes, w, b, layout, schedule, r)
-        if r:
-            seconds.append(time.perf_counter() - t0)
-    return seconds
+        seconds.append(time.perf_counter() - t0)
+    return seconds[:warmup], seconds[warmup:]
+
+
+class SealLoop:
+    """Ray actor running a fixed SEAL workload (ct*ct products, a rotation) on public keys."""
+
+    def __init__(self, public: bytes, galois: bytes) -> None:
+        self.engine = SealEngine(load_public_context(public), galois_keys=galois)
+        rng = np.random.default_rng(0)
+        self.xs = [self.engine.encrypt(rng.random(self.engine.slots)) for _ in range(49)]
+
+    def run(self, reps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            z = self.engine.dot([(x, self.xs[-1]) for x in self.xs[:-1]])
+            self.engine.rotate(z, 1)
+        return time.perf_counter() - t0
+
+
+def parallel_capacity(public: bytes, galois: bytes, reps: int = 12) -> float:
+    """How much SEAL work two Ray workers do at once, relative to one alone (2.0: two full
+    cores). The ceiling of ``worker_speedup_2v1`` on this machine right now."""
+    import ray
+
+    actors = [ray.remote(num_cpus=1)(SealLoop).remote(public, galois) for _ in range(2)]
+    try:
+        ray.get([a.run.remote(2) for a in actors])  # started and warm
+        alone = ray.get(actors[0].run.remote(reps))
+        together = max(ray.get([a.run.remote(reps) for a in actors]))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return 2 * alone / together
 
 
 def per_sample_baseline(params, x, y, samples: int, approx, lr: float) -> tuple[float, Counter]:
@@ -193,7 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=10000, help="training samples")
     p.add_argument("--d", type=int, default=192, help="features (deit_tiny: 192)")
     p.add_argument("--classes", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=5, help="epochs timed per configuration")
+    p.add_argument("--epochs", type=int, default=7, help="epochs timed per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed epochs before them")
     p.add_argument("--accuracy-epochs", type=int, default=10, help="epochs for the accuracy run")
     p.add_argument("--lr", type=float, default=8.0)
     p.add_argument("--ckks", default="fast")
@@ -239,32 +276,40 @@ def main(argv=None) -> int:
         aggregator.counts.clear()
         hospital.counts.clear()
 
-    epoch_seconds = {
-        "in-process": timed_epochs(backend, [compute], layout, schedule, args.epochs, clear_counts)
-    }
+    warmup_seconds, epoch_seconds = {}, {}
+    warmup_seconds["in-process"], epoch_seconds["in-process"] = timed_epochs(
+        backend, [compute], layout, schedule, args.epochs, args.warmup, clear_counts
+    )
     counts = aggregator.counts + hospital.counts  # the timed in-process epochs only
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
+    capacity: dict[str, float] = {}
     if worker_counts:
         from medfed.scale.cluster import ray_session
         from medfed.scale.workers import start_workers, stop_workers
 
-        with ray_session(None, num_cpus=max(worker_counts)):
+        with ray_session(None, num_cpus=max(2, *worker_counts)):
             for k in worker_counts:
                 remotes = start_workers(
                     k, aggregator, public, galois, layout, params.mask_bits, blocks
                 )
                 try:
-                    epoch_seconds[str(k)] = timed_epochs(
-                        backend, remotes, layout, schedule, args.epochs
+                    warmup_seconds[str(k)], epoch_seconds[str(k)] = timed_epochs(
+                        backend, remotes, layout, schedule, args.epochs, args.warmup
                     )
                 finally:
                     stop_workers(remotes)
+                capacity[str(k)] = parallel_capacity(public, galois)
+        after = ", ".join(f"{c:.2f}x after the {k}-worker timing" for k, c in capacity.items())
+        log(
+            f"parallel capacity (SEAL work of 2 Ray workers at once / 1 alone; 2.0: two full "
+            f"cores): {after}"
+        )
     counts = Counter({k: v / args.epochs for k, v in counts.items()})
     by_workers = {name: float(np.median(sec)) for name, sec in epoch_seconds.items()}
     for name, sec in by_workers.items():
         log(
             f"medfed {name if name == 'in-process' else f'on {name} Ray worker(s)'}: "
-            f"{sec:.2f} s/epoch (median of {args.epochs})"
+            f"{sec:.2f} s/epoch (median of {args.epochs}, after {args.warmup} warm-up)"
         )
     in_process = by_workers["in-process"]
     refresh = backend.records[-1]
@@ -321,7 +366,11 @@ def main(argv=None) -> int:
         "epoch_seconds_by_workers": {
             name: [round(v, 4) for v in sec] for name, sec in epoch_seconds.items()
         },
+        "warmup_seconds_by_workers": {
+            name: [round(v, 4) for v in sec] for name, sec in warmup_seconds.items()
+        },
         "workers": best_key,
+        "parallel_capacity_2v1": {k: round(c, 3) for k, c in capacity.items()} or None,
         "worker_speedup_2v1": (by_workers["1"] / by_workers["2"])
         if {"1", "2"} <= set(by_workers)
         else None,

@@ -25,8 +25,32 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["n"] == 600 and result["workers"] == "in-process"
     assert result["worker_speedup_2v1"] is None  # no Ray configurations asked for
+    assert result["parallel_capacity_2v1"] is None
+    assert len(result["warmup_seconds_by_workers"]["in-process"]) == 2  # the default
     assert result["refreshes_per_epoch"] == 1 and result["refresh_bytes"] > 0
     assert 0 < result["floor_seconds"] and 0 < result["seconds_per_epoch"]
     assert result["speedup_vs_per_sample"] > 1  # the diagonal layout beats one ct per sample
     assert abs(result["accuracy_gap_pp"]) <= 1.0  # 1000 test samples: one sample is 0.1 pp
     assert result["op_counts_per_epoch"]["rotate@0"] > 0
+
+
+def test_benchmark_times_ray_workers_beside_the_machines_parallel_capacity(tmp_path):
+    args = ["--n", "600", "--workers", "1,2", "--epochs", "2", "--warmup", "1"]
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--accuracy-epochs", "1", "--baseline-samples", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(result["epoch_seconds_by_workers"]) == {"in-process", "1", "2"}
+    assert all(len(v) == 2 for v in result["epoch_seconds_by_workers"].values())
+    assert all(len(v) == 1 for v in result["warmup_seconds_by_workers"].values())
+    speedup = result["worker_speedup_2v1"]
+    sec = result["seconds_per_epoch_by_workers"]
+    assert speedup == pytest.approx(sec["1"] / sec["2"])
+    capacity = result["parallel_capacity_2v1"]  # after each configuration; 2.0: two full cores
+    assert set(capacity) == {"1", "2"} and all(0.5 < c < 2.5 for c in capacity.values())
+    assert "parallel capacity" in r.stderr

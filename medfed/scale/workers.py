@@ -143,15 +143,21 @@ class ClaimDesk:
 
 
 class _DeskBoard:
-    """A worker's view of the desk: :meth:`take` as a :class:`ClaimBoard` would."""
+    """A worker's view of the desk: :meth:`take` as a :class:`ClaimBoard` would. Each take
+    also asks for the next cell, so the answer travels while the worker computes this one."""
 
     def __init__(self, desk, epoch: str) -> None:
         self.desk, self.epoch = desk, epoch
+        self.asked: dict[int, object] = {}  # contest key -> the pending take's reference
 
     def take(self, contest: Contest) -> int | None:
         import ray
 
-        return ray.get(self.desk.take.remote(self.epoch, contest))
+        ref = self.asked.pop(contest.key, None)
+        cell = ray.get(ref if ref is not None else self.desk.take.remote(self.epoch, contest))
+        if cell is not None:
+            self.asked[contest.key] = self.desk.take.remote(self.epoch, contest)
+        return cell
 
 
 def _dump(engine: SealEngine, v):
