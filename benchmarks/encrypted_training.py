@@ -129,6 +129,18 @@ class SealLoop:
         return time.perf_counter() - t0
 
 
+def wait_for_exit(pids: list[int], timeout: float = 60.0) -> None:
+    """Wait until the (local) worker processes ``pids`` are gone."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+
+
 def parallel_capacity(public: bytes, galois: bytes, reps: int = 12) -> float:
     """How much SEAL work two Ray workers do at once, relative to one alone (2.0: two full
     cores). The ceiling of ``worker_speedup_2v1`` on this machine right now."""
@@ -284,6 +296,8 @@ def main(argv=None) -> int:
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
     capacity: dict[str, float] = {}
     if worker_counts:
+        import ray
+
         from medfed.scale.cluster import ray_session
         from medfed.scale.workers import start_workers, stop_workers
 
@@ -292,12 +306,16 @@ def main(argv=None) -> int:
                 remotes = start_workers(
                     k, aggregator, public, galois, layout, params.mask_bits, blocks
                 )
+                pids = ray.get(
+                    [c.actor.__ray_call__.remote(lambda _: os.getpid()) for c in remotes]
+                )
                 try:
                     warmup_seconds[str(k)], epoch_seconds[str(k)] = timed_epochs(
                         backend, remotes, layout, schedule, args.epochs, args.warmup
                     )
                 finally:
                     stop_workers(remotes)
+                wait_for_exit(pids)  # a dying worker frees its memory: not in the next timing
                 capacity[str(k)] = parallel_capacity(public, galois)
         after = ", ".join(f"{c:.2f}x after the {k}-worker timing" for k, c in capacity.items())
         log(
