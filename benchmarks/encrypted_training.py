@@ -293,6 +293,8 @@ def main(argv=None) -> int:
         backend, [compute], layout, schedule, args.epochs, args.warmup, clear_counts
     )
     counts = aggregator.counts + hospital.counts  # the timed in-process epochs only
+    # (d) the ops' unit costs, right after the in-process epochs they are compared with
+    costs = unit_costs(aggregator, hospital, params.depth)
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
     capacity: dict[str, float] = {}
     if worker_counts:
@@ -364,7 +366,6 @@ def main(argv=None) -> int:
     log(f"per-sample layout: {per_sample * 1000:.1f} ms/sample -> {baseline:.0f} s/epoch")
 
     # (d) floor
-    costs = unit_costs(aggregator, hospital, params.depth)
     floor = floor_seconds(counts, costs)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
