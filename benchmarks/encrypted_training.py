@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                 remotes = start_workers(
                     k, aggregator, public, galois, layout, params.mask_bits, blocks
                 )
-                pids = ray.get(
+                pids = ray.get(  # the actors' processes, to see them exit below
                     [c.actor.__ray_call__.remote(lambda _: os.getpid()) for c in remotes]
                 )
                 try:
