@@ -25,7 +25,6 @@ from medfed.train.diagonal_head import (
     head_matrix,
     plan_shares,
     plan_tasks,
-    split_after,
     split_range,
     submission_order,
     train_diagonal,
@@ -166,20 +165,6 @@ def test_work_split_is_a_partition():
             ranges = split_range(total, parts)
             assert [a for r in ranges for a in r] == list(range(total))
             assert all(len(r) > 0 for r in ranges)
-            for before in ([0] * parts, [2] + [0] * (parts - 1), [4] * (parts - 1) + [0]):
-                if total >= parts:
-                    ranges = split_after(total, before)
-                    assert [a for r in ranges for a in r] == list(range(total))
-                    assert all(len(r) > 0 for r in ranges)
-    assert [len(r) for r in split_after(24, [2, 0])] == [11, 13]  # 11 + 2 against 13
-    assert [len(r) for r in split_after(3, [4, 4, 0])] == [1, 1, 1]
-
-
-def test_a_share_forming_a_residual_after_the_forward_passes_does_fewer_backward_units():
-    layout = plan_diagonal([313], slots=4096, n_classes=2, bucket=32, n_features=192)
-    left, right = plan_shares(layout, 2, 3)  # the benchmark's binary split
-    assert 1 in left.owned and left.contests  # block 1's residual needs the right's z
-    assert (len(left.units), len(right.units)) == (11, 13)
 
 
 def test_shares_cover_every_cell_unit_and_residual_once():

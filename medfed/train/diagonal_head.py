@@ -98,9 +98,6 @@ def _low(block: Block, key: tuple, v: object, like: object, backend: DiagonalBac
 
 
 EARLY_CELLS = 16  # forward cells started before waiting for other computes' rotations
-# backward units a residual formed after every forward pass costs its compute (its scaled
-# residual and giant-step shifts: 17-20 ms against 7.5-8 ms per unit, binary 10000 x 192)
-LATE_RESIDUAL_UNITS = 2
 
 
 def split_range(total: int, parts: int) -> list[range]:
@@ -108,23 +105,6 @@ def split_range(total: int, parts: int) -> list[range]:
     parts = max(1, min(parts, total))
     edges = [round(i * total / parts) for i in range(parts + 1)]
     return [range(edges[i], edges[i + 1]) for i in range(parts)]
-
-
-def split_after(total: int, before: list[int]) -> list[range]:
-    """Contiguous ranges of ``range(total)``, one per worker, such that each range's length
-    plus the worker's ``before`` (work it has besides, in the same units) come out even; each
-    range keeps at least one item (``total >= len(before)``)."""
-    k = len(before)
-    ideal = [max(1.0, (total + sum(before)) / k - e) for e in before]
-    ideal = [v * total / sum(ideal) for v in ideal]
-    lengths = [max(1, int(v)) for v in ideal]
-    by_rest = sorted(range(k), key=lambda j: ideal[j] - lengths[j], reverse=True)
-    for j in by_rest[: max(0, total - sum(lengths))]:
-        lengths[j] += 1
-    while sum(lengths) > total:  # a range raised to one item: take from the longest
-        lengths[lengths.index(max(lengths))] -= 1
-    edges = [sum(lengths[:j]) for j in range(k + 1)]
-    return [range(edges[j], edges[j + 1]) for j in range(k)]
 
 
 @dataclass(frozen=True)
@@ -168,8 +148,7 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
     ``(group, baby)`` units; rotations, partial z and shifted residuals are exchanged
     (uncompressed: cheaper than computing them again). A block's residuals are formed by the
     compute that holds its giant step 0: that part needs no shift rotation, so its compute
-    tends to finish its forward pass first. A compute that forms a residual only after the
-    others' partial z arrive does :data:`LATE_RESIDUAL_UNITS` fewer backward units for it.
+    tends to finish its forward pass first.
     """
     H, A, G, B = layout.n_heads, layout.giant, layout.n_groups, layout.baby
     cells_all, units_all = range(n_blocks * A), range(G * B)
@@ -195,22 +174,7 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
         for j, c in enumerate(cells)
     ]
     owner = {i: j for j, c in enumerate(fixed) for i in every if i * A in c}
-    reach = [
-        range(
-            min([c.start, *(t.cells.start for t in contests[j])]),
-            max([c.stop, *(t.cells.stop for t in contests[j])]),
-        )
-        for j, c in enumerate(fixed)
-    ]
-    late = [  # owned blocks that other shares reach: residuals formed after their z arrives
-        sum(
-            1
-            for i in every
-            if owner[i] == j and any(cell_steps(r, i, A) for m, r in enumerate(reach) if m != j)
-        )
-        for j in range(len(cells))
-    ]
-    units = split_after(len(units_all), [LATE_RESIDUAL_UNITS * n for n in late])
+    units = split_range(len(units_all), len(cells))
     chains = plan_chains(G, B, len(cells)) if len(cells) > 1 else [whole]
     return [
         Share(
