@@ -1,5 +1,7 @@
 """Encrypted diagonal training against the plaintext reference, with stated tolerances."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -134,12 +136,16 @@ def test_malformed_ciphertext_bytes_are_rejected(engines, params):
             hospital.from_bytes(bad, sender="hospital-1", item="feature 3")
 
 
-# binary over 3 blocks: cells and units split, residuals exchanged; 4 classes: whole heads
-@pytest.mark.parametrize(("n_classes", "n"), [(2, 9000), (4, 100)])
-def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes, n):
+# binary over 3 blocks: cells and units split, residuals exchanged, contested cells through
+# the node's claim file or the ClaimDesk actor; 4 classes: whole heads
+@pytest.mark.parametrize(
+    ("n_classes", "n", "claims"), [(2, 9000, "auto"), (2, 9000, "desk"), (4, 100, "auto")]
+)
+def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes, n, claims):
     """Two long-lived Ray actors (public keys only) give the single-process result."""
     from medfed.scale.cluster import ray_session
-    from medfed.scale.workers import start_workers, stop_workers
+    from medfed.scale.node_claims import shared_dir
+    from medfed.scale.workers import NODE_CLAIMS, start_workers, stop_workers
 
     hospital, public = engines
     from medfed.crypto.context import public_context_bytes
@@ -160,7 +166,7 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
         return aggregator.from_bytes(hospital.to_bytes(hospital.encrypt(v)), sender="h", item="x")
 
     blocks = blocks_from_packed(packed, layout, enc)
-    if n_classes == 2:  # the workers take contested cells from the pool's ClaimDesk
+    if n_classes == 2:  # the workers take contested cells
         assert all(sh.contests for sh in plan_shares(layout, 2, len(blocks)))
     schedule = HeadSchedule(epochs=2, lr=4.0, approx=fit_sigmoid(3, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
@@ -178,8 +184,13 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
     want = head(train_diagonal(backend, [local], layout, schedule))
     with ray_session(None, num_cpus=2):
         pub_bytes = public_context_bytes(public)
-        remotes = start_workers(2, aggregator, pub_bytes, galois, layout, params.mask_bits, blocks)
+        remotes = start_workers(
+            2, aggregator, pub_bytes, galois, layout, params.mask_bits, blocks, claims=claims
+        )
         try:
+            # one node: the claim file (already unlinked: it goes away with the workers)
+            assert (remotes[0].desk is NODE_CLAIMS) == (claims == "auto")
+            assert not [f for f in os.listdir(shared_dir()) if f.startswith("medfed-claims-")]
             got = head(train_diagonal(backend, remotes, layout, schedule))
         finally:
             stop_workers(remotes)

@@ -36,7 +36,7 @@ def test_uncompressed_bytes_load_to_the_same_ciphertext(engines, params):
     values = np.random.default_rng(0).normal(size=params.slots)
     v = aggregator.from_bytes(hospital.encrypt_bytes(values), sender="h", item="x")
     for c in _variants(aggregator, v):
-        raw = uncompressed.save_uncompressed(c.ct, aggregator._path())
+        raw = uncompressed.save_uncompressed(c.ct)
         assert raw is not None, "this SEAL build's ciphertext layout was not recognised"
         back = aggregator.from_bytes(raw, sender="worker", item="x")
         assert back.ct.size() == c.ct.size() and back.level == c.level
@@ -53,7 +53,7 @@ def test_an_unrecognised_layout_falls_back_to_seal_save(engines, params, monkeyp
     _, aggregator = engines
     v = aggregator.encrypt(np.ones(params.slots))
     monkeypatch.setattr(uncompressed._Memory, "read", lambda self, address, size: None)
-    assert uncompressed.save_uncompressed(v.ct, aggregator._path()) is None
+    assert uncompressed.save_uncompressed(v.ct) is None
     assert aggregator.to_uncompressed_bytes(v) == aggregator.to_bytes(v)
 
 
@@ -69,7 +69,7 @@ def test_a_field_that_does_not_match_is_not_trusted(engines, params, monkeypatch
         return data
 
     monkeypatch.setattr(uncompressed._Memory, "read", wrong_size)
-    assert uncompressed.save_uncompressed(v.ct, aggregator._path()) is None
+    assert uncompressed.save_uncompressed(v.ct) is None
 
 
 def test_corrupt_uncompressed_bytes_are_rejected(engines, params):

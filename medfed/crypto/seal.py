@@ -13,7 +13,6 @@ numpy slot vectors (plaintext reference) and on ciphertexts.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -22,9 +21,8 @@ import tenseal as ts
 import tenseal.sealapi as sa
 
 from medfed.crypto.context import MAX_CIPHERTEXT_BYTES, CiphertextError, KeyMaterialError
+from medfed.crypto.scratch import Scratch
 from medfed.crypto.uncompressed import save_uncompressed
-
-_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 class SealEngine:
@@ -43,8 +41,7 @@ class SealEngine:
         self.decryptor = sa.Decryptor(self.sc, ctx.secret_key().data) if self.private else None
         self.sym_encryptor = sa.Encryptor(self.sc, ctx.secret_key().data) if self.private else None
         self.counts: Counter = Counter()  # (operation, level) -> calls, for op-count floors
-        self._tmp = tempfile.mkdtemp(prefix="medfed-seal-", dir=_SHM)
-        self._in: tuple[int, int, str] | None = None  # (pid, fd, path) of the file loads read
+        self._scratch: dict[str, Scratch] = {}  # "in" (loads), "out" (saves): this process's
         self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
         self.parms_ids = []
         data = self.sc.first_context_data()
@@ -83,14 +80,16 @@ class SealEngine:
         return keys
 
     # -- (de)serialization ------------------------------------------------------------------
-    def _path(self, kind: str = "out") -> str:
-        return os.path.join(self._tmp, f"{os.getpid()}-{id(self)}-{kind}.bin")
+    def _file(self, kind: str) -> Scratch:
+        scratch = self._scratch.get(kind)
+        if scratch is None or scratch.pid != os.getpid():  # a forked process makes its own
+            scratch = self._scratch[kind] = Scratch(kind)
+        return scratch
 
     def _dump(self, obj) -> bytes:
-        path = self._path()
-        obj.save(path)
-        with open(path, "rb") as f:
-            return f.read()
+        out = self._file("out")
+        obj.save(out.path)
+        return out.read()
 
     def _load(self, obj, data: bytes) -> None:
         """``obj`` from SEAL-serialized ``data``, whose header must state exactly its length.
@@ -102,11 +101,9 @@ class SealEngine:
         stated = int.from_bytes(data[8:16], "little") if len(data) >= 16 else -1
         if stated != len(data):
             raise ValueError(f"the SEAL header states {stated} bytes, the data has {len(data)}")
-        if self._in is None or self._in[0] != os.getpid():
-            path = self._path("in")
-            self._in = (os.getpid(), os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path)
-        os.pwrite(self._in[1], data, 0)
-        obj.load(self.sc, self._in[2])
+        scratch = self._file("in")
+        scratch.write(data)
+        obj.load(self.sc, scratch.path)
 
     def to_bytes(self, v: SealVec) -> bytes:
         return self._dump(v.ct)
@@ -115,7 +112,7 @@ class SealEngine:
         """``v`` in SEAL's format without compression (:mod:`medfed.crypto.uncompressed`): 10x
         faster than :meth:`to_bytes`, 1.6x larger. For transfers between the aggregator's own
         processes; anything :meth:`from_bytes` reads."""
-        data = save_uncompressed(v.ct, self._path("probe"))
+        data = save_uncompressed(v.ct)
         return data if data is not None else self.to_bytes(v)
 
     def from_bytes(self, data: bytes, *, sender: str, item: str) -> SealVec:
@@ -257,14 +254,12 @@ class SealEngine:
         return SealVec(self, self._switch(v.ct, list(self.parms_ids[level])))
 
     def close(self) -> None:
-        if self._in is not None and self._in[0] == os.getpid():
-            os.close(self._in[1])
-        self._in = None
-        for name in os.listdir(self._tmp):
-            os.unlink(os.path.join(self._tmp, name))
-        os.rmdir(self._tmp)
+        """Close the scratch files now (the kernel frees them at exit in any case on Linux)."""
+        for scratch in self._scratch.values():
+            scratch.close()
+        self._scratch = {}
 
-    def __del__(self) -> None:  # best effort: temp files live in RAM (/dev/shm)
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:  # noqa: BLE001

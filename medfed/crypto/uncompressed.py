@@ -23,6 +23,8 @@ import struct
 
 import tenseal.sealapi as sa
 
+from medfed.crypto.scratch import Scratch
+
 _WORD = 8
 _META = 80  # bytes of the ciphertext object before its coefficient array (SEAL 4.x layout)
 _ARRAY = 96  # DynArray: capacity, size, data pointer
@@ -61,23 +63,22 @@ def _mem() -> _Memory:
     return _memory
 
 
-def _seal_version(path: str) -> tuple[int, int, int]:
+def _seal_version() -> tuple[int, int, int]:
     global _version
     if _version is None:
-        sa.Ciphertext().save(path)
-        with open(path, "rb") as f:
-            magic, _, major, minor, *_ = _HEADER.unpack(f.read(_HEADER.size))
-        os.unlink(path)
+        probe = Scratch("probe")
+        try:
+            sa.Ciphertext().save(probe.path)
+            magic, _, major, minor, *_ = _HEADER.unpack(probe.read()[: _HEADER.size])
+        finally:
+            probe.close()
         _version = (magic, major, minor)
     return _version
 
 
-def save_uncompressed(ct: sa.Ciphertext, scratch_path: str) -> bytes | None:
+def save_uncompressed(ct: sa.Ciphertext) -> bytes | None:
     """``ct`` in SEAL's serialization format without compression, or ``None`` if its memory
-    does not look exactly as expected (then use SEAL's own ``save``).
-
-    ``scratch_path`` is a file this call may create and delete (to learn SEAL's version once).
-    """
+    does not look exactly as expected (then use SEAL's own ``save``)."""
     mem = _mem()
     holder = mem.read(id(ct) + 2 * _WORD, _WORD)  # pybind11 instance: the C++ object's address
     if holder is None:
@@ -102,7 +103,7 @@ def save_uncompressed(ct: sa.Ciphertext, scratch_path: str) -> bytes | None:
     coeffs = mem.read(data, n * _WORD)
     if coeffs is None or int.from_bytes(coeffs[:_WORD], "little") != ct.data():
         return None
-    magic, major, minor = _seal_version(scratch_path)
+    magic, major, minor = _seal_version()
     inner_size = _HEADER.size + _WORD + n * _WORD
     members = raw[:33] + raw[40:_META]  # parms id, is_ntt byte, size, degree, moduli, scale, cf
     total = _HEADER.size + len(members) + inner_size

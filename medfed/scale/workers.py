@@ -9,11 +9,14 @@ Workers belong to the aggregator and hold exactly what it holds: no secret key.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 
 from medfed.crypto.context import load_public_context
 from medfed.crypto.diagonal import DiagonalLayout
 from medfed.crypto.seal import SealEngine
+from medfed.scale.node_claims import EpochView, NodeClaimBoard, shared_dir
 from medfed.train.diagonal_head import (
     Block,
     ClaimBoard,
@@ -42,6 +45,21 @@ class DiagonalWorker:
         self.backend = EncryptedDiagonalBackend(self.engine, self.layout, None, mask_bits)
         self.compute = DiagonalCompute(self.backend, self.layout)
         self.biases: tuple | None = None  # (the epoch's bias bytes, loaded biases)
+        self.claims: NodeClaimBoard | None = None  # the node's claim file, shared by the pool
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def open_claims(self, name: str, contests: int) -> None:
+        """Join the pool's claim file (``name`` in the node's shared directory)."""
+        self.claims = NodeClaimBoard(os.path.join(shared_dir(), name), contests)
+
+    def unlink_claims(self) -> None:
+        """Remove the claim file's name once every worker of the pool has it open."""
+        if self.claims is not None:
+            self.claims.unlink()
 
     def _load(self, blob: bytes, item: str):
         return self.engine.from_bytes(blob, sender="aggregator", item=item)
@@ -93,7 +111,8 @@ class DiagonalWorker:
         """Forward pass and the residuals of ``blocks``; ``weights`` is None when
         :meth:`rotate` ran. ``rotations``: object references of the other shares' published
         weight rotations, fetched once this worker's first cells are under way. ``desk``:
-        ``(ClaimDesk actor, epoch)`` that hands out the share's contested cells."""
+        ``(ClaimDesk actor, epoch)`` that hands out the share's contested cells, or
+        ``(None, epoch)`` when the pool shares a claim file on this node."""
         if weights is not None:
             weights = self._weights(weights, share)
 
@@ -103,9 +122,16 @@ class DiagonalWorker:
             return [self._vectors(r, "rot(w)", lambda key: True) for r in ray.get(rotations)]
 
         b = self._biases(biases, share) if blocks else None
-        board = _DeskBoard(*desk) if desk is not None else None
+        board = None
+        if desk is not None:
+            board = _DeskBoard(*desk) if desk[0] is not None else self._node_board(desk[1])
         out = self.compute.forward(weights, fetch, share, b, c, approx, blocks, board)
         return {name: self._blobs(v) for name, v in out.items()}
+
+    def _node_board(self, epoch: str) -> EpochView:
+        if self.claims is None:
+            raise RuntimeError("this worker has not joined its pool's claim file (open_claims)")
+        return EpochView(self.claims, epoch)
 
     def residuals(self, biases, c, approx, share: Share, blocks: tuple, *published) -> dict:
         """Residuals of ``blocks``; ``published``: the forward outputs with their partial z."""
@@ -126,7 +152,8 @@ class DiagonalWorker:
 
 class ClaimDesk:
     """Ray actor holding each epoch's :class:`ClaimBoard`: workers take contested forward
-    cells from it, so the faster worker of two neighbours computes more of them."""
+    cells from it, so the faster worker of two neighbours computes more of them. For pools
+    spread over nodes; workers on one node share a claim file instead (cheaper per take)."""
 
     def __init__(self) -> None:
         self.boards: dict[str, ClaimBoard] = {}
@@ -197,6 +224,9 @@ class _Broadcast:
         return last[1]
 
 
+NODE_CLAIMS = "node claim file"  # RemoteCompute.desk of a pool whose workers share one node
+
+
 class RemoteCompute:
     """Driver-side proxy with the DiagonalCompute interface, running on a Ray actor."""
 
@@ -212,7 +242,7 @@ class RemoteCompute:
         self.engine = engine
         self.n_blocks = n_blocks
         self.broadcast = broadcast if broadcast is not None else _Broadcast(engine)
-        self.desk = desk  # a ClaimDesk actor shared by the pool (None: one worker)
+        self.desk = desk  # the pool's ClaimDesk actor, NODE_CLAIMS, or None (one worker)
 
     def submit_rotate(self, weights, share: Share) -> _RayHandle:
         return _RayHandle(self.actor.rotate.remote(self.broadcast.ref("weights", weights), share))
@@ -227,7 +257,7 @@ class RemoteCompute:
         if board is not None and share.contests:
             if self.desk is None:
                 raise RuntimeError("a share with contested cells needs the pool's ClaimDesk")
-            desk = (self.desk, board.epoch)
+            desk = (None if self.desk is NODE_CLAIMS else self.desk, board.epoch)
         return _RayHandle(
             self.actor.forward.remote(w, share, rotations, b, c, approx, blocks, desk)
         )
@@ -249,19 +279,46 @@ def start_workers(
     mask_bits: int,
     blocks: Sequence[Block],
     cpus_per_worker: float = 1.0,
+    claims: str = "auto",
 ) -> list[RemoteCompute]:
-    """Start ``n`` actors, ship the public material and the blocks once, return proxies."""
+    """Start ``n`` actors, ship the public material and the blocks once, return proxies.
+
+    ``claims``: how the workers share contested cells: ``"node"``, a claim file
+    (:mod:`medfed.scale.node_claims`; every worker on one node), ``"desk"``, a
+    :class:`ClaimDesk` actor, or ``"auto"``: the file when the workers share a node.
+    """
+    if claims not in ("auto", "node", "desk"):
+        raise ValueError(f"claims={claims!r}: use 'auto', 'node' or 'desk'")
     import ray
 
     actor_cls = ray.remote(num_cpus=cpus_per_worker)(DiagonalWorker)
     actors = [
         actor_cls.remote(public_context, galois_keys, layout.to_dict(), mask_bits) for _ in range(n)
     ]
-    desk = ray.remote(num_cpus=0)(ClaimDesk).remote() if n > 1 else None
-    payload = ray.put([block_to_bytes(engine, b) for b in blocks])
-    ray.get([a.load_blocks.remote(payload) for a in actors])
-    if desk is not None:  # started now, not in the first epoch
-        ray.get(desk.ready.remote())
+    try:
+        payload = ray.put([block_to_bytes(engine, b) for b in blocks])
+        ray.get([a.load_blocks.remote(payload) for a in actors])
+        desk = None
+        if n > 1 and claims != "desk":
+            nodes = set(ray.get([a.node_id.remote() for a in actors]))
+            if len(nodes) > 1 and claims == "node":
+                raise ValueError(
+                    f"claims='node' needs every worker on one node; these run on {len(nodes)}: "
+                    "use claims='auto' or 'desk'"
+                )
+            claims = "node" if len(nodes) == 1 else "desk"
+        if n > 1 and claims == "node":
+            name = f"medfed-claims-{uuid.uuid4().hex}"
+            ray.get([a.open_claims.remote(name, n - 1) for a in actors])
+            ray.get(actors[0].unlink_claims.remote())
+            desk = NODE_CLAIMS
+        elif n > 1:
+            desk = ray.remote(num_cpus=0)(ClaimDesk).remote()
+            ray.get(desk.ready.remote())  # started now, not in the first epoch
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
     broadcast = _Broadcast(engine)
     return [RemoteCompute(a, engine, len(blocks), broadcast, desk) for a in actors]
 
@@ -273,7 +330,7 @@ def stop_workers(computes: Sequence) -> None:
     for c in computes:
         if isinstance(c, RemoteCompute):
             ray.kill(c.actor)
-            if c.desk is not None:
+            if c.desk is not None and c.desk is not NODE_CLAIMS:
                 desks[id(c.desk)] = c.desk
     for desk in desks.values():
         ray.kill(desk)
