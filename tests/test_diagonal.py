@@ -118,7 +118,10 @@ def _plain_training_and_reference(data, layout, parts: int, epochs: int):
     return head_matrix(w, b, layout), want
 
 
-@pytest.mark.parametrize("n_classes,parts", [(2, 1), (3, 1), (2, 3), (3, 2), (4, 2), (5, 2)])
+# (5, 2), (7, 2), (7, 3): whole heads, and the left-over head split by blocks
+@pytest.mark.parametrize(
+    "n_classes,parts", [(2, 1), (3, 1), (2, 3), (3, 2), (4, 2), (5, 2), (7, 2), (7, 3)]
+)
 def test_plain_diagonal_training_equals_reference_gd(n_classes, parts):
     data, layout = _data(n_classes, 20, seed=n_classes)
     assert layout.n_blocks > 1  # exercise several blocks
@@ -187,29 +190,56 @@ def test_shares_cover_every_cell_unit_and_residual_once():
                     assert all(c % A for t in sh.contests for c in t.cells)  # owners stay fixed
                     sides = sorted(t.rising for t in sh.contests)
                     assert sides in ([], [False], [True], [False, True])
-                units = sorted((k, u) for sh in shares for k in sh.heads for u in sh.units)
-                assert units == [(k, u) for k in range(H) for u in range(G * B)]
+                # backward products: an exchanging share's units over every block (the others
+                # publish their residuals), else its units over the blocks it owns
+                seen = {
+                    i: range(n_blocks) if sh.exchange else sh.owned for i, sh in enumerate(shares)
+                }
+                products = sorted(
+                    (k, i, u)
+                    for j, sh in enumerate(shares)
+                    for k in sh.heads
+                    for i in seen[j]
+                    for u in sh.units
+                )
+                assert products == [
+                    (k, i, u) for k in range(H) for i in range(n_blocks) for u in range(G * B)
+                ]
                 owned = sorted((k, i) for sh in shares for k in sh.heads for i in sh.owned)
                 assert owned == [(k, i) for k in range(H) for i in range(n_blocks)]
-                biases = sorted(k for sh in shares if sh.with_bias for k in sh.heads)
-                assert biases == list(range(H))
-                rotations = sorted(
-                    (k, g, b)
-                    for sh in shares
+                biases = sorted(
+                    (k, i)
+                    for j, sh in enumerate(shares)
+                    if sh.with_bias
                     for k in sh.heads
-                    for g, lo, hi in sh.chains
-                    for b in range(lo, hi + 1)
-                )  # every head's rotations rot(W_g, b), b >= 1, made once (by its compute)
-                every = [(k, g, b) for k in range(H) for g in range(G) for b in range(1, B)]
-                assert rotations == every
+                    for i in seen[j]
+                )
+                assert biases == [(k, i) for k in range(H) for i in range(n_blocks)]
+                every = [(g, b) for g in range(G) for b in range(1, B)]
+
+                def made(sh):  # rotations rot(W_g, b), b >= 1, one share makes
+                    return [(g, b) for g, lo, hi in sh.chains for b in range(lo, hi + 1)]
+
+                exchanging = [sh for sh in shares if sh.exchange]
+                if exchanging:  # each made once, and passed on
+                    assert sorted(r for sh in exchanging for r in made(sh)) == every
+                assert all(sorted(made(sh)) == every for sh in shares if not sh.exchange)
                 assert all(len(sh.units) > 0 for sh in shares)
+                assert {sh.compute for sh in shares} == set(range(min(parts, len(shares))))
                 for sh in shares:  # a block's owner computes its giant step 0
                     assert all(i * A in sh.cells for i in sh.owned)
                     assert sh.exchange == (len(shares) > 1 and sh.heads == range(H))
     binary = plan_diagonal([4], slots=256, n_classes=2, bucket=32, n_features=40)
     assert plan_shares(binary, 2, 3)[0].exchange  # one head: cells split, z exchanged
     seven = plan_diagonal([4], slots=256, n_classes=7, bucket=32, n_features=40)
-    assert [len(sh.heads) for sh in plan_shares(seven, 2, 3)] == [4, 3]  # whole heads
+    split = plan_shares(seven, 2, 3)  # whole heads, 3 + 3, and the seventh by blocks
+    assert [(len(sh.heads), sh.compute, sh.owned) for sh in split] == [
+        (3, 0, (0, 1, 2)),
+        (3, 1, (0, 1, 2)),
+        (1, 0, (0, 1)),
+        (1, 1, (2,)),
+    ]
+    assert [len(sh.heads) for sh in plan_shares(seven, 2, 1)] == [4, 3]  # one block: whole
 
 
 def test_task_plan_gives_every_share_each_block_once_after_its_residuals():
@@ -228,9 +258,11 @@ def test_task_plan_gives_every_share_each_block_once_after_its_residuals():
                         formed.update(task.blocks)
                     else:  # a block's backward products come after its residuals are formed
                         assert set(task.blocks) <= formed
-                for plan in plans:
+                for sh, plan in zip(shares, plans, strict=True):  # every block it sees, once
                     back = [i for task in plan if task.method == "backward" for i in task.blocks]
-                    assert sorted(back) == list(range(n_blocks))
+                    assert sorted(back) == (
+                        list(range(n_blocks)) if sh.exchange else list(sh.owned)
+                    )
                     assert [task.last for task in plan] == [False] * (len(plan) - 1) + [True]
 
 

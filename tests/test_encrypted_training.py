@@ -137,9 +137,11 @@ def test_malformed_ciphertext_bytes_are_rejected(engines, params):
 
 
 # binary over 3 blocks: cells and units split, residuals exchanged, contested cells through
-# the node's claim file or the ClaimDesk actor; 4 classes: whole heads
+# the node's claim file or the ClaimDesk actor; 4 classes: whole heads; 5 classes over 3 blocks:
+# 2 + 2 whole heads, and the fifth split by blocks (two shares on each worker)
 @pytest.mark.parametrize(
-    ("n_classes", "n", "claims"), [(2, 9000, "auto"), (2, 9000, "desk"), (4, 100, "auto")]
+    ("n_classes", "n", "claims"),
+    [(2, 9000, "auto"), (2, 9000, "desk"), (4, 100, "auto"), (5, 9000, "auto")],
 )
 def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes, n, claims):
     """Two long-lived Ray actors (public keys only) give the single-process result."""
@@ -168,6 +170,8 @@ def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_c
     blocks = blocks_from_packed(packed, layout, enc)
     if n_classes == 2:  # the workers take contested cells
         assert all(sh.contests for sh in plan_shares(layout, 2, len(blocks)))
+    if n_classes == 5:
+        assert [sh.compute for sh in plan_shares(layout, 2, len(blocks))] == [0, 1, 0, 1]
     schedule = HeadSchedule(epochs=2, lr=4.0, approx=fit_sigmoid(3, 8.0))
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)

@@ -98,12 +98,14 @@ class DiagonalWorker:
         return self._blobs(self.compute.rotate(self._weights(weights, share), share))
 
     def _biases(self, biases: list[bytes], share: Share) -> list:
-        if self.biases is None or self.biases[0] != biases:  # load once per epoch
-            loaded = [
-                self._load(v, "bias") if k in share.heads else None for k, v in enumerate(biases)
-            ]
-            self.biases = (biases, loaded)
-        return self.biases[1]
+        """The biases of the share's heads, loaded once per epoch (None for the others)."""
+        if self.biases is None or self.biases[0] != biases:
+            self.biases = (biases, [None] * len(biases))
+        loaded = self.biases[1]
+        for k in share.heads:
+            if loaded[k] is None:
+                loaded[k] = self._load(biases[k], "bias")
+        return loaded
 
     def forward(
         self, weights, share: Share, rotations: list, biases, c, approx, blocks: tuple, desk=None
@@ -142,7 +144,7 @@ class DiagonalWorker:
     def backward(self, share: Share, blocks: tuple, last: bool, *published) -> dict | None:
         """``published``: the outputs that carry the residuals of ``blocks`` (its own stay
         loaded)."""
-        kept = self.compute.residual
+        kept = self.compute.kept(share).residual
         loaded = [
             {"r": self._vectors(p["r"], "r", lambda i: i in blocks and i not in kept)}
             for p in published

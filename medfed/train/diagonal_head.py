@@ -130,6 +130,7 @@ class Share:
     exchange: bool  # weight rotations, partial z and residuals go to and from the others
     chains: tuple[tuple[int, int, int], ...] = ()  # (group, lo, hi): the rot(W, lo..hi) it makes
     contests: tuple[Contest, ...] = ()  # cells it may take besides ``cells``
+    compute: int = 0  # the compute that runs it (a compute may run several shares)
 
     @property
     def reach(self) -> range:
@@ -142,7 +143,10 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
     """Split an epoch over ``parts`` computes.
 
     With enough heads (one-vs-rest), each compute trains whole heads: nothing is repeated and
-    nothing is exchanged. Otherwise every compute works on every head: the weights' baby-step
+    nothing is exchanged. Heads left over by an even split (7 heads on 2 computes: 3 + 3 and
+    one) are each split by blocks, one share per compute: every compute then makes the head's
+    weight rotations and folds its products, and the masked-sum round adds the parts.
+    Otherwise every compute works on every head: the weights' baby-step
     rotations split by ``(group, baby)``, the forward pass by (block, giant step) cells, each
     block's residuals (and their shifts) formed by one compute, the backward pass by
     ``(group, baby)`` units; rotations, partial z and shifted residuals are exchanged
@@ -156,8 +160,24 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
     every = tuple(range(n_blocks))
     whole = tuple((g, 1, B - 1) for g in range(G)) if B > 1 else ()
     if k > 1 and H >= k and (H % k == 0 or H >= 2 * k):
-        return [
-            Share(h, cells_all, units_all, True, every, False, whole) for h in split_range(H, k)
+        spare = H % k if n_blocks > 1 else 0  # heads left over by an even split
+        even = [
+            Share(h, cells_all, units_all, True, every, False, whole, compute=j)
+            for j, h in enumerate(split_range(H - spare, k))
+        ]
+        return even + [  # each left-over head split by blocks: only its folds are repeated
+            Share(
+                range(h, h + 1),
+                range(b.start * A, b.stop * A),
+                units_all,
+                True,
+                tuple(b),
+                False,
+                whole,
+                compute=j,
+            )
+            for h in range(H - spare, H)
+            for j, b in enumerate(split_range(n_blocks, k))
         ]
     cells = split_range(len(cells_all), k)
     contested = [contested_cells(cells[j], cells[j + 1], A) for j in range(len(cells) - 1)]
@@ -186,6 +206,7 @@ def plan_shares(layout: DiagonalLayout, parts: int, n_blocks: int) -> list[Share
             len(cells) > 1,
             ch,
             tuple(contests[j]),
+            compute=j,
         )
         for j, (c, u, ch) in enumerate(zip(fixed, units, chains, strict=True))
     ]
@@ -219,38 +240,52 @@ def plan_chains(n_groups: int, baby: int, parts: int) -> list[tuple[tuple[int, i
     return out
 
 
+@dataclass
+class ShareState:
+    """What a compute keeps of one share during an epoch."""
+
+    w_rot: dict[int, list[dict]] = field(default_factory=dict)  # head -> [group] -> {b: rot}
+    partial_z: dict[int, list] = field(default_factory=dict)  # block -> [head]: partial z
+    residual: dict[int, list] = field(default_factory=dict)  # block -> [head] -> [a]: shifts
+    sums: dict[int, dict] = field(default_factory=dict)  # head -> unit or "bias": product sums
+
+
 class DiagonalCompute:
-    """The data-parallel part of an epoch: one :class:`Share` (a worker's, or all of it).
+    """The data-parallel part of an epoch: one or more :class:`Share` objects (a worker's, or
+    all of it).
 
     An epoch calls :meth:`rotate` (when rotations are shared), :meth:`forward`, then
-    :meth:`residuals` and :meth:`backward` as :func:`plan_tasks` says. Each returns what the
-    other computes need (``{(head, group, b): rotation}``, ``{"z": ..., "r": ...}``,
-    ``{"r": ...}``) and keeps the rest (``w_rot``, ``partial_z``, ``residual``).
+    :meth:`residuals` and :meth:`backward` as :func:`plan_tasks` says, for each share. Each
+    returns what the other computes need (``{(head, group, b): rotation}``,
+    ``{"z": ..., "r": ...}``, ``{"r": ...}``) and keeps the rest in the share's
+    :class:`ShareState`.
     """
 
     def __init__(self, backend: DiagonalBackend, layout: DiagonalLayout) -> None:
         self.backend = backend
         self.layout = layout
         self.blocks: list[Block] = []
-        self.w_rot: dict[int, list[dict]] = {}  # head -> [group] -> {b: rot(W, b)}
-        self.partial_z: dict[int, list] = {}  # block -> [head]: this epoch's partial z
-        self.residual: dict[int, list] = {}  # block -> [head] -> [a]: rot(r, -baby * a), owned
-        self.sums: dict[int, dict] = {}  # head -> unit or "bias": unrelinearized product sums
+        self.states: dict[Share, ShareState] = {}
 
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
 
+    def kept(self, share: Share) -> ShareState:
+        """What this compute keeps of ``share`` this epoch."""
+        return self.states.setdefault(share, ShareState())
+
     def rotate(self, weights: list[list[object]], share: Share) -> dict[tuple, object]:
         """The share's baby-step rotations of its heads' weights (``share.chains``); returns
         them for the other computes when they are shared, as ``{(head, group, b): vector}``."""
         L, be = self.layout, self.backend
-        self.w_rot, mine = {}, {}
+        st = self.kept(share)
+        st.w_rot, mine = {}, {}
         for k in share.heads:
-            self.w_rot[k] = [{0: weights[k][g]} for g in range(L.n_groups)]
+            st.w_rot[k] = [{0: weights[k][g]} for g in range(L.n_groups)]
             for g, lo, hi in share.chains:
                 made = baby_rotations(weights[k][g], lo, hi, L.baby, L.group, be.rotate)
-                self.w_rot[k][g].update(made)
+                st.w_rot[k][g].update(made)
                 mine.update({(k, g, b): v for b, v in made.items()})
         return mine if share.exchange else {}
 
@@ -287,11 +322,12 @@ class DiagonalCompute:
         ``board`` one at a time until its neighbours have taken the rest.
         """
         L, be, A = self.layout, self.backend, self.layout.giant
-        self.partial_z, self.residual, self.sums = {}, {}, {}
+        st = self.kept(share)
+        st.partial_z, st.residual, st.sums = {}, {}, {}
         units = [(g, b) for g in range(L.n_groups) for b in range(L.baby)]
 
         def pairs(k, cell, which):
-            d, w = self.blocks[cell // A].diagonals, self.w_rot[k]
+            d, w = self.blocks[cell // A].diagonals, st.w_rot[k]
             return [(d[g][cell % A][b], w[g][b]) for g, b in which]
 
         inner, early, rest = {}, {}, {}  # (head, cell) -> the cell's relinearized inner product
@@ -302,13 +338,13 @@ class DiagonalCompute:
             for a in reversed(rng)
         ]
         for k in share.heads:
-            rest[k] = [(g, b) for g, b in units if b not in self.w_rot[k][g]]
+            rest[k] = [(g, b) for g, b in units if b not in st.w_rot[k][g]]
         for k, cell in cells[:EARLY_CELLS] if any(rest.values()) else []:
-            ready = [(g, b) for g, b in units if b in self.w_rot[k][g]]
+            ready = [(g, b) for g, b in units if b in st.w_rot[k][g]]
             early[k, cell] = be.dot(pairs(k, cell, ready), rescale=False, relin=False)
         for other in rotations() if callable(rotations) else rotations:
             for (k, g, b), v in other.items():
-                self.w_rot[k][g][b] = v
+                st.w_rot[k][g][b] = v
         for k, cell in cells:
             if (k, cell) in early:
                 part = early.pop((k, cell)) + be.dot(pairs(k, cell, rest[k]), False, False)
@@ -330,8 +366,8 @@ class DiagonalCompute:
                 for a in reversed(rng):  # Horner over this share's giant steps of the block
                     cur = inner[k, i * A + a]
                     z = cur if z is None else cur + be.rotate(z, L.baby)
-                self.partial_z.setdefault(i, []).append(rotate_by(z, rng.start, L.baby, be.rotate))
-        return {i: z for i, z in self.partial_z.items() if i not in share.owned}
+                st.partial_z.setdefault(i, []).append(rotate_by(z, rng.start, L.baby, be.rotate))
+        return {i: z for i, z in st.partial_z.items() if i not in share.owned}
 
     def residuals(
         self, published: list[dict], biases: list, c: float, approx, share: Share, blocks: tuple
@@ -340,10 +376,11 @@ class DiagonalCompute:
         (``published[m]["z"]``), with their giant-step shifts ``rot(r, -baby * a)``; returns
         ``{"r": them}`` for the other computes (those that share the heads)."""
         L, be = self.layout, self.backend
+        st = self.kept(share)
         for i in blocks:
             blk, per_head = self.blocks[i], []
             for pos, k in enumerate(share.heads):
-                z = self.partial_z[i][pos]
+                z = st.partial_z[i][pos]
                 for other in published:
                     if i in other["z"]:
                         z = z + other["z"][i][pos]
@@ -354,8 +391,8 @@ class DiagonalCompute:
                 for _ in range(1, L.giant):
                     chain.append(be.rotate(chain[-1], -L.baby))
                 per_head.append(chain)
-            self.residual[i] = per_head
-        return {"r": {i: self.residual[i] for i in blocks} if share.exchange else {}}
+            st.residual[i] = per_head
+        return {"r": {i: st.residual[i] for i in blocks} if share.exchange else {}}
 
     def backward(
         self, published: list[dict], share: Share, blocks: Sequence[int], last: bool
@@ -366,13 +403,14 @@ class DiagonalCompute:
         the backend (masked, serialized). Blocks are taken as their residuals arrive, so a
         compute that waits for another's residuals works on those it has."""
         be, blk = self.backend, self.blocks
-        merged = dict(self.residual)
+        st = self.kept(share)
+        merged = dict(st.residual)
         for other in published:
             for i, rs in other["r"].items():
                 merged.setdefault(i, rs)
         owned = self._owned_units(share)
         for pos, k in enumerate(share.heads):
-            sums = self.sums.setdefault(k, {})
+            sums = st.sums.setdefault(k, {})
             shifted = {i: merged[i][pos] for i in blocks}  # rot(r, -baby * a) per giant step a
             for g, babies in owned.items():
                 for b in babies:
@@ -392,7 +430,7 @@ class DiagonalCompute:
             return None
         q_all, qb_all = {}, {}
         for k in share.heads:
-            sums = self.sums.pop(k)
+            sums = st.sums.pop(k)
             q_all[k] = {  # fold before the rescale: rotation noise shrinks with the rescale
                 g: be.rescale(
                     fold_products(
@@ -563,7 +601,7 @@ def diagonal_epoch(
     c, approx = schedule.lr / layout.n_padded, schedule.approx
     shares = plan_shares(layout, len(computes), computes[0].n_blocks)
     plans = plan_tasks(shares, layout.giant)
-    comps = computes[: len(shares)]
+    comps = [computes[sh.compute] for sh in shares]
     board = ClaimBoard() if any(sh.contests for sh in shares) else None
     rotated = {  # shared rotations go out first; a share that shares none rotates in forward
         j: submit(comp, "rotate", weights, sh).share()
@@ -673,7 +711,7 @@ class PlainDiagonalBackend:
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
             q = np.stack([sum(_of_group(parts, k, g)) for g in range(L.n_groups)])
-            pattern, bias = keyholder_sums(q, _bias_product(parts, k), L)
+            pattern, bias = keyholder_sums(q, sum(_bias_products(parts, k)), L)
             upd_w.append(list(pattern))
             upd_b.append(bias)
         return upd_w, upd_b
@@ -687,12 +725,13 @@ def _of_group(parts: list[dict], k: int, g: int) -> list:
     return found
 
 
-def _bias_product(parts: list[dict], k: int):
-    """The one compute's (masked) bias product of head ``k``."""
-    for p in parts:
-        if k in p["qb"]:
-            return p["qb"][k]
-    raise ValueError(f"no compute returned the bias product of head {k}")
+def _bias_products(parts: list[dict], k: int) -> list:
+    """Every compute's (masked) bias product of head ``k`` (one per share that has blocks of
+    the head)."""
+    found = [p["qb"][k] for p in parts if k in p["qb"]]
+    if not found:
+        raise ValueError(f"no compute returned the bias product of head {k}")
+    return found
 
 
 def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layout) -> np.ndarray:
@@ -762,13 +801,15 @@ class EncryptedDiagonalBackend:
 
     def _group_sum(self, parts: list, k: int, g: int) -> bytes:
         """One masked vector per group: computes that share a group are added here."""
-        blobs = _of_group(parts, k, g)
+        return self._masked_sum(_of_group(parts, k, g), f"masked products {k}/{g}")
+
+    def _masked_sum(self, blobs: list, item: str) -> bytes:
         if len(blobs) == 1:
             return blobs[0]
         e = self.engine
         total = None
         for b in blobs:
-            v = e.from_bytes(b, sender="worker", item=f"masked products {k}/{g}")
+            v = e.from_bytes(b, sender="worker", item=item)
             total = v if total is None else total + v
         return e.to_bytes(total)
 
@@ -782,7 +823,7 @@ class EncryptedDiagonalBackend:
         masked = []
         for k in range(L.n_heads):
             masked.extend(self._group_sum(parts, k, g) for g in range(L.n_groups))
-            masked.append(_bias_product(parts, k))
+            masked.append(self._masked_sum(_bias_products(parts, k), f"masked bias {k}"))
         per_head = L.n_groups + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
             replies, who = self.keyholder.sum_masked(masked, step)
@@ -805,7 +846,7 @@ class EncryptedDiagonalBackend:
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
             pattern = sum(p["mask_pattern"][k] for p in parts if k in p["mask_pattern"])
-            bias = np.full(L.slots, next(p["mask_bias"][k] for p in parts if k in p["mask_bias"]))
+            bias = np.full(L.slots, sum(p["mask_bias"][k] for p in parts if k in p["mask_bias"]))
             got = loaded[k * per_head : (k + 1) * per_head]
             upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
             upd_b.append(got[-1] - bias)
