@@ -145,8 +145,8 @@ def test_malformed_ciphertext_bytes_are_rejected(engines, params):
 )
 def test_ray_workers_equal_in_process_within_ckks_tolerance(engines, params, n_classes, n, claims):
     """Two long-lived Ray actors (public keys only) give the single-process result."""
+    from medfed.crypto.scratch import shared_dir
     from medfed.scale.cluster import ray_session
-    from medfed.scale.node_claims import shared_dir
     from medfed.scale.workers import NODE_CLAIMS, start_workers, stop_workers
 
     hospital, public = engines

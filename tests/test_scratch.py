@@ -10,12 +10,11 @@ import textwrap
 
 import pytest
 
-from medfed.crypto.scratch import SHARED_DIR, Scratch
+from medfed.crypto.scratch import Scratch, shared_dir
 
 
 def _ours() -> set[str]:
-    folder = SHARED_DIR or "/tmp"
-    return {name for name in os.listdir(folder) if name.startswith("medfed-seal-")}
+    return {name for name in os.listdir(shared_dir()) if name.startswith("medfed-seal-")}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")

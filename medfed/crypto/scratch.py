@@ -13,14 +13,18 @@ from __future__ import annotations
 import os
 import tempfile
 
-SHARED_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None  # None: the system temp dir
+
+def shared_dir() -> str:
+    """This node's RAM-backed directory, ``/dev/shm``, or the system temp dir without one.
+    Processes on one node find each other's files here (:mod:`medfed.scale.node_claims`)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class Scratch:
     """One process's scratch file (a forked process must make its own: see :attr:`pid`)."""
 
     def __init__(self, kind: str) -> None:
-        self.fd, named = tempfile.mkstemp(prefix=f"medfed-seal-{kind}-", dir=SHARED_DIR)
+        self.fd, named = tempfile.mkstemp(prefix=f"medfed-seal-{kind}-", dir=shared_dir())
         self.pid = os.getpid()
         anonymous = f"/proc/self/fd/{self.fd}"
         if os.path.exists(anonymous):

@@ -14,17 +14,11 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import tempfile
 
 from medfed.train.diagonal_head import Contest
 
 _RECORD = struct.Struct("<16sqqq")  # epoch id, order of first use, next low cell, one past high
 EPOCHS_KEPT = 4  # boards of the latest epochs kept per contest (as the ClaimDesk keeps them)
-
-
-def shared_dir() -> str:
-    """Where the node's workers meet: RAM-backed ``/dev/shm`` when the node has it."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class NodeClaimBoard:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from medfed.crypto.context import load_public_context
 from medfed.crypto.diagonal import DiagonalLayout
+from medfed.crypto.scratch import shared_dir
 from medfed.crypto.seal import SealEngine
-from medfed.scale.node_claims import EpochView, NodeClaimBoard, shared_dir
+from medfed.scale.node_claims import EpochView, NodeClaimBoard
 from medfed.train.diagonal_head import (
     Block,
     ClaimBoard,
