@@ -8,7 +8,8 @@
 # medfed is installed with --no-deps: its main dependencies (tenseal 0.3.18, numpy 2.4.6) do
 # not exist for 3.10. medfed.crypto.threshold needs only numpy, openfhe and cryptography; mode
 # "updates" with threshold keys and --features adds flwr (1.30: flwr 1.41 needs Python 3.11;
-# same Message API), pyyaml and rich (what `pip install -e ".[threshold]"` gives on 3.10).
+# same Message API), pyyaml, rich and scikit-learn (the yardsticks of every result; what
+# `pip install -e ".[threshold]"` gives on 3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,11 +34,11 @@ fi
 versions() {
   "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("openfhe"), m.version("flwr"))'
 }
-if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, flwr, yaml, rich, pytest, hypothesis" \
+if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, flwr, yaml, rich, sklearn, pytest, hypothesis" \
     2>/dev/null || [[ "$(versions 2>/dev/null)" != "$OPENFHE_VERSION $FLWR_VERSION" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    "openfhe==$OPENFHE_VERSION" "flwr==$FLWR_VERSION" numpy cryptography pyyaml rich pytest \
-    hypothesis
+    "openfhe==$OPENFHE_VERSION" "flwr==$FLWR_VERSION" numpy cryptography pyyaml rich \
+    "scikit-learn>=1.5" pytest hypothesis
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 

@@ -45,8 +45,9 @@ def federate(
     """Run the encrypted federation and the plaintext references on prepared hospitals."""
     from medfed.crypto.context import make_secret_context, secret_context_bytes
     from medfed.crypto.params import get_preset
-    from medfed.experiments.references import plaintext_reference
+    from medfed.experiments.references import normalized, plaintext_reference
     from medfed.experiments.results import byte_tally, progress_bar, write_run
+    from medfed.experiments.yardsticks import federation_yardsticks
     from medfed.fl.aggregator import AggregatorSettings
     from medfed.fl.faults import parse_faults
     from medfed.fl.launch import run_federation
@@ -115,6 +116,22 @@ def federate(
     done = [e for e in evaluations if e is not None and e["hospital"] in evaluated]
     total = sum(e["total"] for e in done)
     correct = sum(e["correct"] for e in done)
+    accuracy = correct / total if total else float("nan")
+    # the yardsticks on the federation's split: the tuned reference pools the train data of
+    # the hospitals that passed upload; every score is on the test samples behind `accuracy`
+    used = _used_subsets(fed, hospitals)
+    _, plaintext_test = normalized(hospitals, cfg.feature_scale, used["normalized_over"])
+    yardsticks = federation_yardsticks(
+        hospitals,
+        done,
+        trained_on=used["trained_on"],
+        accuracy=accuracy,
+        plaintext_accuracy=reference["plaintext_accuracy"],
+        plaintext_weights=reference["plaintext_weights"],
+        plaintext_test=plaintext_test,
+        n_classes=n_classes,
+        seed=cfg.seed,
+    )
     up, down, parties = byte_tally(fed)
     metrics = {
         "mode": cfg.mode,
@@ -127,10 +144,7 @@ def federate(
         "sigmoid": {"degree": approx.degree, "radius": approx.radius, "coeffs": approx.coeffs},
         "epochs": cfg.epochs,
         "lr": cfg.lr,
-        "accuracy": correct / total if total else float("nan"),
-        "plaintext_accuracy": reference["plaintext_accuracy"],
-        "accuracy_gap_pp": None,
-        "exact_accuracy": reference["exact_accuracy"],
+        **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,
         "wall_seconds": time.perf_counter() - t0,
         "federation_seconds": federation_seconds,
@@ -143,7 +157,6 @@ def federate(
         "excluded": fed["excluded"],
         "contributors": fed.get("contributors", {}),
     }
-    metrics["accuracy_gap_pp"] = 100 * (metrics["accuracy"] - metrics["plaintext_accuracy"])
     if cfg.out:
         rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
         write_run(Path(cfg.out), cfg.to_dict(), metrics, rounds)
@@ -152,6 +165,15 @@ def federate(
 
 def _reference_subsets(fed: dict, hospitals: list[HospitalData]) -> dict | None:
     """Hospital indices whose data the federation used at each stage; None when all were."""
+    subsets = _used_subsets(fed, hospitals)
+    if all(v == list(range(len(hospitals))) for v in subsets.values()):
+        return None
+    return subsets
+
+
+def _used_subsets(fed: dict, hospitals: list[HospitalData]) -> dict[str, list[int]]:
+    """Hospital indices whose data the federation used: ``normalized_over`` (passed
+    ``stats``), ``trained_on`` (passed ``upload``), ``evaluated_on`` (evaluated the head)."""
     names = [h.name for h in hospitals]
     used = fed.get("contributors") or {}
 
@@ -164,6 +186,4 @@ def _reference_subsets(fed: dict, hospitals: list[HospitalData]) -> dict | None:
         "trained_on": indices("upload"),
         "evaluated_on": [i for i, n in enumerate(names) if n in fed.get("evaluated_by", names)],
     }
-    if all(v == list(range(len(hospitals))) for v in subsets.values()):
-        return None
     return subsets

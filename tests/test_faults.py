@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from medfed.config import ConfigError, SimulationConfig
 from medfed.experiments.references import plaintext_reference
 from medfed.experiments.results import atomic_write_text, write_run
+from medfed.experiments.yardsticks import tuned_reference
 from medfed.fl import messages as M
 from medfed.fl.faults import (
     KINDS,
@@ -257,6 +258,16 @@ def test_excluded_hospitals_are_left_out_of_the_references_too(tmp_path):
     )
     assert m["plaintext_accuracy"] == ref["plaintext_accuracy"]
     assert m["test_samples_evaluated"] == sum(len(hospitals[i].test_labels) for i in (0, 1, 2))
+    # so did the tuned reference: the upload contributors' train data, the evaluators' test data
+    tuned = tuned_reference(
+        np.vstack([hospitals[i].train_features for i in (0, 2)]),
+        np.concatenate([hospitals[i].train_labels for i in (0, 2)]),
+        np.vstack([hospitals[i].test_features for i in (0, 1, 2)]),
+        np.concatenate([hospitals[i].test_labels for i in (0, 1, 2)]),
+        2,
+        0,
+    )
+    assert {k: m[k] for k in tuned} == tuned
     assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02
     # and metrics.json lists the exclusions
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -13,8 +13,16 @@ REQUIRED = {
     "keys",
     "hospitals",
     "accuracy",
+    "auc",
+    "reference_accuracy",
+    "reference_auc",
+    "reference_C",
+    "majority_accuracy",
+    "encryption_cost_pp",
     "plaintext_accuracy",
-    "exact_accuracy",
+    "plaintext_auc",
+    "accuracy_gap_pp",
+    "approximation_gap_pp",
     "wall_seconds",
     "bytes_up",
     "bytes_down",
@@ -28,7 +36,10 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
         hospitals=3, backend="local", epochs=8, lr=4.0, out=str(tmp_path), progress=False
     )
     m = federate(cfg, hospitals, n_classes, {"dataset": "synthetic"})
-    assert REQUIRED <= set(m)
+    assert REQUIRED <= set(m) and "exact_accuracy" not in m
+    assert m["encryption_cost_pp"] == pytest.approx(100 * (m["reference_accuracy"] - m["accuracy"]))
+    assert m["approximation_gap_pp"] == m["accuracy_gap_pp"]
+    assert 0.5 < m["auc"] <= 1.0 and abs(m["auc"] - m["plaintext_auc"]) <= 0.01
     assert m["mode"] == "embeddings" and m["keys"] == "shared" and m["hospitals"] == 3
     # the encrypted head decides like the plaintext one: at most 1 pp apart
     assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.01

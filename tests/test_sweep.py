@@ -50,8 +50,16 @@ def fake_runner(cfg: SimulationConfig) -> dict:
         "backbone_pretrained": True,
         "ckks": {"name": cfg.ckks, "coeff_mod_bit_sizes": [49, 30, 49]},
         "accuracy": 0.8 + gap / 100,
+        "auc": 0.85,
+        "reference_accuracy": 0.83,
+        "reference_auc": 0.9,
+        "reference_C": 0.1,
+        "majority_accuracy": 0.7,
+        "encryption_cost_pp": 100 * (0.83 - (0.8 + gap / 100)),
         "plaintext_accuracy": 0.8,
+        "plaintext_auc": 0.85,
         "accuracy_gap_pp": gap,
+        "approximation_gap_pp": gap,
         "wall_seconds": 1.0 + cfg.hospitals,
         "federation_seconds": 0.5 + cfg.hospitals,
         "bytes_up": 2**20 * 10 * cfg.hospitals,
@@ -225,17 +233,38 @@ def test_sweep_writes_records_table_plots_report_and_rerun_skips_everything(tmp_
         assert col in header  # every knob ...
     for col in ("accuracy", "accuracy_gap_pp", "bytes_up", "ckks.name", "seconds", "error"):
         assert col in header  # ... and every metric
+    for col in (
+        "auc",
+        "reference_accuracy",
+        "reference_auc",
+        "reference_C",
+        "majority_accuracy",
+        "encryption_cost_pp",
+        "plaintext_accuracy",
+        "plaintext_auc",
+        "approximation_gap_pp",
+    ):
+        assert col in header  # the yardsticks, in every row
+    assert "exact_accuracy" not in header
     assert header[-2:] == ["seconds", "error"]
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 6
-    for name in ("gap_vs_ckks", "gap_vs_sigmoid_degree", "time_vs_hospitals", "bytes_vs_hospitals"):
+    for name in (
+        "accuracy_vs_ckks",
+        "accuracy_vs_sigmoid_degree",
+        "time_vs_hospitals",
+        "bytes_vs_hospitals",
+    ):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "plots" / "gap_vs_alpha.png").exists()
+    assert not (tmp_path / "plots" / "accuracy_vs_alpha.png").exists()
     report = (tmp_path / "report.md").read_text()
     assert "done 6, failed 0, not run 0" in report
-    assert "![Accuracy gap vs CKKS parameters](plots/gap_vs_ckks.png)" in report
-    assert "gap_vs_alpha (the grid does not vary alpha" in report
+    title = "Accuracy and encryption cost vs CKKS parameters"
+    assert f"![{title}](plots/accuracy_vs_ckks.png)" in report
+    assert "accuracy_vs_alpha (the grid does not vary alpha" in report
     assert "| hospitals | ckks | sigmoid_degree |" in report
+    assert "reference acc. | majority acc. | enc. cost (pp) |" in report
+    assert "- enc. cost (pp): reference acc. - accuracy" in report
 
     before = _snapshot(tmp_path)
     again = CountingRunner()
@@ -352,7 +381,7 @@ def test_seeds_are_averaged_in_report_and_plots(tmp_path):
     outcome = _run(spec, tmp_path, fake_runner)
     report = (tmp_path / "report.md").read_text()
     assert "Mean ± sd over seed." in report and "| ckks | cells |" in report
-    assert {p.name for p in outcome.plots if p.path} == {"gap_vs_ckks"}
+    assert {p.name for p in outcome.plots if p.path} == {"accuracy_vs_ckks"}
 
 
 # ----------------------------------------------------------------------------- Ray, CLI

@@ -170,8 +170,16 @@ def test_federate_updates_metrics(tmp_path):
         "keys",
         "hospitals",
         "accuracy",
+        "auc",
+        "reference_accuracy",
+        "reference_auc",
+        "reference_C",
+        "majority_accuracy",
+        "encryption_cost_pp",
         "plaintext_accuracy",
-        "exact_accuracy",
+        "plaintext_auc",
+        "accuracy_gap_pp",
+        "approximation_gap_pp",
         "rounds",
         "local_epochs",
         "dropouts",
@@ -186,6 +194,9 @@ def test_federate_updates_metrics(tmp_path):
         assert key in saved, key
     assert (m["mode"], m["keys"], m["rounds"], m["dropouts"]) == ("updates", "shared", 2, 0)
     assert abs(m["accuracy_gap_pp"]) <= 0.5 and m["threshold"] is None
+    assert "exact_accuracy" not in saved and m["approximation_gap_pp"] == m["accuracy_gap_pp"]
+    assert m["encryption_cost_pp"] == pytest.approx(100 * (m["reference_accuracy"] - m["accuracy"]))
+    assert abs(m["auc"] - m["plaintext_auc"]) <= 0.01
     assert m["bytes_per_round"]["sent"] > 100_000  # ciphertexts, not floats
     assert set(m["bytes_per_party"]) == {"hospital-0", "hospital-1", "hospital-2", "aggregator"}
     stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "rounds.jsonl").open()]

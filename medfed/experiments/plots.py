@@ -1,6 +1,11 @@
 """Sweep plots a paper would use, as PNG files (matplotlib Figure + Agg canvas, no pyplot).
 
-- accuracy gap (pp, encrypted minus plaintext) vs CKKS preset, vs sigmoid degree, vs alpha
+- accuracy vs CKKS preset, vs sigmoid degree, vs alpha: three panels each, (1) absolute test
+  accuracy of the encrypted head (solid, markers) with the tuned plaintext reference (dashed)
+  and the majority-class rate (dotted) of the same cells, so that a grid where nothing learned
+  never looks like "encryption costs nothing"; (2) the encryption cost (pp, reference minus
+  encrypted), the headline; (3) the approximation gap (pp, encrypted minus the same-schedule
+  plaintext run), which isolates CKKS
 - wall / federation seconds vs hospitals, bytes up / down vs hospitals
 
 One line per key setup / mode (and per other privacy knob that varies), mean +- sd over every
@@ -27,8 +32,10 @@ class PlotSpec:
     panels: tuple[tuple[str, str, float], ...]  # (metric column, y label, multiplier)
     series: tuple[str, ...]
     categorical: bool = False
-    zero_line: bool = False
+    zero_line: bool = False  # a dashed 0 on the panels of differences (metrics "*_pp")
     where: tuple[tuple[str, Any], ...] = ()  # only rows with these values
+    # (panel metric, metric, label, line style, marker): more lines on that panel, per series
+    overlays: tuple[tuple[str, str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,37 +49,50 @@ class Plot:
 
 
 MB = 1 / 2**20
-GAP = (("accuracy_gap_pp", "accuracy gap (pp), encrypted - plaintext", 1.0),)
+ACCURACY = (
+    ("accuracy", "test accuracy: encrypted (o), reference (--), majority (:)", 1.0),
+    ("encryption_cost_pp", "encryption cost (pp), tuned reference - encrypted", 1.0),
+    ("approximation_gap_pp", "approximation gap (pp), encrypted - same schedule", 1.0),
+)
+YARDSTICKS = (
+    ("accuracy", "reference_accuracy", "tuned reference", "--", "_"),
+    ("accuracy", "majority_accuracy", "majority class", ":", "x"),
+)
+#: Names of plots earlier versions wrote; a sweep rerun into the same --out removes them.
+RETIRED = ("gap_vs_ckks", "gap_vs_sigmoid_degree", "gap_vs_alpha")
 
 PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec(
-        "gap_vs_ckks",
-        "Accuracy gap vs CKKS parameters",
+        "accuracy_vs_ckks",
+        "Accuracy and encryption cost vs CKKS parameters",
         "ckks",
         "CKKS preset",
-        GAP,
+        ACCURACY,
         ("sigmoid_degree", "keys", "mode"),
         categorical=True,
         zero_line=True,
+        overlays=YARDSTICKS,
     ),
     PlotSpec(
-        "gap_vs_sigmoid_degree",
-        "Accuracy gap vs sigmoid polynomial degree",
+        "accuracy_vs_sigmoid_degree",
+        "Accuracy and encryption cost vs sigmoid polynomial degree",
         "sigmoid_degree",
         "sigmoid approximation degree",
-        GAP,
+        ACCURACY,
         ("ckks", "keys", "mode"),
         zero_line=True,
+        overlays=YARDSTICKS,
     ),
     PlotSpec(
-        "gap_vs_alpha",
-        "Accuracy gap vs label skew (Dirichlet alpha)",
+        "accuracy_vs_alpha",
+        "Accuracy and encryption cost vs label skew (Dirichlet alpha)",
         "alpha",
         "Dirichlet alpha (smaller = more skew)",
-        GAP,
+        ACCURACY,
         ("keys", "mode", "ckks"),
         zero_line=True,
         where=(("split", "dirichlet"),),
+        overlays=YARDSTICKS,
     ),
     PlotSpec(
         "time_vs_hospitals",
@@ -168,21 +188,29 @@ def plot_one(spec: PlotSpec, rows: list[dict], out_dir: Path) -> Plot:
         groups.setdefault(tuple(r.get(k) for k in series), []).append(r)
     fixed = ", ".join(f"{k}={rows[0].get(k)}" for k in ("keys", "mode") if k not in series)
     for ax, (metric, label, mult) in zip(axes[0], panels, strict=True):
+        extra = [o[1:] for o in spec.overlays if o[0] == metric]
         for skey, members in groups.items():
-            px, py, pe = [], [], []
-            for i, x in enumerate(xs):
-                ys = [_number(r.get(metric)) for r in members if r.get(spec.x) == x]
-                ys = [y * mult for y in ys if y is not None]
-                if ys:
-                    m, sd = _mean_sd(ys)
-                    px.append(i if spec.categorical else x)
-                    py.append(m)
-                    pe.append(sd)
-            if not px:
-                continue
             name = ", ".join(f"{k}={v}" for k, v in zip(series, skey, strict=True)) or fixed
-            ax.errorbar(px, py, yerr=pe, marker="o", capsize=3, label=name or "all cells")
-        if spec.zero_line:
+            name = name or "all cells"
+            line = _series(members, spec, xs, metric, mult)
+            color = None
+            if line:
+                drawn = ax.errorbar(*line, marker="o", capsize=3, label=name)
+                color = drawn[0].get_color()
+            for other, what, style, marker in extra:
+                more = _series(members, spec, xs, other, mult)
+                if more:
+                    ax.errorbar(
+                        *more,
+                        linestyle=style,
+                        marker=marker,
+                        markersize=9,
+                        color=color,
+                        capsize=2,
+                        alpha=0.8,
+                        label=f"{name}: {what}" if len(groups) > 1 else what,
+                    )
+        if spec.zero_line and metric.endswith("_pp"):
             ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
         if spec.categorical:
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
@@ -201,6 +229,22 @@ def plot_one(spec: PlotSpec, rows: list[dict], out_dir: Path) -> Plot:
     return Plot(spec.name, spec.title, path=path)
 
 
+def _series(
+    members: list[dict], spec: PlotSpec, xs: list[Any], metric: str, mult: float
+) -> tuple[list, list, list] | None:
+    """(x positions, means, sds) of ``metric`` over ``members`` at each x; None if no value."""
+    px, py, pe = [], [], []
+    for i, x in enumerate(xs):
+        ys = [_number(r.get(metric)) for r in members if r.get(spec.x) == x]
+        ys = [y * mult for y in ys if y is not None]
+        if ys:
+            m, sd = _mean_sd(ys)
+            px.append(i if spec.categorical else x)
+            py.append(m)
+            pe.append(sd)
+    return (px, py, pe) if px else None
+
+
 def make_plots(rows: list[dict], out_dir: str | Path) -> list[Plot]:
     """Every plot in :data:`PLOTS` from the done rows of a results table (others are ignored).
 
@@ -214,4 +258,6 @@ def make_plots(rows: list[dict], out_dir: str | Path) -> list[Plot]:
         if plot.path is None:
             (out_dir / f"{spec.name}.png").unlink(missing_ok=True)
         plots.append(plot)
+    for name in RETIRED:
+        (out_dir / f"{name}.png").unlink(missing_ok=True)
     return plots

@@ -2,7 +2,6 @@
 
 ``plaintext``: the encrypted path's exact arithmetic (same layout, padding, polynomial and
 schedule) on numpy, so ``accuracy - plaintext_accuracy`` isolates encryption.
-``exact``: logistic regression with the true sigmoid, same epochs and learning rate.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from medfed.train.diagonal_head import (
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule, accuracy
-from medfed.train.reference import train_exact_logreg
 
 
 def normalized(hospitals: list[HospitalData], scale: float, over: list[int] | None = None):
@@ -59,7 +57,7 @@ def plaintext_reference(
     trained_on: list[int] | None = None,
     evaluated_on: list[int] | None = None,
 ) -> dict:
-    """The encrypted path's own training code on numpy, and exact logistic regression.
+    """The encrypted path's own training code on numpy.
 
     When the aggregator excluded hospitals, pass the indices it kept: ``normalized_over``
     (passed ``stats``: their statistics and slot allocations count), ``trained_on`` (passed
@@ -88,18 +86,8 @@ def plaintext_reference(
     compute.blocks = blocks_from_packed(packed, layout)
     w, b = train_diagonal(PlainDiagonalBackend(layout), [compute], layout, schedule)
     head = head_matrix(w, b, layout)
-    n = sum(len(train[i]) for i in train_in)
-    # same effective step as the slot path, which averages gradients over padded positions
-    exact = train_exact_logreg(
-        np.vstack([train[i] for i in train_in]),
-        np.concatenate([hospitals[i].train_labels for i in train_in]),
-        n_classes,
-        schedule.epochs,
-        schedule.lr * n / layout.n_padded,
-    )
     return {
         "plaintext_accuracy": _test_accuracy(head, hospitals, test, evaluated_on),
-        "exact_accuracy": _test_accuracy(exact, hospitals, test, evaluated_on),
         "plaintext_weights": head,
         "n_padded": layout.n_padded,
     }

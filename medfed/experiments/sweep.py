@@ -671,12 +671,17 @@ def _summary_line(cell: Cell, record: dict[str, Any]) -> str:
     if record["status"] != "done":
         return f"[red]failed[/red] {cell.cell_id} {cell.label()}{took}: {record['error']}"
     m = record["metrics"]
-    acc, gap = m.get("accuracy"), m.get("accuracy_gap_pp")
     bits = []
-    if isinstance(acc, int | float):
-        bits.append(f"acc {acc:.4f}")
-    if isinstance(gap, int | float) and not math.isnan(gap):
-        bits.append(f"gap {gap:+.2f} pp")
+    for key, label, fmt in (
+        ("accuracy", "acc", "{:.4f}"),
+        ("reference_accuracy", "ref", "{:.4f}"),
+        ("majority_accuracy", "majority", "{:.4f}"),
+        ("encryption_cost_pp", "cost", "{:+.2f} pp"),
+        ("approximation_gap_pp", "approx. gap", "{:+.2f} pp"),
+    ):
+        v = m.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v):
+            bits.append(f"{label} {fmt.format(v)}")
     return f"[green]done[/green]   {cell.cell_id} {cell.label()}{took} {' '.join(bits)}".rstrip()
 
 

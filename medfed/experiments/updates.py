@@ -155,6 +155,7 @@ def federate_updates(
     """The encrypted FedAvg federation and its plaintext references on prepared hospitals."""
     from medfed.experiments.results import byte_tally, progress_bar, write_run
     from medfed.experiments.updates_reference import fedavg_reference
+    from medfed.experiments.yardsticks import federation_yardsticks
     from medfed.fl.ciphers import forget_threshold_parties
     from medfed.fl.faults import parse_faults
     from medfed.fl.launch import run_federation
@@ -224,6 +225,7 @@ def federate_updates(
         evaluations = read_evaluations(workspace, cfg.hospitals)
 
     index = {h.name: i for i, h in enumerate(hospitals)}
+    stats_by = [index[n] for n in fed["stats_participants"]]
     evaluators = [index[e["hospital"]] for e in evaluations if e is not None]
     reference = fedavg_reference(
         hospitals,
@@ -233,12 +235,24 @@ def federate_updates(
         cfg.lr,
         cfg.feature_scale,
         participants=[[index[n] for n in names] for names in fed["participants"]],
-        stats_participants=[index[n] for n in fed["stats_participants"]],
+        stats_participants=stats_by,
         evaluators=evaluators,
     )
     done = [e for e in evaluations if e is not None]
     total = sum(e["total"] for e in done)
     correct = sum(e["correct"] for e in done)
+    accuracy = correct / total if total else float("nan")
+    yardsticks = federation_yardsticks(  # the tuned reference pools every round's participants
+        hospitals,
+        done,
+        trained_on=sorted({index[n] for names in fed["participants"] for n in names}),
+        accuracy=accuracy,
+        plaintext_accuracy=reference["plaintext_accuracy"],
+        plaintext_weights=reference["plaintext_weights"],
+        plaintext_test=_normalized_test(hospitals, stats_by, cfg.feature_scale),
+        n_classes=n_classes,
+        seed=cfg.seed,
+    )
     up, down, parties = byte_tally(fed)
     training = [r for r in fed["rounds"] if not r["stage"].startswith(SETUP_STAGES)]
     per_round = cfg.rounds * cfg.hospitals
@@ -257,10 +271,7 @@ def federate_updates(
         "rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
         "lr": cfg.lr,
-        "accuracy": correct / total if total else float("nan"),
-        "plaintext_accuracy": reference["plaintext_accuracy"],
-        "accuracy_gap_pp": None,
-        "exact_accuracy": reference["exact_accuracy"],
+        **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,
         "dropouts": cfg.dropouts,
         "dropout_round": min(plan.values()) if plan else None,
@@ -285,7 +296,19 @@ def federate_updates(
         ),
         "excluded": fed["excluded"],
     }
-    metrics["accuracy_gap_pp"] = 100 * (metrics["accuracy"] - metrics["plaintext_accuracy"])
     if cfg.out:
         write_run(Path(cfg.out), cfg.to_dict(), metrics, fed["rounds"])
     return metrics
+
+
+def _normalized_test(
+    hospitals: list[HospitalData], stats_by: list[int], feature_scale: float
+) -> list[np.ndarray]:
+    """Every hospital's test features normalized as plain FedAvg's reference does (statistics
+    summed over ``stats_by``), to score the reference's head on them."""
+    from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
+
+    d = hospitals[0].train_features.shape[1]
+    total = sum(stats_vector(np.asarray(hospitals[i].train_features)) for i in stats_by)
+    mean, std = normalization_from_stats(total, d)
+    return [normalize(np.asarray(h.test_features), mean, std, feature_scale) for h in hospitals]

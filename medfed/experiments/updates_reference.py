@@ -4,8 +4,6 @@
 normalization from the summed statistics, :func:`~medfed.train.local.train_local` from the
 global head, sample-weighted averaging) and the same participants per round (dropouts
 included), so ``accuracy - plaintext_accuracy`` isolates the encryption.
-``exact``: centralized logistic regression (true sigmoid) on the pooled normalized features,
-``rounds * local_epochs`` full-batch epochs at the same learning rate.
 
 numpy only (no TenSEAL, torch or Flower).
 """
@@ -20,7 +18,6 @@ from medfed.fl.workspace import HospitalData
 from medfed.train.head import accuracy
 from medfed.train.local import fedavg, head_shape, train_local
 from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
-from medfed.train.reference import train_exact_logreg
 
 
 def _test_accuracy(weights: np.ndarray, xs: Sequence[np.ndarray], ys: Sequence) -> float:
@@ -42,7 +39,7 @@ def fedavg_reference(
     stats_participants: Sequence[int] | None = None,
     evaluators: Sequence[int] | None = None,
 ) -> dict:
-    """Plain FedAvg and exact centralized logistic regression (indices into ``hospitals``).
+    """Plain FedAvg (indices into ``hospitals``).
 
     Args:
         participants: per round, the hospitals whose update entered the sum (default: all).
@@ -68,17 +65,9 @@ def fedavg_reference(
             for i in members
         ]
         w = fedavg(heads, [len(train[i]) for i in members])
-    exact = train_exact_logreg(
-        np.vstack(train),
-        np.concatenate([np.asarray(h.train_labels).reshape(-1) for h in hospitals]),
-        n_classes,
-        rounds * local_epochs,
-        lr,
-    )
     xs = [test[i] for i in evaluators]
     ys = [hospitals[i].test_labels for i in evaluators]
     return {
         "plaintext_accuracy": _test_accuracy(w, xs, ys),
-        "exact_accuracy": _test_accuracy(exact, xs, ys),
         "plaintext_weights": w,
     }

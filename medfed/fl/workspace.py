@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.experiments.yardsticks import head_scores
 from medfed.train.head import accuracy
 
 SECRET_CONTEXT = "secret_context.bin"
@@ -141,13 +142,20 @@ def read_secret_context(workspace: Path, index: int) -> bytes:
 def write_evaluation(
     workspace: Path, index: int, name: str, weights: np.ndarray, x: np.ndarray, labels
 ) -> None:
-    """A hospital's private evaluation of the final head on its test split (``eval.json``)."""
+    """A hospital's private evaluation of the final head on its test split (``eval.json``).
+
+    Besides the counts it keeps the per-sample ``scores`` (``(total, heads)``, as
+    :func:`~medfed.experiments.yardsticks.head_scores` gives them) and ``labels``, so that a
+    simulation harness playing every party can pool them into an AUC.
+    """
     acc = accuracy(weights, x, labels) if len(x) else float("nan")
     result = {
         "hospital": name,
         "correct": int(round(acc * len(x))) if len(x) else 0,
         "total": len(x),
         "weights": weights.tolist(),
+        "scores": head_scores(weights, x).tolist(),
+        "labels": np.asarray(labels).reshape(-1).astype(np.int64).tolist(),
     }
     (hospital_dir(workspace, index) / EVAL).write_text(json.dumps(result))
 
