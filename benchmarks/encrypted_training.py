@@ -78,8 +78,11 @@ class LocalKeyHolder:
     def __init__(self, engine: SealEngine, layout, mask_bits: int) -> None:
         self.engine, self.layout, self.mask_bits = engine, layout, mask_bits
 
-    def sum_masked(self, masked, step):
-        return hospital_sums(self.engine, masked, self.layout, self.mask_bits), "hospital-0"
+    def sum_masked(self, masked, step, decay=0.0):
+        return (
+            hospital_sums(self.engine, masked, self.layout, self.mask_bits, decay),
+            "hospital-0",
+        )
 
 
 def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):

@@ -37,14 +37,16 @@ class SimulationConfig:
     alpha: float = 0.5
     seed: int = 0
     ckks: str = "fast"
-    epochs: int = 30
+    epochs: int = 20
     lr: float = 2.0
+    l2: float = 0.01  # L2 penalty on the head's weights (not the bias)
+    components: int = 32  # PCA-whitened features the head trains on (0: standardize only)
     rounds: int = 10  # mode "updates": FedAvg rounds
     local_epochs: int = 3  # mode "updates": full-batch epochs per hospital per round
     dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
     features: str | None = None  # mode "updates": precomputed embeddings (.npz)
     sigmoid_degree: int = 3
-    sigmoid_radius: float = 8.0
+    sigmoid_radius: float = 16.0
     bucket: int = 32
     feature_scale: float = 1.0
     backend: str = "flower"
@@ -119,6 +121,7 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("rounds", c.rounds)
     positive_int("local_epochs", c.local_epochs)
     positive_int("dropouts", c.dropouts, low=0)
+    positive_int("components", c.components, low=0)
     _choice("mode", c.mode, MODES)
     _choice("keys", c.keys, KEY_SETUPS)
     _choice(
@@ -134,6 +137,13 @@ def _validate(c: SimulationConfig) -> None:
         value = getattr(c, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if not isinstance(c.l2, int | float) or isinstance(c.l2, bool) or not c.l2 >= 0:
+        raise ConfigError(f"l2 must be a number >= 0, got {c.l2!r}")
+    if c.lr * c.l2 >= 1:
+        raise ConfigError(
+            f"lr * l2 = {c.lr * c.l2:g} must be below 1 (each epoch multiplies the weights by "
+            "1 - lr * l2); lower --l2 or --lr"
+        )
     if c.sigmoid_degree not in (1, 3, 5):
         raise ConfigError(f"sigmoid_degree={c.sigmoid_degree!r} must be 1, 3 or 5")
     _check_ckks(c)

@@ -58,13 +58,19 @@ def federate(
     t0 = started if started is not None else time.perf_counter()
     params = get_preset(cfg.ckks)
     approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
-    schedule = HeadSchedule(cfg.epochs, cfg.lr, approx)
+    schedule = HeadSchedule(cfg.epochs, cfg.lr, approx, cfg.l2)
     if len(hospitals) != cfg.hospitals:
         raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
     check_hospitals(hospitals, n_classes)
     d = hospitals[0].train_features.shape[1]
     reference = plaintext_reference(
-        hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale
+        hospitals,
+        n_classes,
+        schedule,
+        params.slots,
+        cfg.bucket,
+        cfg.feature_scale,
+        components=cfg.components,
     )
     secret = make_secret_context(params)  # provisioned to hospitals only (shared-key setup)
     meta = {
@@ -72,6 +78,8 @@ def federate(
         "n_classes": n_classes,
         "ckks": params.name,
         "feature_scale": cfg.feature_scale,
+        "components": cfg.components,
+        "decay": schedule.decay,  # the L2 penalty's shrink per epoch, lr * l2 (public)
     }
     settings = AggregatorSettings(
         params=params,
@@ -85,6 +93,7 @@ def federate(
         workers=cfg.workers,
         # under Flower's simulation the hospitals' actors already hold every CPU
         cpus_per_worker=0.0 if cfg.backend == "flower" else 1.0,
+        components=cfg.components,
     )
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
@@ -110,7 +119,14 @@ def federate(
     subsets = _reference_subsets(fed, hospitals)
     if subsets is not None:  # hospitals were excluded: the references leave the same ones out
         reference = plaintext_reference(
-            hospitals, n_classes, schedule, params.slots, cfg.bucket, cfg.feature_scale, **subsets
+            hospitals,
+            n_classes,
+            schedule,
+            params.slots,
+            cfg.bucket,
+            cfg.feature_scale,
+            components=cfg.components,
+            **subsets,
         )
     evaluated = set(fed.get("evaluated_by", [h.name for h in hospitals]))
     done = [e for e in evaluations if e is not None and e["hospital"] in evaluated]
@@ -120,7 +136,9 @@ def federate(
     # the yardsticks on the federation's split: the tuned reference pools the train data of
     # the hospitals that passed upload; every score is on the test samples behind `accuracy`
     used = _used_subsets(fed, hospitals)
-    _, plaintext_test = normalized(hospitals, cfg.feature_scale, used["normalized_over"])
+    _, plaintext_test = normalized(
+        hospitals, cfg.feature_scale, used["normalized_over"], cfg.components
+    )
     yardsticks = federation_yardsticks(
         hospitals,
         done,
@@ -144,6 +162,9 @@ def federate(
         "sigmoid": {"degree": approx.degree, "radius": approx.radius, "coeffs": approx.coeffs},
         "epochs": cfg.epochs,
         "lr": cfg.lr,
+        "l2": cfg.l2,
+        "components": cfg.components,
+        "trained_features": fed["layout"]["n_features"],
         **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,
         "wall_seconds": time.perf_counter() - t0,
@@ -157,6 +178,18 @@ def federate(
         "excluded": fed["excluded"],
         "contributors": fed.get("contributors", {}),
     }
+    z = [e["max_abs_z"] for e in done if "max_abs_z" in e]
+    metrics["max_abs_z"] = max(z) if z else None  # on the hospitals' own training data
+    if z and max(z) > approx.radius:
+        log.warning(
+            "the trained head reaches |z| = %.1f on the hospitals' training data, beyond the "
+            "polynomial sigmoid's range [-%g, %g]: the encrypted loss is not the logistic loss "
+            "there, and training may have diverged. Raise --l2 or --sigmoid-radius, or lower "
+            "--lr.",
+            max(z),
+            approx.radius,
+            approx.radius,
+        )
     if cfg.out:
         rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
         write_run(Path(cfg.out), cfg.to_dict(), metrics, rounds)

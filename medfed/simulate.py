@@ -51,8 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ckks", default=S, help="CKKS preset: fast (default), standard, deep, fast-shallow"
     )
-    p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (30)")
+    p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (20)")
     p.add_argument("--lr", type=float, default=S, help="learning rate (2.0)")
+    p.add_argument("--l2", type=float, default=S, help="L2 penalty on the head's weights (0.01)")
+    p.add_argument(
+        "--components",
+        type=int,
+        default=S,
+        help="PCA-whitened features to train on, from securely summed moments (32; 0: "
+        "standardize only)",
+    )
     p.add_argument("--rounds", type=int, default=S, help="mode updates: FedAvg rounds (10)")
     p.add_argument(
         "--local-epochs", type=int, default=S, help="mode updates: local epochs per round (3)"
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test_features, test_labels) instead of --dataset/--model; needs no torch",
     )
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
-    p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (8)")
+    p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (16)")
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
     p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
     p.add_argument("--backend", default=S, help="flower (Ray simulation, default) or local")

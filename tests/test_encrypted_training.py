@@ -34,11 +34,14 @@ class KeyHolder:
         self.engine, self.layout, self.mask_bits = engine, layout, mask_bits
         self.seen = []
 
-    def sum_masked(self, masked, step):
+    def sum_masked(self, masked, step, decay=0.0):
         self.seen.append(
             [self.engine.decrypt(self.engine.from_bytes(b, sender="a", item="m")) for b in masked]
         )
-        return hospital_sums(self.engine, masked, self.layout, self.mask_bits), "hospital-0"
+        return (
+            hospital_sums(self.engine, masked, self.layout, self.mask_bits, decay),
+            "hospital-0",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,11 @@ def engines(params):
 
 
 @pytest.mark.parametrize(
-    "n_classes,degree,parts", [(2, 3, 1), (3, 3, 1), (2, 1, 1), (2, 3, 2), (4, 3, 2)]
+    "n_classes,degree,parts,l2",
+    [(2, 3, 1, 0.0), (3, 3, 1, 0.0), (2, 1, 1, 0.0), (2, 3, 2, 0.0), (4, 3, 2, 0.0)]
+    + [(2, 3, 1, 0.05), (3, 3, 2, 0.05)],  # the L2 penalty's masked weights round
 )
-def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, parts):
+def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, parts, l2):
     hospital, public = engines
     rng = np.random.default_rng(n_classes + degree)
     d, sizes = 40, [60, 90]
@@ -75,7 +80,7 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
     raw = sum_packed(pack_diagonal(x, y, layout, i) for i, (x, y) in enumerate(data))
     enc_blocks = blocks_from_packed(raw, layout, enc)
     plain_blocks = blocks_from_packed(raw, layout)
-    schedule = HeadSchedule(epochs=4, lr=4.0, approx=fit_sigmoid(degree, 8.0))
+    schedule = HeadSchedule(epochs=4, lr=4.0, approx=fit_sigmoid(degree, 8.0), l2=l2)
     keyholder = KeyHolder(hospital, layout, params.mask_bits)
     backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
     computes = []
@@ -100,8 +105,10 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
     seen = np.concatenate([np.concatenate(s) for s in keyholder.seen])
     assert np.median(np.abs(seen)) > 2 ** (params.mask_bits - 2)
     assert len(backend.records) == schedule.epochs
-    # one folded vector per group and one bias vector per head, however many parts computed
-    assert all(len(s) == layout.n_heads * (layout.n_groups + 1) for s in keyholder.seen)
+    # one folded vector per group and one bias vector per head, however many parts computed,
+    # and with an L2 penalty the masked weight pattern of every group
+    per_head = layout.n_groups + 1 + (layout.n_groups if l2 else 0)
+    assert all(len(s) == layout.n_heads * per_head for s in keyholder.seen)
 
 
 def test_seeded_encryption_round_trips_at_half_the_bytes(engines, params):

@@ -245,13 +245,15 @@ def test_excluded_hospitals_are_left_out_of_the_references_too(tmp_path):
     assert m["contributors"]["upload"] == ["hospital-0", "hospital-2"]
     assert m["contributors"]["final"] == ["hospital-0", "hospital-1", "hospital-2"]
     # the plaintext reference used exactly the data the federation used
+    cfg = SimulationConfig()
     ref = plaintext_reference(
         hospitals,
         2,
-        HeadSchedule(3, 4.0, fit_sigmoid(3, 8.0)),
+        HeadSchedule(3, 4.0, fit_sigmoid(3, cfg.sigmoid_radius), cfg.l2),
         4096,
         32,
         1.0,
+        components=cfg.components,
         normalized_over=[0, 1, 2, 3],
         trained_on=[0, 2],
         evaluated_on=[0, 1, 2],

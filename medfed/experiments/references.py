@@ -10,7 +10,6 @@ import numpy as np
 
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
-from medfed.fl.hospital import normalization_from_stats, normalize, stats_vector
 from medfed.fl.workspace import HospitalData
 from medfed.train.diagonal_head import (
     DiagonalCompute,
@@ -20,17 +19,22 @@ from medfed.train.diagonal_head import (
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule, accuracy
+from medfed.train.normalization import shared_feature_map
 
 
-def normalized(hospitals: list[HospitalData], scale: float, over: list[int] | None = None):
-    """Every hospital's features under the shared rule, with statistics summed over ``over``
-    (default: all hospitals), as the hospitals that passed ``stats`` do in the federation."""
-    d = hospitals[0].train_features.shape[1]
+def normalized(
+    hospitals: list[HospitalData],
+    scale: float,
+    over: list[int] | None = None,
+    components: int = 0,
+):
+    """Every hospital's features under the shared feature map, with statistics summed over
+    ``over`` (default: all hospitals), as the hospitals that passed ``stats`` do in the
+    federation."""
     over = range(len(hospitals)) if over is None else over
-    total = sum(stats_vector(hospitals[i].train_features) for i in over)
-    mean, std = normalization_from_stats(total, d)
-    train = [normalize(h.train_features, mean, std, scale) for h in hospitals]
-    test = [normalize(h.test_features, mean, std, scale) for h in hospitals]
+    fmap = shared_feature_map([h.train_features for h in hospitals], list(over), components, scale)
+    train = [fmap(h.train_features) for h in hospitals]
+    test = [fmap(h.test_features) for h in hospitals]
     return train, test
 
 
@@ -53,6 +57,7 @@ def plaintext_reference(
     bucket: int,
     feature_scale: float,
     *,
+    components: int = 0,
     normalized_over: list[int] | None = None,
     trained_on: list[int] | None = None,
     evaluated_on: list[int] | None = None,
@@ -69,7 +74,7 @@ def plaintext_reference(
     train_in = stats_in if trained_on is None else sorted(trained_on)
     if not set(train_in) <= set(stats_in) or not train_in:
         raise ValueError("trained_on must be a non-empty subset of normalized_over")
-    train, test = normalized(hospitals, feature_scale, stats_in)
+    train, test = normalized(hospitals, feature_scale, stats_in, components)
     d = train[0].shape[1]
     layout = plan_diagonal(
         [n_buckets(len(train[i]), bucket) for i in stats_in],

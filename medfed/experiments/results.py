@@ -186,6 +186,13 @@ def print_summary(metrics: dict[str, Any], console: Console | None = None) -> No
     console.print(parties_table(metrics))
     if metrics.get("excluded"):
         console.print(excluded_table(metrics["excluded"]))
+    z, radius = metrics.get("max_abs_z"), (metrics.get("sigmoid") or {}).get("radius")
+    if z is not None and radius is not None and z > radius:
+        console.print(
+            f"[bold red]|z| reached {z:.1f} on the training data, beyond the polynomial's range "
+            f"[-{radius:g}, {radius:g}]: training may have diverged. Raise --l2 or "
+            "--sigmoid-radius, or lower --lr.[/bold red]"
+        )
     if not metrics.get("backbone_pretrained", True):
         console.print(
             "[bold red]The backbone is UNTRAINED (random weights): accuracy is not "

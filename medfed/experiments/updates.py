@@ -185,12 +185,15 @@ def federate_updates(
         expected_hospitals=cfg.hospitals,
         ckks=cfg.ckks,
         threshold_preset=threshold_preset,
+        components=cfg.components,
+        l2=cfg.l2,
     )
     meta = {
         "keys": cfg.keys,
         "n_classes": n_classes,
         "ckks": cfg.ckks,
         "feature_scale": cfg.feature_scale,
+        "components": cfg.components,
     }
     secret = None
     if cfg.keys == "shared":  # one CKKS key, provisioned to the hospitals only
@@ -234,6 +237,8 @@ def federate_updates(
         cfg.local_epochs,
         cfg.lr,
         cfg.feature_scale,
+        components=cfg.components,
+        l2=cfg.l2,
         participants=[[index[n] for n in names] for names in fed["participants"]],
         stats_participants=stats_by,
         evaluators=evaluators,
@@ -249,7 +254,7 @@ def federate_updates(
         accuracy=accuracy,
         plaintext_accuracy=reference["plaintext_accuracy"],
         plaintext_weights=reference["plaintext_weights"],
-        plaintext_test=_normalized_test(hospitals, stats_by, cfg.feature_scale),
+        plaintext_test=_normalized_test(hospitals, stats_by, cfg.feature_scale, cfg.components),
         n_classes=n_classes,
         seed=cfg.seed,
     )
@@ -271,6 +276,8 @@ def federate_updates(
         "rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
         "lr": cfg.lr,
+        "l2": cfg.l2,
+        "components": cfg.components,
         **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,
         "dropouts": cfg.dropouts,
@@ -302,13 +309,13 @@ def federate_updates(
 
 
 def _normalized_test(
-    hospitals: list[HospitalData], stats_by: list[int], feature_scale: float
+    hospitals: list[HospitalData], stats_by: list[int], feature_scale: float, components: int
 ) -> list[np.ndarray]:
-    """Every hospital's test features normalized as plain FedAvg's reference does (statistics
-    summed over ``stats_by``), to score the reference's head on them."""
-    from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
+    """Every hospital's test features under the feature map plain FedAvg's reference derives
+    (statistics summed over ``stats_by``), to score the reference's head on them."""
+    from medfed.train.normalization import shared_feature_map
 
-    d = hospitals[0].train_features.shape[1]
-    total = sum(stats_vector(np.asarray(hospitals[i].train_features)) for i in stats_by)
-    mean, std = normalization_from_stats(total, d)
-    return [normalize(np.asarray(h.test_features), mean, std, feature_scale) for h in hospitals]
+    fmap = shared_feature_map(
+        [np.asarray(h.train_features) for h in hospitals], stats_by, components, feature_scale
+    )
+    return [fmap(h.test_features) for h in hospitals]

@@ -17,7 +17,7 @@ import numpy as np
 from medfed.fl.workspace import HospitalData
 from medfed.train.head import accuracy
 from medfed.train.local import fedavg, head_shape, train_local
-from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
+from medfed.train.normalization import shared_feature_map
 
 
 def _test_accuracy(weights: np.ndarray, xs: Sequence[np.ndarray], ys: Sequence) -> float:
@@ -35,6 +35,8 @@ def fedavg_reference(
     local_epochs: int,
     lr: float,
     feature_scale: float = 1.0,
+    components: int = 0,
+    l2: float = 0.0,
     participants: Sequence[Sequence[int]] | None = None,
     stats_participants: Sequence[int] | None = None,
     evaluators: Sequence[int] | None = None,
@@ -52,16 +54,16 @@ def fedavg_reference(
         raise ValueError(f"participants lists {len(participants)} rounds, expected {rounds}")
     stats_by = list(stats_participants) if stats_participants is not None else everyone
     evaluators = list(evaluators) if evaluators is not None else everyone
-    d = hospitals[0].train_features.shape[1]
-    total = sum(stats_vector(np.asarray(hospitals[i].train_features)) for i in stats_by)
-    mean, std = normalization_from_stats(total, d)
-    train = [normalize(np.asarray(h.train_features), mean, std, feature_scale) for h in hospitals]
-    test = [normalize(np.asarray(h.test_features), mean, std, feature_scale) for h in hospitals]
+    fmap = shared_feature_map(
+        [np.asarray(h.train_features) for h in hospitals], stats_by, components, feature_scale
+    )
+    train = [fmap(h.train_features) for h in hospitals]
+    test = [fmap(h.test_features) for h in hospitals]
 
-    w = np.zeros(head_shape(d, n_classes))
+    w = np.zeros(head_shape(fmap.width, n_classes))
     for members in participants:
         heads = [
-            train_local(w, train[i], hospitals[i].train_labels, n_classes, local_epochs, lr)
+            train_local(w, train[i], hospitals[i].train_labels, n_classes, local_epochs, lr, l2)
             for i in members
         ]
         w = fedavg(heads, [len(train[i]) for i in members])

@@ -43,6 +43,7 @@ from medfed.train.diagonal_head import (
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule
+from medfed.train.normalization import stats_length, trained_width
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class AggregatorSettings:
     params: CKKSParams
     schedule: HeadSchedule
     n_classes: int
-    n_features: int
+    n_features: int  # embedding width the hospitals announce
     bucket: int
     expected_hospitals: int
     min_hospitals: int = 1
@@ -66,6 +67,17 @@ class AggregatorSettings:
     workers: int = 0  # Ray encrypted batch workers (0: in-process)
     upload_batch: int = 8  # hospitals per upload wave
     cpus_per_worker: float = 1.0
+    components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
+
+    @property
+    def width(self) -> int:
+        """Features the head trains on."""
+        return trained_width(self.n_features, self.components)
+
+    @property
+    def stats_ciphertexts(self) -> int:
+        """Ciphertexts of one hospital's statistics."""
+        return -(-stats_length(self.n_features, self.components) // self.params.slots)
 
 
 class EncryptedEmbeddingsStrategy(RoundExchange):
@@ -88,7 +100,7 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
 
     # -- plumbing -------------------------------------------------------------------------
     # -- stages ---------------------------------------------------------------------------
-    def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[SealVec, dict[int, int]]:
+    def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[list[SealVec], dict[int, int]]:
         replies = self.exchange_round(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
         claims: dict[str, list[int]] = defaultdict(list)
         for node, rec in replies.items():
@@ -139,7 +151,13 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
                 )
                 continue
             try:
-                vec = self.engine.from_bytes(rec[M.STATS], sender=name, item="stats")
+                blobs = list(rec[M.STATS])
+                if len(blobs) != self.s.stats_ciphertexts:
+                    raise CiphertextError(
+                        f"{name} sent {len(blobs)} statistics ciphertexts, expected "
+                        f"{self.s.stats_ciphertexts}"
+                    )
+                vec = [self.engine.from_bytes(b, sender=name, item="stats") for b in blobs]
                 n_buckets = int(rec[M.BUCKETS])
                 if not 0 <= n_buckets <= self.s.params.slots:
                     raise CiphertextError(f"{name} announced {n_buckets} buckets")
@@ -147,7 +165,7 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
                 self.ledger.exclude("stats", name, str(e))
                 continue
             buckets[node] = n_buckets
-            total = vec if total is None else total + vec
+            total = vec if total is None else [a + b for a, b in zip(total, vec, strict=True)]
         self.members = sorted(buckets)
         self.contributors["stats"] = list(self.members)
         self._check_quorum("stats", len(buckets))
@@ -168,17 +186,17 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
                 + (f" (excluded: {excluded})" if excluded else "")
             )
 
-    def upload(self, grid: Grid, total: SealVec, buckets: dict[int, int]) -> list[Block]:
+    def upload(self, grid: Grid, total: list[SealVec], buckets: dict[int, int]) -> list[Block]:
         nodes = sorted(buckets)
         self.layout = layout = plan_diagonal(
             [buckets[n] for n in nodes],
             slots=self.s.params.slots,
             n_classes=self.s.n_classes,
             bucket=self.s.bucket,
-            n_features=self.s.n_features,
+            n_features=self.s.width,
         )
         layout_json = json.dumps(layout.to_dict())
-        total_bytes = self.engine.to_bytes(total)
+        total_bytes = [self.engine.to_bytes(v) for v in total]
         payloads = {
             n: {M.STATS_TOTAL: total_bytes, M.LAYOUT: layout_json, M.POSITION: position}
             for position, n in enumerate(nodes)
@@ -337,7 +355,12 @@ class FlowerKeyHolder:
         self.grid = grid
         self.failed: set[int] = set()
 
-    def sum_masked(self, masked: list[bytes], step: int) -> tuple[list[bytes], str]:
+    def sum_masked(
+        self, masked: list[bytes], step: int, decay: float = 0.0
+    ) -> tuple[list[bytes], str]:
+        """One masked-sum round, retried with the next hospital if one fails. ``decay``
+        (``lr * l2``) is provisioned to the hospitals with the schedule, not sent: no message
+        carries a float."""
         nodes = [n for n in self.strategy.members if n not in self.failed]
         layout_json = json.dumps(self.strategy.layout.to_dict())
         for attempt in range(len(nodes)):

@@ -30,10 +30,12 @@ from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.train.diagonal_head import head_matrix, hospital_sums
-from medfed.train.normalization import (  # noqa: F401 - re-exported
-    normalization_from_stats,
-    normalize,
+from medfed.train.normalization import (
+    FeatureMap,
+    feature_map_from_stats,
+    stats_length,
     stats_vector,
+    trained_width,
 )
 
 log = logging.getLogger(__name__)
@@ -123,26 +125,28 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
                 "feature cache) before joining the federation."
             )
-        vec = np.zeros(engine.slots)
-        sv = stats_vector(features)
-        vec[: len(sv)] = sv
+        components = int(meta.get("components", 0))
         values = {
             M.HOSPITAL: data.name,
             M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
-            M.STATS: engine.encrypt_bytes(vec),
+            M.STATS: [
+                engine.encrypt_bytes(v)
+                for v in stats_chunks(stats_vector(features, components), engine.slots)
+            ],
             M.KEY_FINGERPRINT: context_fingerprint(ctx),
             M.N_FEATURES: int(features.shape[1]),
         }
         if i == 0:
-            values.update(_public_material(engine, ctx, features.shape[1]))
+            values.update(_public_material(engine, ctx, _width(features.shape[1], meta)))
         return _reply(msg, **values)
 
     @app.query("publiccontext")
     @guarded(workspace, "public-context")
     def public_context(msg: Message, context: Context) -> Message:
         i = _index(context)
-        data, _, ctx = _load(workspace, i)
-        values = _public_material(_engine(workspace, i), ctx, data.train_features.shape[1])
+        data, meta, ctx = _load(workspace, i)
+        width = _width(data.train_features.shape[1], meta)
+        values = _public_material(_engine(workspace, i), ctx, width)
         return _reply(msg, **{M.HOSPITAL: data.name, **values})
 
     @app.train("upload")
@@ -154,12 +158,20 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         rec = msg.content[M.RECORD]
         layout = _layout(rec)
         d = data.train_features.shape[1]
-        total = engine.decrypt(
-            engine.from_bytes(rec[M.STATS_TOTAL], sender="aggregator", item="stats")
+        components = int(meta.get("components", 0))
+        blobs = list(rec[M.STATS_TOTAL])
+        if len(blobs) != len(stats_chunks(np.zeros(stats_length(d, components)), engine.slots)):
+            raise CiphertextError(f"the statistics total has {len(blobs)} ciphertexts")
+        total = np.concatenate(
+            [engine.decrypt(engine.from_bytes(b, sender="aggregator", item="stats")) for b in blobs]
         )
-        mean, std = normalization_from_stats(total[: 2 * d + 1], d)
-        np.savez(W.hospital_dir(Path(workspace), i) / W.NORM, mean=mean, std=std)
-        x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
+        fmap = feature_map_from_stats(total, d, components, float(meta["feature_scale"]))
+        if fmap.width != layout.n_features:
+            raise ValueError(f"the layout trains {layout.n_features} features, not {fmap.width}")
+        np.savez(
+            W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
+        )
+        x = fmap(data.train_features)
         position = int(rec[M.POSITION])
         if not 0 <= position < len(layout.allocations):
             raise ValueError(f"{data.name}: slot position {position} is outside the layout")
@@ -189,7 +201,11 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         rec = msg.content[M.RECORD]
         params = get_preset(meta["ckks"])
         out = hospital_sums(
-            _engine(workspace, i), list(rec[M.MASKED]), _layout(rec), params.mask_bits
+            _engine(workspace, i),
+            list(rec[M.MASKED]),
+            _layout(rec),
+            params.mask_bits,
+            float(meta.get("decay", 0.0)),  # lr * l2, provisioned with the schedule
         )
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
@@ -218,12 +234,27 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 f"{data.name}: the decrypted head is not finite or absurdly large"
             )
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
-            mean, std = f["mean"], f["std"]
-        x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
-        W.write_evaluation(Path(workspace), i, data.name, weights, x, data.test_labels)
+            fmap = FeatureMap(f["mean"], f["projection"])
+        x = fmap(data.test_features)
+        W.write_evaluation(
+            Path(workspace), i, data.name, weights, x, data.test_labels, fmap(data.train_features)
+        )
         return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
 
     return app
+
+
+def _width(d: int, meta: dict) -> int:
+    """Features the head trains on (public: the run's ``components``)."""
+    return trained_width(d, int(meta.get("components", 0)))
+
+
+def stats_chunks(vector: np.ndarray, slots: int) -> list[np.ndarray]:
+    """``vector`` cut into slot-sized pieces, the last one zero-padded (one ciphertext each)."""
+    n = max(1, -(-len(vector) // slots))
+    padded = np.zeros(n * slots)
+    padded[: len(vector)] = vector
+    return list(padded.reshape(n, slots))
 
 
 def _public_material(engine: SealEngine, ctx, n_features: int) -> dict:

@@ -54,6 +54,7 @@ UPDATE = "update"  # Enc([n_i * w_i, n_i]) (or Enc(stats)): one framed ciphertex
 AGGREGATE = "aggregate"  # the encrypted sum, relayed back to the hospitals
 LOCAL_EPOCHS = "local_epochs"
 LR = "lr"
+L2 = "l2"  # aggregator -> hospitals in mode "updates": L2 penalty of local training
 PARTY = "party"  # threshold: the hospital's key-share index 1..n
 BUNDLE = "bundle"  # threshold: a hospital's public channel keys
 PEERS = "peers"  # threshold: every hospital's bundle, by party index 1..n

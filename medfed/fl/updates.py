@@ -55,7 +55,13 @@ from medfed.train.local import (
     update_length,
     weighted_update,
 )
-from medfed.train.normalization import normalization_from_stats, normalize, stats_vector
+from medfed.train.normalization import (
+    FeatureMap,
+    feature_map_from_stats,
+    stats_length,
+    stats_vector,
+    trained_width,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +89,25 @@ class UpdatesSettings:
     node_wait_seconds: float = 120.0
     reply_timeout: float | None = None
     workers: int = 0  # no Ray batch workers in this mode (launch.py asks)
+    components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
+    l2: float = 0.0  # L2 penalty of the hospitals' local training
+
+    @property
+    def width(self) -> int:
+        """Features the head trains on."""
+        return trained_width(self.n_features, self.components)
 
     @property
     def head_shape(self) -> tuple[int, int]:
-        return head_shape(self.n_features, self.n_classes)
+        return head_shape(self.width, self.n_classes)
 
     @property
     def update_length(self) -> int:
-        return update_length(self.n_features, self.n_classes)
+        return update_length(self.width, self.n_classes)
 
     @property
     def stats_length(self) -> int:
-        return 2 * self.n_features + 1
+        return stats_length(self.n_features, self.components)
 
 
 class FedAvgUpdatesStrategy(RoundExchange):
@@ -165,6 +178,7 @@ class FedAvgUpdatesStrategy(RoundExchange):
                 n: {
                     M.FL_ROUND: r,
                     M.LR: float(self.s.lr),
+                    M.L2: float(self.s.l2),
                     M.LOCAL_EPOCHS: int(self.s.local_epochs),
                     **self._aggregate_values(aggregate),
                     **material[n],
@@ -282,7 +296,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
-        return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats_vector(x))})
+        stats = stats_vector(x, int(meta.get("components", 0)))
+        return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
 
     @app.query("partial")
     @_guarded(workspace, "partial")
@@ -294,32 +309,34 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         )
         return reply(msg, data, **out)
 
-    def global_head(rec, data, meta, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Decrypt this request's aggregate: (global head, normalization mean, std)."""
+    def global_head(rec, data, meta, i) -> tuple[np.ndarray, FeatureMap]:
+        """Decrypt this request's aggregate: (global head, the shared feature map)."""
         d = data.train_features.shape[1]
-        shape = head_shape(d, int(meta["n_classes"]))
+        components = int(meta.get("components", 0))
+        shape = head_shape(trained_width(d, components), int(meta["n_classes"]))
         aggregate = bytes(rec[M.AGGREGATE]) if M.AGGREGATE in rec else None
         hdir = W.hospital_dir(Path(workspace), i)
         if int(rec[M.FL_ROUND]) == 0:  # the aggregate is the stats sum
-            total = cipher(meta, i).decrypt(aggregate, rec, 2 * d + 1)
-            total[2 * d] = _count(total[2 * d])
-            mean, std = normalization_from_stats(total, d)
-            np.savez(hdir / W.NORM, mean=mean, std=std)
+            length = stats_length(d, components)
+            total = cipher(meta, i).decrypt(aggregate, rec, length)
+            total[length - 1] = _count(total[length - 1])
+            fmap = feature_map_from_stats(total, d, components, float(meta["feature_scale"]))
+            np.savez(hdir / W.NORM, mean=fmap.mean, projection=fmap.projection)
             w = np.zeros(shape)
         else:
             total = cipher(meta, i).decrypt(aggregate, rec, shape[0] * shape[1] + 1)
             w = _head_from(total, shape)
         with np.load(hdir / W.NORM) as f:
-            mean, std = f["mean"], f["std"]
-        return w, mean, std
+            fmap = FeatureMap(f["mean"], f["projection"])
+        return w, fmap
 
     @app.train("local")
     @_guarded(workspace, "train")
     def local(msg: Message, context: Context, i: int) -> Message:
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
-        w, mean, std = global_head(rec, data, meta, i)
-        x = normalize(data.train_features, mean, std, float(meta["feature_scale"]))
+        w, fmap = global_head(rec, data, meta, i)
+        x = fmap(data.train_features)
         w = train_local(
             w,
             x,
@@ -327,6 +344,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
             int(meta["n_classes"]),
             int(rec[M.LOCAL_EPOCHS]),
             float(rec[M.LR]),
+            float(rec.get(M.L2, 0.0)),
         )
         update = weighted_update(w, len(x))
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(update)})
@@ -336,8 +354,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     def final(msg: Message, context: Context, i: int) -> Message:
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
-        w, mean, std = global_head(rec, data, meta, i)
-        x = normalize(data.test_features, mean, std, float(meta["feature_scale"]))
+        w, fmap = global_head(rec, data, meta, i)
+        x = fmap(data.test_features)
         W.write_evaluation(Path(workspace), i, data.name, w, x, data.test_labels)
         return reply(msg, data, **{M.OK: 1})
 

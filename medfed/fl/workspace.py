@@ -140,13 +140,21 @@ def read_secret_context(workspace: Path, index: int) -> bytes:
 
 
 def write_evaluation(
-    workspace: Path, index: int, name: str, weights: np.ndarray, x: np.ndarray, labels
+    workspace: Path,
+    index: int,
+    name: str,
+    weights: np.ndarray,
+    x: np.ndarray,
+    labels,
+    train_x: np.ndarray | None = None,
 ) -> None:
     """A hospital's private evaluation of the final head on its test split (``eval.json``).
 
     Besides the counts it keeps the per-sample ``scores`` (``(total, heads)``, as
     :func:`~medfed.experiments.yardsticks.head_scores` gives them) and ``labels``, so that a
-    simulation harness playing every party can pool them into an AUC.
+    simulation harness playing every party can pool them into an AUC. With ``train_x`` it
+    also records ``max_abs_z``, the largest ``|score|`` on its own training data: training
+    used a polynomial sigmoid, which is valid only on its range.
     """
     acc = accuracy(weights, x, labels) if len(x) else float("nan")
     result = {
@@ -157,6 +165,8 @@ def write_evaluation(
         "scores": head_scores(weights, x).tolist(),
         "labels": np.asarray(labels).reshape(-1).astype(np.int64).tolist(),
     }
+    if train_x is not None and len(train_x):
+        result["max_abs_z"] = float(np.abs(head_scores(weights, train_x)).max())
     (hospital_dir(workspace, index) / EVAL).write_text(json.dumps(result))
 
 

@@ -70,8 +70,11 @@ class DiagonalBackend(Protocol):
         """A compute's folded products (``{head: {group: vector}}``, bias products
         ``{head: vector}``) ready to leave it."""
 
-    def sum_round(self, parts: list[dict], step: int) -> tuple[list, list]:
-        """Weight and bias updates from every compute's finished products."""
+    def sum_round(
+        self, parts: list[dict], step: int, weights: list | None = None, decay: float = 0.0
+    ) -> tuple[list, list]:
+        """Weight and bias updates from every compute's finished products, the weight updates
+        including ``decay * weights`` (the L2 penalty) when ``weights`` are given."""
 
 
 def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Block]:
@@ -630,7 +633,8 @@ def diagonal_epoch(
             inputs = [published[key] for key in task.inputs]
             backward.append(submit(comp, "backward", inputs, sh, task.blocks, task.last))
     parts = [p for p in (h.result() for h in backward) if p is not None]  # raises any failure
-    upd_w, upd_b = backend.sum_round(parts, step)
+    decayed = weights if schedule.decay else None
+    upd_w, upd_b = backend.sum_round(parts, step, decayed, schedule.decay)
     new_w = [
         [w - u for w, u in zip(wk, uk, strict=True)] for wk, uk in zip(weights, upd_w, strict=True)
     ]
@@ -673,10 +677,23 @@ def train_diagonal(
     return weights, biases
 
 
-def keyholder_sums(q: np.ndarray, qb: np.ndarray, layout: DiagonalLayout) -> tuple:
-    """Plain linear map from (masked) products to pattern updates: what a hospital computes."""
+def keyholder_sums(
+    q: np.ndarray,
+    qb: np.ndarray,
+    layout: DiagonalLayout,
+    weights: np.ndarray | None = None,
+    decay: float = 0.0,
+) -> tuple:
+    """Plain linear map from (masked) products to pattern updates: what a hospital computes.
+
+    ``weights``: the (masked) weight patterns ``(groups, slots)``; ``decay * weights`` (the L2
+    penalty's step) is added to the weight updates.
+    """
     grads = gradient_map(q, layout)
-    return weight_pattern(grads, layout), np.full(layout.slots, float(np.sum(qb)))
+    pattern = weight_pattern(grads, layout)
+    if weights is not None:
+        pattern = pattern + decay * np.asarray(weights)
+    return pattern, np.full(layout.slots, float(np.sum(qb)))
 
 
 class PlainDiagonalBackend:
@@ -706,12 +723,13 @@ class PlainDiagonalBackend:
     def finish(self, q, qb):
         return {"q": q, "qb": qb}
 
-    def sum_round(self, parts, step):
+    def sum_round(self, parts, step, weights=None, decay=0.0):
         L = self.layout
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
             q = np.stack([sum(_of_group(parts, k, g)) for g in range(L.n_groups)])
-            pattern, bias = keyholder_sums(q, sum(_bias_products(parts, k)), L)
+            wk = np.stack(weights[k]) if weights is not None else None
+            pattern, bias = keyholder_sums(q, sum(_bias_products(parts, k)), L, wk, decay)
             upd_w.append(list(pattern))
             upd_b.append(bias)
         return upd_w, upd_b
@@ -813,20 +831,29 @@ class EncryptedDiagonalBackend:
             total = v if total is None else total + v
         return e.to_bytes(total)
 
-    def sum_round(self, parts, step):
+    def sum_round(self, parts, step, weights=None, decay=0.0):
+        """The masked-sum round: masked products (and, with an L2 penalty, masked weights) go
+        to a key-holding hospital, whose encrypted linear map of them, less the masks' images,
+        is the update."""
         import time
 
         from medfed.crypto.context import CiphertextError
 
         t0 = time.perf_counter()
-        L, e = self.layout, self.engine
-        masked = []
+        L, e, S = self.layout, self.engine, self.layout.slots
+        masked, weight_masks = [], {}
         for k in range(L.n_heads):
             masked.extend(self._group_sum(parts, k, g) for g in range(L.n_groups))
             masked.append(self._masked_sum(_bias_products(parts, k), f"masked bias {k}"))
+        if weights is not None:  # after every product vector: the key holder's layout
+            for k in range(L.n_heads):
+                weight_masks[k] = [draw_mask(self.rng, S, self.mask_bits) for _ in weights[k]]
+                masked.extend(
+                    e.to_bytes(w + m) for w, m in zip(weights[k], weight_masks[k], strict=True)
+                )
         per_head = L.n_groups + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
-            replies, who = self.keyholder.sum_masked(masked, step)
+            replies, who = self.keyholder.sum_masked(masked, step, decay if weights else 0.0)
             try:
                 if len(replies) != per_head * L.n_heads:
                     raise CiphertextError(
@@ -846,6 +873,8 @@ class EncryptedDiagonalBackend:
         upd_w, upd_b = [], []
         for k in range(L.n_heads):
             pattern = sum(p["mask_pattern"][k] for p in parts if k in p["mask_pattern"])
+            if k in weight_masks:
+                pattern = pattern + decay * np.stack(weight_masks[k])
             bias = np.full(L.slots, sum(p["mask_bias"][k] for p in parts if k in p["mask_bias"]))
             got = loaded[k * per_head : (k + 1) * per_head]
             upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
@@ -863,30 +892,36 @@ class EncryptedDiagonalBackend:
 
 
 def hospital_sums(
-    engine, masked: list[bytes], layout: DiagonalLayout, mask_bits: int
+    engine, masked: list[bytes], layout: DiagonalLayout, mask_bits: int, decay: float = 0.0
 ) -> list[bytes]:
     """The key holder's side of the round: decrypt masked products, sum, re-encrypt.
 
     Per head the aggregator sends one masked (folded) product vector per group and one masked
-    bias vector; the reply is one pattern ciphertext per group and one replicated bias
-    ciphertext.
+    bias vector; with an L2 penalty (``decay > 0``) then, per head, the masked weight pattern
+    of each group. The reply is one pattern ciphertext per group and one replicated bias
+    ciphertext per head.
     """
     from medfed.crypto.context import CiphertextError
 
     H, G = layout.n_heads, layout.n_groups
     per_head = G + 1
-    if len(masked) != per_head * H:
+    expected = per_head * H + (G * H if decay else 0)
+    if not 0 <= decay < 1:
+        raise CiphertextError(f"the aggregator asked for a weight decay of {decay}, not in [0, 1)")
+    if len(masked) != expected:
         raise CiphertextError(
             f"the aggregator sent {len(masked)} masked vectors; expected {G} group products "
-            f"plus one bias vector per head ({H} heads): {per_head * H}"
+            f"plus one bias vector per head ({H} heads)"
+            + (f", and {G} weight patterns per head" if decay else "")
+            + f": {expected}"
         )
     bound = 2.0 ** (mask_bits + 3)
-    out = []
-    for k in range(H):
+
+    def opened(blobs: list[bytes], what: str) -> np.ndarray:
         values = np.stack(
             [
-                engine.decrypt(engine.from_bytes(b, sender="aggregator", item=f"masked {k}/{i}"))
-                for i, b in enumerate(masked[k * per_head : (k + 1) * per_head])
+                engine.decrypt(engine.from_bytes(b, sender="aggregator", item=f"{what}/{i}"))
+                for i, b in enumerate(blobs)
             ]
         )
         if not np.all(np.isfinite(values)) or np.abs(values).max() > bound:
@@ -894,7 +929,16 @@ def hospital_sums(
                 "masked values from the aggregator decrypt outside the mask range: not "
                 "encrypted under this consortium's key, or corrupt."
             )
-        pattern, bias = keyholder_sums(values[:-1], values[-1], layout)
+        return values
+
+    out = []
+    for k in range(H):
+        values = opened(masked[k * per_head : (k + 1) * per_head], f"masked {k}")
+        weights = None
+        if decay:
+            start = per_head * H + k * G
+            weights = opened(masked[start : start + G], f"masked weights {k}")
+        pattern, bias = keyholder_sums(values[:-1], values[-1], layout, weights, decay)
         out.extend(engine.encrypt_bytes(p) for p in pattern)
         out.append(engine.encrypt_bytes(bias))
     return out

@@ -15,17 +15,29 @@ from medfed.train.poly import SigmoidApprox
 
 @dataclass(frozen=True)
 class HeadSchedule:
-    """What the aggregator trains: epochs of full-batch gradient descent."""
+    """What the aggregator trains: epochs of full-batch gradient descent with an L2 penalty.
+
+    One epoch: ``w <- (1 - lr * l2) w - lr * X^T r / n_padded`` and
+    ``bias <- bias - lr * sum(r) / n_padded`` (the bias is not penalized).
+    """
 
     epochs: int
     lr: float
     approx: SigmoidApprox
+    l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not (0 < self.lr < 1e4) or not np.isfinite(self.lr):
             raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
+        if not (0 <= self.decay < 1) or not np.isfinite(self.l2):
+            raise ValueError(f"lr * l2 must be in [0, 1), got {self.decay}")
+
+    @property
+    def decay(self) -> float:
+        """The weights' shrink per epoch from the L2 penalty: ``lr * l2``."""
+        return self.lr * self.l2
 
 
 def predict(weights: np.ndarray, features: np.ndarray) -> np.ndarray:

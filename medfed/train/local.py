@@ -1,11 +1,11 @@
 """Mode "updates": a hospital's local training and the sample-weighted FedAvg arithmetic.
 
-Each hospital trains the head in plaintext on its own normalized embeddings, starting from the
-current global head: full-batch gradient descent on the logistic loss with the exact sigmoid
-(one-vs-rest for multi-class), ``local_epochs`` steps of size ``lr``. It then sends
-``Enc([n_i * w_i, n_i])`` (:func:`weighted_update`): the sample weight travels inside the
-ciphertext, so the aggregator, which only adds ciphertexts, never learns ``n_i``. Hospitals
-decrypt the sum and divide (:func:`fedavg_from_sum`). numpy only.
+Each hospital trains the head in plaintext on its own embeddings under the shared feature map,
+starting from the current global head: full-batch gradient descent on the L2-penalized logistic
+loss with the exact sigmoid (one-vs-rest for multi-class), ``local_epochs`` steps of size
+``lr``. It then sends ``Enc([n_i * w_i, n_i])`` (:func:`weighted_update`): the sample weight
+travels inside the ciphertext, so the aggregator, which only adds ciphertexts, never learns
+``n_i``. Hospitals decrypt the sum and divide (:func:`fedavg_from_sum`). numpy only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def train_local(
     n_classes: int,
     epochs: int,
     lr: float,
+    l2: float = 0.0,
 ) -> np.ndarray:
-    """``epochs`` full-batch gradient steps with the exact sigmoid, starting from ``w0``."""
+    """``epochs`` full-batch gradient steps with the exact sigmoid, starting from ``w0``; the
+    weights (not the bias row) carry an L2 penalty ``l2 / 2 * |w|^2``."""
     x = np.asarray(features, dtype=np.float64)
     x1 = np.hstack([x, np.ones((x.shape[0], 1))])
     y = label_targets(np.asarray(labels).reshape(-1), n_classes)
@@ -51,7 +53,9 @@ def train_local(
     for _ in range(epochs):
         z = np.clip(x1 @ w, -500.0, 500.0)
         p = 1.0 / (1.0 + np.exp(-z))
-        w -= lr * x1.T @ (p - y) / x1.shape[0]
+        grad = x1.T @ (p - y) / x1.shape[0]
+        grad[:-1] += l2 * w[:-1]
+        w -= lr * grad
     return w
 
 

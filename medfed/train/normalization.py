@@ -1,30 +1,121 @@
-"""The shared normalization rule every hospital applies (both modes).
+"""The shared feature map every hospital applies (both modes): whitening from summed moments.
 
-Hospitals securely sum :func:`stats_vector` of their raw embeddings, decrypt the total, derive
-the global mean and standard deviation (:func:`normalization_from_stats`) and apply
-:func:`normalize`. numpy only: importable without TenSEAL, torch or Flower.
+Hospitals securely sum :func:`stats_vector` of their raw embeddings (feature sums, the upper
+triangle of the second-moment matrix, and the sample count), decrypt the total and derive the
+same :class:`FeatureMap` (:func:`feature_map_from_stats`):
+
+* ``components > 0`` (the default, 32): PCA whitening. Centre on the global mean, project on
+  the top ``components`` eigenvectors of the global covariance and divide each by the square
+  root of its eigenvalue. The trained features are uncorrelated with unit variance, so the
+  logistic loss is well conditioned (its Hessian is at most ``I / 4``) and a fixed step of
+  about ``4`` converges in a few epochs (Bonte and Vercauteren 2018). Fewer features also make
+  every encrypted epoch cheaper. Directions with (numerically) zero variance get a zero column,
+  so the width stays ``components`` whatever the data's rank: the width is public, the rank
+  is not.
+* ``components == 0``: per-feature standardization only (no second moments).
+
+``scale`` multiplies the mapped features. numpy only: importable without TenSEAL, torch or
+Flower.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-
-def stats_vector(features: np.ndarray) -> np.ndarray:
-    """``[sum x (d), sum x^2 (d), n]``: what the shared normalization needs, summed securely."""
-    return np.concatenate([features.sum(0), (features**2).sum(0), [features.shape[0]]])
+#: Eigenvalues below this fraction of the largest are treated as zero variance.
+RANK_TOLERANCE = 1e-9
 
 
-def normalization_from_stats(total: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global mean and standard deviation from the decrypted sum of every hospital's stats."""
-    n = total[2 * d]
-    if not n >= 1:
-        raise ValueError("the securely summed sample count is not positive")
+def stats_length(d: int, components: int = 1) -> int:
+    """Length of :func:`stats_vector` for ``d`` features (with second moments iff whitening)."""
+    return (d + d * (d + 1) // 2 if components else 2 * d) + 1
+
+
+def stats_vector(features: np.ndarray, components: int = 1) -> np.ndarray:
+    """What the shared feature map needs, summed securely over hospitals.
+
+    ``[sum x (d), sum x_i x_j for i <= j (row-major upper triangle), n]`` when whitening
+    (``components > 0``), else ``[sum x (d), sum x^2 (d), n]``.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    d = x.shape[1]
+    if components:
+        second = (x.T @ x)[np.triu_indices(d)]
+    else:
+        second = (x**2).sum(0)
+    return np.concatenate([x.sum(0), second, [x.shape[0]]])
+
+
+def trained_width(d: int, components: int) -> int:
+    """Features the head trains on: ``components`` (at most ``d``), or ``d`` without PCA."""
+    return min(d, components) if components else d
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """``x -> (x - mean) @ projection``: raw embeddings ``(n, d)`` to trained features."""
+
+    mean: np.ndarray  # (d,)
+    projection: np.ndarray  # (d, width)
+
+    @property
+    def width(self) -> int:
+        return int(self.projection.shape[1])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"features of shape {x.shape} do not have {len(self.mean)} columns")
+        return (x - self.mean) @ self.projection
+
+
+def _moments(total: np.ndarray, d: int, components: int) -> tuple[float, np.ndarray, np.ndarray]:
+    total = np.asarray(total, dtype=np.float64)
+    need = stats_length(d, components)
+    if total.shape[0] < need:
+        raise ValueError(f"the summed statistics have {total.shape[0]} values, expected {need}")
+    n = float(total[need - 1])
+    if not n >= 1 or not np.all(np.isfinite(total[:need])):
+        raise ValueError("the securely summed statistics are not finite with a positive count")
     mean = total[:d] / n
-    var = np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
-    return mean, np.sqrt(var) + 1e-6
+    if not components:
+        return n, mean, np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
+    second = np.zeros((d, d))
+    second[np.triu_indices(d)] = total[d : need - 1]
+    second = second + np.triu(second, 1).T
+    return n, mean, second / n - np.outer(mean, mean)
 
 
-def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, scale: float) -> np.ndarray:
-    """The rule every hospital shares: standardize, then scale to unit expected norm."""
-    return scale * (x - mean) / std / np.sqrt(x.shape[1])
+def feature_map_from_stats(
+    total: np.ndarray, d: int, components: int = 32, scale: float = 1.0
+) -> FeatureMap:
+    """The global feature map from the decrypted sum of every hospital's :func:`stats_vector`.
+
+    Deterministic in ``total``: every hospital decrypts the same sum and gets the same map
+    (eigenvector signs are fixed so that each column's largest entry is positive).
+    """
+    _, mean, second = _moments(total, d, components)
+    if not components:
+        std = np.sqrt(second) + 1e-6
+        return FeatureMap(mean, np.diag(scale / std / np.sqrt(d)))
+    ev, vecs = np.linalg.eigh((second + second.T) / 2)
+    order = np.argsort(ev)[::-1][: trained_width(d, components)]
+    ev, vecs = ev[order], vecs[:, order]
+    top = max(float(ev[0]), 0.0)
+    keep = ev > RANK_TOLERANCE * top if top > 0 else np.zeros(len(ev), dtype=bool)
+    pivot = np.argmax(np.abs(vecs), axis=0)
+    vecs = vecs * np.sign(vecs[pivot, np.arange(vecs.shape[1])])
+    inv_sqrt = np.where(keep, 1.0 / np.sqrt(np.where(keep, ev, 1.0)), 0.0)
+    return FeatureMap(mean, vecs * (scale * inv_sqrt))
+
+
+def shared_feature_map(
+    train_sets: list[np.ndarray], over: list[int], components: int, scale: float
+) -> FeatureMap:
+    """The map the hospitals in ``over`` derive from their summed statistics (plaintext
+    twin of the secure statistics round, for the references)."""
+    d = np.asarray(train_sets[0]).shape[1]
+    total = sum(stats_vector(train_sets[i], components) for i in over)
+    return feature_map_from_stats(total, d, components, scale)
