@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -63,7 +64,8 @@ def federate(
         raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
     check_hospitals(hospitals, n_classes)
     d = hospitals[0].train_features.shape[1]
-    reference = plaintext_reference(
+    reference_on = functools.partial(  # the same-schedule plaintext run, on given subsets
+        plaintext_reference,
         hospitals,
         n_classes,
         schedule,
@@ -72,6 +74,7 @@ def federate(
         cfg.feature_scale,
         components=cfg.components,
     )
+    reference = reference_on()
     secret = make_secret_context(params)  # provisioned to hospitals only (shared-key setup)
     meta = {
         "bucket": cfg.bucket,
@@ -118,16 +121,7 @@ def federate(
 
     subsets = _reference_subsets(fed, hospitals)
     if subsets is not None:  # hospitals were excluded: the references leave the same ones out
-        reference = plaintext_reference(
-            hospitals,
-            n_classes,
-            schedule,
-            params.slots,
-            cfg.bucket,
-            cfg.feature_scale,
-            components=cfg.components,
-            **subsets,
-        )
+        reference = reference_on(**subsets)
     evaluated = set(fed.get("evaluated_by", [h.name for h in hospitals]))
     done = [e for e in evaluations if e is not None and e["hospital"] in evaluated]
     total = sum(e["total"] for e in done)

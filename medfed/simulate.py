@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default=S,
+        metavar="{embeddings,updates}",
         help="embeddings (default: the aggregator trains on encrypted embeddings) or updates "
         "(hospitals train locally, the aggregator adds encrypted updates)",
     )
     p.add_argument(
         "--keys",
         default=S,
+        metavar="{shared,threshold,none}",
         help="shared (default; one CKKS key held by every hospital), threshold (mode updates: "
         "OpenFHE t-of-n keys, Python 3.10) or none (mode updates: plain FedAvg baseline)",
     )
@@ -42,14 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="MedMNIST flag (e.g. breastmnist, pneumoniamnist) or path to a MedMNIST-layout npz",
     )
     p.add_argument("--data-root", default=S, help="folder with MedMNIST npz files")
-    p.add_argument("--model", default=S, help="deit_tiny (default), deit_small, deit_base")
+    p.add_argument(
+        "--model",
+        default=S,
+        metavar="{deit_tiny,deit_small,deit_base}",
+        help="frozen backbone (default deit_tiny)",
+    )
     p.add_argument("--weights", default=S, help="local pretrained weights file for the backbone")
     p.add_argument("--img-size", type=int, default=S, help="backbone input size (default 224)")
-    p.add_argument("--split", default=S, help="iid (default) or dirichlet")
+    p.add_argument(
+        "--split", default=S, metavar="{iid,dirichlet}", help="iid (default) or dirichlet"
+    )
     p.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration (0.5)")
     p.add_argument("--seed", type=int, default=S, help="partition seed (0)")
     p.add_argument(
-        "--ckks", default=S, help="CKKS preset: fast (default), standard, deep, fast-shallow"
+        "--ckks",
+        default=S,
+        metavar="{fast,standard,deep,fast-shallow}",
+        help="CKKS preset: fast (default), standard, deep, fast-shallow",
     )
     p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (20)")
     p.add_argument("--lr", type=float, default=S, help="learning rate (2.0)")
@@ -81,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (16)")
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
     p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
-    p.add_argument("--backend", default=S, help="flower (Ray simulation, default) or local")
+    p.add_argument(
+        "--backend",
+        default=S,
+        metavar="{flower,local}",
+        help="flower (Ray simulation, default) or local",
+    )
     p.add_argument("--workers", type=int, default=S, help="Ray encrypted batch workers (0)")
     p.add_argument(
         "--ray-address", default=S, help="join a running Ray cluster (default: $RAY_ADDRESS)"
@@ -89,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-cpus", type=float, default=S, help="CPUs per simulated hospital")
     p.add_argument("--cache-dir", default=S, help="feature cache folder")
     p.add_argument("--out", default=S, help="write config.yaml, rounds.jsonl, metrics.json here")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=S,
+        help="no progress bars (for logs and Ray jobs)",
+    )
     p.add_argument(
         "--inject",
         action="append",

@@ -33,15 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     from medfed.errors import USER_ERRORS, format_user_error
     from medfed.experiments.prepare import prepare
 
-    p = argparse.ArgumentParser(prog="python simulations/export_features.py")
+    p = argparse.ArgumentParser(
+        prog="python simulations/export_features.py",
+        description="Embed a MedMNIST dataset with the frozen backbone and write the features "
+        "file that --mode updates --features FILE reads.",
+    )
     p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--dataset", default="breastmnist")
-    p.add_argument("--data-root")
-    p.add_argument("--model", default="deit_tiny")
-    p.add_argument("--weights")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--cache-dir")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--dataset",
+        default="breastmnist",
+        help="MedMNIST flag or path to a MedMNIST-layout npz (default breastmnist)",
+    )
+    p.add_argument("--data-root", help="folder with MedMNIST npz files")
+    p.add_argument(
+        "--model",
+        default="deit_tiny",
+        metavar="{deit_tiny,deit_small,deit_base}",
+        help="frozen backbone (default deit_tiny)",
+    )
+    p.add_argument("--weights", help="local pretrained weights file for the backbone")
+    p.add_argument("--img-size", type=int, help="backbone input size (default 224)")
+    p.add_argument("--cache-dir", help="feature cache folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = vars(p.parse_args(argv))
     out = Path(args.pop("out"))
     try:

@@ -6,23 +6,14 @@ import numpy as np
 import pytest
 
 from medfed.config import SimulationConfig
+from medfed.experiments.yardsticks import YARDSTICK_KEYS
 from medfed.runner import federate
 
 REQUIRED = {
     "mode",
     "keys",
     "hospitals",
-    "accuracy",
-    "auc",
-    "reference_accuracy",
-    "reference_auc",
-    "reference_C",
-    "majority_accuracy",
-    "encryption_cost_pp",
-    "plaintext_accuracy",
-    "plaintext_auc",
-    "accuracy_gap_pp",
-    "approximation_gap_pp",
+    *YARDSTICK_KEYS,
     "wall_seconds",
     "bytes_up",
     "bytes_down",

@@ -23,6 +23,7 @@ from medfed.crypto.context import KeyMaterialError, make_secret_context, secret_
 from medfed.crypto.params import PRESETS
 from medfed.experiments.updates import federate_updates, load_features
 from medfed.experiments.updates_reference import fedavg_reference
+from medfed.experiments.yardsticks import YARDSTICK_KEYS
 from medfed.fl import messages as M
 from medfed.fl.ciphers import UPDATE_CIPHERS, chunk_sizes, frame, unframe
 from medfed.fl.local_grid import LocalGrid
@@ -169,17 +170,7 @@ def test_federate_updates_metrics(tmp_path):
         "mode",
         "keys",
         "hospitals",
-        "accuracy",
-        "auc",
-        "reference_accuracy",
-        "reference_auc",
-        "reference_C",
-        "majority_accuracy",
-        "encryption_cost_pp",
-        "plaintext_accuracy",
-        "plaintext_auc",
-        "accuracy_gap_pp",
-        "approximation_gap_pp",
+        *YARDSTICK_KEYS,
         "rounds",
         "local_epochs",
         "dropouts",

@@ -185,6 +185,22 @@ def tuned_reference(
     }
 
 
+#: The keys :func:`yardstick_metrics` adds to every result, in order.
+YARDSTICK_KEYS = (
+    "accuracy",
+    "auc",
+    "reference_accuracy",
+    "reference_auc",
+    "reference_C",
+    "majority_accuracy",
+    "encryption_cost_pp",
+    "plaintext_accuracy",
+    "plaintext_auc",
+    "accuracy_gap_pp",
+    "approximation_gap_pp",
+)
+
+
 def yardstick_metrics(
     *,
     accuracy: float,
