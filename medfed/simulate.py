@@ -64,18 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CKKS preset: fast (default), standard, deep, fast-shallow",
     )
     p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (20)")
-    p.add_argument("--lr", type=float, default=S, help="learning rate (2.0)")
-    p.add_argument("--l2", type=float, default=S, help="L2 penalty on the head's weights (0.01)")
+    p.add_argument("--lr", type=float, default=S, help="learning rate (1.0)")
+    p.add_argument("--l2", type=float, default=S, help="L2 penalty on the head's weights (0.02)")
     p.add_argument(
         "--components",
         type=int,
         default=S,
-        help="PCA-whitened features to train on, from securely summed moments (32; 0: "
+        help="PCA-whitened features to train on, from securely summed moments (96; 0: "
         "standardize only)",
     )
     p.add_argument("--rounds", type=int, default=S, help="mode updates: FedAvg rounds (10)")
     p.add_argument(
-        "--local-epochs", type=int, default=S, help="mode updates: local epochs per round (3)"
+        "--local-epochs", type=int, default=S, help="mode updates: local epochs per round (5)"
     )
     p.add_argument(
         "--dropouts",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test_features, test_labels) instead of --dataset/--model; needs no torch",
     )
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
-    p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (16)")
+    p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (24)")
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
     p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
     p.add_argument(

@@ -131,7 +131,7 @@ def _pooled(hospitals, split):
 
 
 def test_default_schedule_learns_a_real_dataset(breast_pixels):
-    """The default schedule (whitening, L2, the degree-3 polynomial on [-16, 16]) must not
+    """The default schedule (whitening, L2, the degree-3 polynomial) must not
     collapse to one class, and must come near a tuned logistic regression."""
     from medfed.config import SimulationConfig
 
@@ -142,7 +142,9 @@ def test_default_schedule_learns_a_real_dataset(breast_pixels):
     ref = plaintext_reference(
         breast_pixels, 2, schedule, 4096, cfg.bucket, cfg.feature_scale, components=cfg.components
     )
-    fmap = shared_feature_map([h.train_features for h in breast_pixels], [0, 1, 2, 3], 32, 1.0)
+    fmap = shared_feature_map(
+        [h.train_features for h in breast_pixels], [0, 1, 2, 3], cfg.components, 1.0
+    )
     test_x, test_y = _pooled(breast_pixels, "test")
     preds = predict(ref["plaintext_weights"], fmap(test_x))
     assert len(np.unique(preds)) == 2, "the head predicts a single class"
