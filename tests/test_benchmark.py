@@ -3,12 +3,15 @@ runs that report the fields the docs describe."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from medfed.config import SimulationConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "encrypted_training.py"
 
@@ -60,13 +63,14 @@ def _run(tmp_path, *args: str) -> tuple[dict, str]:
 def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     result, _ = _run(tmp_path, "--workers", "0", "--timed-epochs", "1", "--epochs", "3")
     assert result["case"] == "illcond" and result["n"] == 600
-    assert result["components"] == 32 and result["width"] == 32
+    cfg = SimulationConfig()  # the benchmark trains with the run defaults
+    assert result["components"] == cfg.components and result["width"] == cfg.components
     assert result["schedule"] == {
         "epochs": 3,
-        "lr": 2.0,
-        "l2": 0.01,
-        "sigmoid_degree": 3,
-        "sigmoid_radius": 16.0,
+        "lr": cfg.lr,
+        "l2": cfg.l2,
+        "sigmoid_degree": cfg.sigmoid_degree,
+        "sigmoid_radius": cfg.sigmoid_radius,
     }
     assert result["workers"] == "in-process"  # no Ray configurations asked for
     assert result["worker_speedup_2v1"] is None and result["parallel_capacity_2v1"] is None
@@ -89,9 +93,10 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
         assert result["seconds_to_reference"] == pytest.approx(spent, abs=1e-3)
     assert abs(result["accuracy_gap_pp"]) <= 1.0  # 1000 test samples: one sample is 0.1 pp
     assert len(result["plaintext_accuracy_per_epoch"]) == 3
-    # the per-sample baseline: log2(32) rotations, median and spread, computes the gradient
+    # the per-sample baseline: log2(padded width) rotations, median and spread, the gradient
     assert result["baseline_samples_timed"] == 3
-    assert result["baseline_rotations_per_sample"] == 5
+    period = 1 << math.ceil(math.log2(SimulationConfig().components))  # a power of two
+    assert result["baseline_rotations_per_sample"] == int(math.log2(period))
     spread = result["baseline_ms_per_sample_spread"]
     assert spread["min"] <= spread["p10"] <= result["baseline_ms_per_sample"] <= spread["max"]
     assert result["baseline_relative_error"] < 0.01  # the right gradient, up to CKKS noise
