@@ -1,0 +1,41 @@
+"""medfed: privacy-preserving federated fine-tuning on medical images, measured.
+
+The public API (imported lazily, so ``import medfed`` needs neither torch nor TenSEAL):
+
+* :class:`SimulationConfig`, :class:`ConfigError`: every knob of a run, validated.
+* :func:`run`: one run from a config; :func:`federate`: a run on hospitals you prepared.
+* :class:`HospitalData`: one hospital's train and test embeddings and labels.
+* :class:`CKKSParams`, :data:`PRESETS`, :func:`get_preset`: the CKKS parameter sets.
+* :func:`print_summary`: the summary table of a run's metrics.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "SimulationConfig": "medfed.config",
+    "ConfigError": "medfed.config",
+    "run": "medfed.api",
+    "federate": "medfed.api",
+    "HospitalData": "medfed.fl.workspace",
+    "CKKSParams": "medfed.crypto.params",
+    "PRESETS": "medfed.crypto.params",
+    "get_preset": "medfed.crypto.params",
+    "print_summary": "medfed.experiments.results",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medfed' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -119,7 +119,7 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("dataset", f"{metrics['dataset']} ({metrics['n_classes']} classes)")
-    t.add_row("backbone", f"{metrics['backbone']} ({metrics['backbone_weights']})")
+    t.add_row("backbone", f"{metrics.get('backbone')} ({metrics.get('backbone_weights')})")
     _yardstick_rows(t, metrics, "encrypted training", "same-schedule plaintext")
     t.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
     t.add_row("bytes up (hospitals -> aggregator)", _mb(metrics["bytes_up"]))
@@ -143,7 +143,7 @@ def updates_summary_table(metrics: dict[str, Any]) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("dataset", f"{metrics['dataset']} ({metrics['n_classes']} classes)")
-    t.add_row("backbone", f"{metrics['backbone']} ({metrics['backbone_weights']})")
+    t.add_row("backbone", f"{metrics.get('backbone')} ({metrics.get('backbone_weights')})")
     t.add_row("rounds x local epochs", f"{metrics['rounds']} x {metrics['local_epochs']}")
     _yardstick_rows(t, metrics, "federated head", "plain FedAvg")
     if metrics.get("dropouts"):
