@@ -46,7 +46,7 @@ def federate(
     """Run the encrypted federation and the plaintext references on prepared hospitals."""
     from medfed.crypto.context import make_secret_context, secret_context_bytes
     from medfed.crypto.params import get_preset
-    from medfed.experiments.references import normalized, plaintext_reference
+    from medfed.experiments.references import plaintext_reference
     from medfed.experiments.results import byte_tally, progress_bar, write_run
     from medfed.experiments.yardsticks import federation_yardsticks
     from medfed.fl.aggregator import AggregatorSettings
@@ -130,9 +130,6 @@ def federate(
     # the yardsticks on the federation's split: the tuned reference pools the train data of
     # the hospitals that passed upload; every score is on the test samples behind `accuracy`
     used = _used_subsets(fed, hospitals)
-    _, plaintext_test = normalized(
-        hospitals, cfg.feature_scale, used["normalized_over"], cfg.components
-    )
     yardsticks = federation_yardsticks(
         hospitals,
         done,
@@ -140,7 +137,7 @@ def federate(
         accuracy=accuracy,
         plaintext_accuracy=reference["plaintext_accuracy"],
         plaintext_weights=reference["plaintext_weights"],
-        plaintext_test=plaintext_test,
+        plaintext_test=reference["plaintext_test"],
         n_classes=n_classes,
         seed=cfg.seed,
     )

@@ -94,5 +94,6 @@ def plaintext_reference(
     return {
         "plaintext_accuracy": _test_accuracy(head, hospitals, test, evaluated_on),
         "plaintext_weights": head,
+        "plaintext_test": test,  # every hospital's test features under the same map
         "n_padded": layout.n_padded,
     }

@@ -254,7 +254,7 @@ def federate_updates(
         accuracy=accuracy,
         plaintext_accuracy=reference["plaintext_accuracy"],
         plaintext_weights=reference["plaintext_weights"],
-        plaintext_test=_normalized_test(hospitals, stats_by, cfg.feature_scale, cfg.components),
+        plaintext_test=reference["plaintext_test"],
         n_classes=n_classes,
         seed=cfg.seed,
     )
@@ -306,16 +306,3 @@ def federate_updates(
     if cfg.out:
         write_run(Path(cfg.out), cfg.to_dict(), metrics, fed["rounds"])
     return metrics
-
-
-def _normalized_test(
-    hospitals: list[HospitalData], stats_by: list[int], feature_scale: float, components: int
-) -> list[np.ndarray]:
-    """Every hospital's test features under the feature map plain FedAvg's reference derives
-    (statistics summed over ``stats_by``), to score the reference's head on them."""
-    from medfed.train.normalization import shared_feature_map
-
-    fmap = shared_feature_map(
-        [np.asarray(h.train_features) for h in hospitals], stats_by, components, feature_scale
-    )
-    return [fmap(h.test_features) for h in hospitals]

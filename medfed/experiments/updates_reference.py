@@ -72,4 +72,5 @@ def fedavg_reference(
     return {
         "plaintext_accuracy": _test_accuracy(w, xs, ys),
         "plaintext_weights": w,
+        "plaintext_test": test,  # every hospital's test features under the same map
     }

@@ -14,7 +14,7 @@ but says nothing about whether the schedule learned anything. These numbers do:
   evaluator and ``roc_auc_score(..., multi_class="ovr", average="macro")`` compute it).
 
 numpy and scikit-learn only; scikit-learn is imported inside the functions that need it, so
-importing this module (as :mod:`medfed.fl.workspace` does, for :func:`head_scores`) costs
+importing this module costs
 nothing in an environment without it.
 """
 
@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from medfed.train.head import head_scores  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from medfed.fl.workspace import HospitalData
@@ -45,17 +47,6 @@ REFERENCE_CS = np.logspace(-4, 2, 13)
 #: Cross-validation folds and the solver's iteration limit of the tuned reference.
 REFERENCE_FOLDS = 5
 REFERENCE_MAX_ITER = 1000
-
-
-def head_scores(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Raw scores ``(n, heads)`` of a ``(d + 1, heads)`` head (weights, then the bias row).
-
-    These are the scores :func:`medfed.train.head.predict` thresholds (binary: score > 0)
-    or takes the argmax of (several classes).
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    x = np.asarray(features, dtype=np.float64).reshape(-1, w.shape[0] - 1)
-    return x @ w[:-1] + w[-1]
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ from medfed.train.diagonal_head import (
     train_diagonal,
 )
 from medfed.train.head import HeadSchedule
-from medfed.train.normalization import stats_length, trained_width
+from medfed.train.normalization import stats_ciphertexts, trained_width
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class AggregatorSettings:
     @property
     def stats_ciphertexts(self) -> int:
         """Ciphertexts of one hospital's statistics."""
-        return -(-stats_length(self.n_features, self.components) // self.params.slots)
+        return stats_ciphertexts(self.n_features, self.components, self.params.slots)
 
 
 class EncryptedEmbeddingsStrategy(RoundExchange):

@@ -33,7 +33,7 @@ from medfed.train.diagonal_head import head_matrix, hospital_sums
 from medfed.train.normalization import (
     FeatureMap,
     feature_map_from_stats,
-    stats_length,
+    stats_ciphertexts,
     stats_vector,
     trained_width,
 )
@@ -160,7 +160,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         d = data.train_features.shape[1]
         components = int(meta.get("components", 0))
         blobs = list(rec[M.STATS_TOTAL])
-        if len(blobs) != len(stats_chunks(np.zeros(stats_length(d, components)), engine.slots)):
+        if len(blobs) != stats_ciphertexts(d, components, engine.slots):
             raise CiphertextError(f"the statistics total has {len(blobs)} ciphertexts")
         total = np.concatenate(
             [engine.decrypt(engine.from_bytes(b, sender="aggregator", item="stats")) for b in blobs]
@@ -251,7 +251,7 @@ def _width(d: int, meta: dict) -> int:
 
 def stats_chunks(vector: np.ndarray, slots: int) -> list[np.ndarray]:
     """``vector`` cut into slot-sized pieces, the last one zero-padded (one ciphertext each)."""
-    n = max(1, -(-len(vector) // slots))
+    n = max(1, -(-len(vector) // slots))  # == stats_ciphertexts for a stats vector
     padded = np.zeros(n * slots)
     padded[: len(vector)] = vector
     return list(padded.reshape(n, slots))

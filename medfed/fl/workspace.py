@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.experiments.yardsticks import head_scores
-from medfed.train.head import accuracy
+from medfed.train.head import accuracy, head_scores
 
 SECRET_CONTEXT = "secret_context.bin"
 DATA = "data.npz"
@@ -151,7 +150,7 @@ def write_evaluation(
     """A hospital's private evaluation of the final head on its test split (``eval.json``).
 
     Besides the counts it keeps the per-sample ``scores`` (``(total, heads)``, as
-    :func:`~medfed.experiments.yardsticks.head_scores` gives them) and ``labels``, so that a
+    :func:`~medfed.train.head.head_scores` gives them) and ``labels``, so that a
     simulation harness playing every party can pool them into an AUC. With ``train_x`` it
     also records ``max_abs_z``, the largest ``|score|`` on its own training data: training
     used a polynomial sigmoid, which is valid only on its range.

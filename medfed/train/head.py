@@ -40,9 +40,17 @@ class HeadSchedule:
         return self.lr * self.l2
 
 
+def head_scores(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Raw scores ``(n, heads)`` of a ``(d + 1, heads)`` head (weights, then the bias row):
+    what :func:`predict` thresholds (binary: score > 0) or takes the argmax of."""
+    w = np.asarray(weights, dtype=np.float64)
+    x = np.asarray(features, dtype=np.float64).reshape(-1, w.shape[0] - 1)
+    return x @ w[:-1] + w[-1]
+
+
 def predict(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Class predictions from a ``(d + 1, n_segments)`` head (binary when one segment)."""
-    scores = np.asarray(features, dtype=np.float64) @ weights[:-1] + weights[-1]
+    scores = head_scores(weights, features)
     if weights.shape[1] == 1:
         return (scores[:, 0] > 0).astype(np.int64)
     return np.argmax(scores, axis=1).astype(np.int64)

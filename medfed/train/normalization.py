@@ -4,14 +4,14 @@ Hospitals securely sum :func:`stats_vector` of their raw embeddings (feature sum
 triangle of the second-moment matrix, and the sample count), decrypt the total and derive the
 same :class:`FeatureMap` (:func:`feature_map_from_stats`):
 
-* ``components > 0`` (the default, 32): PCA whitening. Centre on the global mean, project on
+* ``components > 0`` (the run's default is 96): PCA whitening. Centre on the global mean, project on
   the top ``components`` eigenvectors of the global covariance and divide each by the square
   root of its eigenvalue. The trained features are uncorrelated with unit variance, so the
-  logistic loss is well conditioned (its Hessian is at most ``I / 4``) and a fixed step of
-  about ``4`` converges in a few epochs (Bonte and Vercauteren 2018). Fewer features also make
-  every encrypted epoch cheaper. Directions with (numerically) zero variance get a zero column,
-  so the width stays ``components`` whatever the data's rank: the width is public, the rank
-  is not.
+  logistic loss is well conditioned (its Hessian is at most ``I / 4``, so a fixed step
+  up to ``4`` decreases it; Bonte and Vercauteren 2018) and gradient descent converges in a few
+  epochs. Fewer features also make every encrypted epoch cheaper. Directions with
+  (numerically) zero variance get a zero column, so the width stays ``components`` whatever
+  the data's rank: the width is public, the rank is not.
 * ``components == 0``: per-feature standardization only (no second moments).
 
 ``scale`` multiplies the mapped features. numpy only: importable without TenSEAL, torch or
@@ -28,12 +28,12 @@ import numpy as np
 RANK_TOLERANCE = 1e-9
 
 
-def stats_length(d: int, components: int = 1) -> int:
+def stats_length(d: int, components: int) -> int:
     """Length of :func:`stats_vector` for ``d`` features (with second moments iff whitening)."""
     return (d + d * (d + 1) // 2 if components else 2 * d) + 1
 
 
-def stats_vector(features: np.ndarray, components: int = 1) -> np.ndarray:
+def stats_vector(features: np.ndarray, components: int) -> np.ndarray:
     """What the shared feature map needs, summed securely over hospitals.
 
     ``[sum x (d), sum x_i x_j for i <= j (row-major upper triangle), n]`` when whitening
@@ -46,6 +46,11 @@ def stats_vector(features: np.ndarray, components: int = 1) -> np.ndarray:
     else:
         second = (x**2).sum(0)
     return np.concatenate([x.sum(0), second, [x.shape[0]]])
+
+
+def stats_ciphertexts(d: int, components: int, slots: int) -> int:
+    """Ciphertexts of ``slots`` slots that one :func:`stats_vector` takes."""
+    return -(-stats_length(d, components) // slots)
 
 
 def trained_width(d: int, components: int) -> int:
@@ -71,7 +76,8 @@ class FeatureMap:
         return (x - self.mean) @ self.projection
 
 
-def _moments(total: np.ndarray, d: int, components: int) -> tuple[float, np.ndarray, np.ndarray]:
+def _moments(total: np.ndarray, d: int, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global mean and covariance (per-feature variance without ``components``)."""
     total = np.asarray(total, dtype=np.float64)
     need = stats_length(d, components)
     if total.shape[0] < need:
@@ -81,22 +87,22 @@ def _moments(total: np.ndarray, d: int, components: int) -> tuple[float, np.ndar
         raise ValueError("the securely summed statistics are not finite with a positive count")
     mean = total[:d] / n
     if not components:
-        return n, mean, np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
+        return mean, np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
     second = np.zeros((d, d))
     second[np.triu_indices(d)] = total[d : need - 1]
     second = second + np.triu(second, 1).T
-    return n, mean, second / n - np.outer(mean, mean)
+    return mean, second / n - np.outer(mean, mean)
 
 
 def feature_map_from_stats(
-    total: np.ndarray, d: int, components: int = 32, scale: float = 1.0
+    total: np.ndarray, d: int, components: int, scale: float = 1.0
 ) -> FeatureMap:
     """The global feature map from the decrypted sum of every hospital's :func:`stats_vector`.
 
     Deterministic in ``total``: every hospital decrypts the same sum and gets the same map
     (eigenvector signs are fixed so that each column's largest entry is positive).
     """
-    _, mean, second = _moments(total, d, components)
+    mean, second = _moments(total, d, components)
     if not components:
         std = np.sqrt(second) + 1e-6
         return FeatureMap(mean, np.diag(scale / std / np.sqrt(d)))
