@@ -49,18 +49,18 @@ from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
 from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.experiments.yardsticks import majority_accuracy, tuned_reference
-from medfed.train.diagonal_head import (
-    DiagonalCompute,
-    EncryptedDiagonalBackend,
-    PlainDiagonalBackend,
-    blocks_from_packed,
-    diagonal_epoch,
-    galois_steps,
-    head_matrix,
-    hospital_sums,
-)
+from medfed.train.diagonal.backend import blocks_from_packed
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend, galois_steps
+from medfed.train.diagonal.epoch import diagonal_epoch, head_matrix
+from medfed.train.diagonal.keyholder import hospital_sums
+from medfed.train.diagonal.plain import PlainDiagonalBackend
 from medfed.train.head import HeadSchedule, accuracy
-from medfed.train.normalization import feature_map_from_stats, stats_vector
+from medfed.train.normalization import (
+    feature_map_from_stats,
+    public_width,
+    stats_vector,
+)
 from medfed.train.poly import fit_sigmoid, scaled_residual, target_term
 
 #: "Within 0.5 pp of the reference": the accuracy that counts as reaching it.
@@ -410,6 +410,12 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=int, default=192, help="raw features (deit_tiny: 192)")
     p.add_argument("--classes", type=int, default=2)
     p.add_argument("--components", type=int, default=cfg.components, help="0: standardize")
+    p.add_argument(
+        "--samples-per-component",
+        type=int,
+        default=cfg.samples_per_component,
+        help="components kept: one per this many samples, at least 96 (0: all)",
+    )
     p.add_argument("--feature-scale", type=float, default=cfg.feature_scale)
     p.add_argument("--epochs", type=int, default=cfg.epochs, help="epochs of the accuracy run")
     p.add_argument("--lr", type=float, default=cfg.lr)
@@ -434,11 +440,14 @@ def main(argv=None) -> int:
     # the statistics round: what the hospital (here one, holding every row) contributes to the
     # secure sum, decrypted; the feature map every hospital derives from it
     total = stats_vector(x, args.components)
-    fmap = feature_map_from_stats(total, args.d, args.components, args.feature_scale)
-    xw, xtw = fmap(x), fmap(xt)
     bucket = cfg.bucket
+    buckets = math.ceil(args.n / bucket)
+    # the width the aggregator plans from the (public) padded sample count
+    width = public_width(args.d, args.components, buckets * bucket, args.samples_per_component)
+    fmap = feature_map_from_stats(total, args.d, args.components and width, args.feature_scale)
+    xw, xtw = fmap(x), fmap(xt)
     layout = plan_diagonal(
-        [math.ceil(args.n / bucket)],
+        [buckets],
         slots=params.slots,
         n_classes=args.classes,
         bucket=bucket,
@@ -580,7 +589,7 @@ def main(argv=None) -> int:
         f"{reached if reached is None else round(reached, 2)}"
     )
     signal = (
-        float((beta[: args.components] ** 2).sum() / (beta**2).sum())
+        float((beta[: fmap.width] ** 2).sum() / (beta**2).sum())
         if args.case == "illcond" and args.components
         else None
     )
@@ -591,6 +600,7 @@ def main(argv=None) -> int:
         "d": args.d,
         "classes": args.classes,
         "components": args.components,
+        "samples_per_component": args.samples_per_component,
         "width": fmap.width,
         "ckks": params.name,
         "schedule": {

@@ -40,7 +40,8 @@ class SimulationConfig:
     epochs: int = 20
     lr: float = 1.0
     l2: float = 0.02  # L2 penalty on the head's weights (not the bias)
-    components: int = 96  # PCA-whitened features the head trains on (0: standardize only)
+    components: int = 192  # PCA-whitened width the head trains on (0: standardize only)
+    samples_per_component: int = 64  # components kept: pooled samples / this, >= 96 (0: all)
     rounds: int = 10  # mode "updates": FedAvg rounds
     local_epochs: int = 5  # mode "updates": full-batch epochs per hospital per round
     dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
@@ -122,6 +123,7 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("local_epochs", c.local_epochs)
     positive_int("dropouts", c.dropouts, low=0)
     positive_int("components", c.components, low=0)
+    positive_int("samples_per_component", c.samples_per_component, low=0)
     _choice("mode", c.mode, MODES)
     _choice("keys", c.keys, KEY_SETUPS)
     _choice(

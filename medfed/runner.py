@@ -73,6 +73,7 @@ def federate(
         cfg.bucket,
         cfg.feature_scale,
         components=cfg.components,
+        samples_per_component=cfg.samples_per_component,
     )
     reference = reference_on()
     secret = make_secret_context(params)  # provisioned to hospitals only (shared-key setup)
@@ -82,6 +83,7 @@ def federate(
         "ckks": params.name,
         "feature_scale": cfg.feature_scale,
         "components": cfg.components,
+        "samples_per_component": cfg.samples_per_component,
         "decay": schedule.decay,  # the L2 penalty's shrink per epoch, lr * l2 (public)
     }
     settings = AggregatorSettings(
@@ -97,6 +99,7 @@ def federate(
         # under Flower's simulation the hospitals' actors already hold every CPU
         cpus_per_worker=0.0 if cfg.backend == "flower" else 1.0,
         components=cfg.components,
+        samples_per_component=cfg.samples_per_component,
     )
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
@@ -155,6 +158,7 @@ def federate(
         "lr": cfg.lr,
         "l2": cfg.l2,
         "components": cfg.components,
+        "samples_per_component": cfg.samples_per_component,
         "trained_features": fed["layout"]["n_features"],
         **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,

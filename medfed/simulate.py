@@ -70,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--components",
         type=int,
         default=S,
-        help="PCA-whitened features to train on, from securely summed moments (96; 0: "
+        help="PCA-whitened width to train on, from securely summed moments (192; 0: "
         "standardize only)",
+    )
+    p.add_argument(
+        "--samples-per-component",
+        type=int,
+        default=S,
+        help="keep one whitened component per this many pooled training samples, at least 96; "
+        "the rest of the width stays zero (64; 0: keep all)",
     )
     p.add_argument("--rounds", type=int, default=S, help="mode updates: FedAvg rounds (10)")
     p.add_argument(

@@ -31,7 +31,7 @@ from medfed.data import DatasetError, load_dataset
 from medfed.fl import messages as M
 from medfed.fl.workspace import ERRORS, HospitalData, check_hospitals, hospital_dir
 from medfed.runner import federate
-from medfed.train.diagonal_head import hospital_sums
+from medfed.train.diagonal.keyholder import hospital_sums
 from tests.conftest import synthetic_hospitals
 from tests.fl_helpers import excluded, provision_all, rewrite_reply, run_local
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from medfed.config import SimulationConfig
+from medfed.train.normalization import MIN_ACTIVE, public_width
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "encrypted_training.py"
 
@@ -64,7 +65,11 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     result, _ = _run(tmp_path, "--workers", "0", "--timed-epochs", "1", "--epochs", "3")
     assert result["case"] == "illcond" and result["n"] == 600
     cfg = SimulationConfig()  # the benchmark trains with the run defaults
-    assert result["components"] == cfg.components and result["width"] == cfg.components
+    assert result["components"] == cfg.components
+    # 600 samples are 19 buckets: the width the aggregator would plan for them
+    padded = math.ceil(600 / cfg.bucket) * cfg.bucket
+    width = public_width(192, cfg.components, padded, cfg.samples_per_component)
+    assert result["width"] == width == MIN_ACTIVE
     assert result["schedule"] == {
         "epochs": 3,
         "lr": cfg.lr,
@@ -95,7 +100,7 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     assert len(result["plaintext_accuracy_per_epoch"]) == 3
     # the per-sample baseline: log2(padded width) rotations, median and spread, the gradient
     assert result["baseline_samples_timed"] == 3
-    period = 1 << math.ceil(math.log2(SimulationConfig().components))  # a power of two
+    period = 1 << math.ceil(math.log2(width))  # a power of two
     assert result["baseline_rotations_per_sample"] == int(math.log2(period))
     spread = result["baseline_ms_per_sample_spread"]
     assert spread["min"] <= spread["p10"] <= result["baseline_ms_per_sample"] <= spread["max"]

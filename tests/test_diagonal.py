@@ -17,18 +17,12 @@ from medfed.crypto.diagonal import (
     weight_pattern,
 )
 from medfed.crypto.packing import LayoutError, n_buckets
-from medfed.train.diagonal_head import (
-    ClaimBoard,
-    DiagonalCompute,
-    PlainDiagonalBackend,
-    blocks_from_packed,
-    head_matrix,
-    plan_shares,
-    plan_tasks,
-    split_range,
-    submission_order,
-    train_diagonal,
-)
+from medfed.train.diagonal.backend import blocks_from_packed
+from medfed.train.diagonal.claims import ClaimBoard
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.epoch import head_matrix, train_diagonal
+from medfed.train.diagonal.plain import PlainDiagonalBackend
+from medfed.train.diagonal.planner import plan_shares, plan_tasks, split_range, submission_order
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
 
@@ -143,18 +137,18 @@ class _RisingTakesAtMost(ClaimBoard):
 
 @pytest.mark.parametrize("parts,limit", [(2, 0), (2, 1), (2, 2), (3, 0), (3, 1)])
 def test_contested_cells_train_the_same_whoever_takes_them(monkeypatch, parts, limit):
-    import medfed.train.diagonal_head as dh
+    import medfed.train.diagonal.epoch as ep
 
     data, layout = _data(2, 40, seed=parts)  # 3 blocks of 8 giant steps
     shares = plan_shares(layout, parts, layout.n_blocks)
     assert all(sh.contests for sh in shares)  # the split really is contested
-    monkeypatch.setattr(dh, "ClaimBoard", type("B", (_RisingTakesAtMost,), {"limit": limit}))
+    monkeypatch.setattr(ep, "ClaimBoard", type("B", (_RisingTakesAtMost,), {"limit": limit}))
     got, want = _plain_training_and_reference(data, layout, parts, epochs=3)
     assert np.allclose(got, want, atol=1e-10)
 
 
 def test_claim_board_hands_each_cell_out_once_from_either_end():
-    from medfed.train.diagonal_head import Contest
+    from medfed.train.diagonal.claims import Contest
 
     board = ClaimBoard()
     up, down = Contest(0, range(3, 7), True), Contest(0, range(3, 7), False)

@@ -9,17 +9,13 @@ from medfed.crypto.context import CiphertextError, KeyMaterialError, make_secret
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
-from medfed.train.diagonal_head import (
-    DiagonalCompute,
-    EncryptedDiagonalBackend,
-    PlainDiagonalBackend,
-    blocks_from_packed,
-    galois_steps,
-    head_matrix,
-    hospital_sums,
-    plan_shares,
-    train_diagonal,
-)
+from medfed.train.diagonal.backend import blocks_from_packed
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend, galois_steps
+from medfed.train.diagonal.epoch import head_matrix, train_diagonal
+from medfed.train.diagonal.keyholder import hospital_sums
+from medfed.train.diagonal.plain import PlainDiagonalBackend
+from medfed.train.diagonal.planner import plan_shares
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
 

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from medfed.scale.node_claims import EPOCHS_KEPT, EpochView, NodeClaimBoard
-from medfed.train.diagonal_head import ClaimBoard, Contest
+from medfed.scale.node_claims import EpochView, NodeClaimBoard
+from medfed.train.diagonal.claims import EPOCHS_KEPT, ClaimBoard, Contest
 
 
 @pytest.fixture

@@ -13,15 +13,14 @@ from medfed.experiments.updates_reference import fedavg_reference
 from medfed.experiments.yardsticks import majority_accuracy, tuned_reference
 from medfed.fl.hospital import stats_chunks
 from medfed.fl.workspace import HospitalData
-from medfed.train.diagonal_head import (
-    DiagonalCompute,
-    PlainDiagonalBackend,
-    blocks_from_packed,
-    head_matrix,
-    train_diagonal,
-)
+from medfed.train.diagonal.backend import blocks_from_packed
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.epoch import head_matrix, train_diagonal
+from medfed.train.diagonal.plain import PlainDiagonalBackend
 from medfed.train.head import HeadSchedule, predict
 from medfed.train.normalization import (
+    MIN_ACTIVE,
+    active_components,
     feature_map_from_stats,
     shared_feature_map,
     stats_length,
@@ -54,6 +53,24 @@ def test_rank_deficient_data_keep_the_public_width_with_zero_columns():
     assert fmap.width == 6
     assert np.count_nonzero(np.abs(fmap.projection).sum(0) > 0) == 3
     assert np.all(np.isfinite(fmap(x)))
+
+
+def test_active_components_follow_the_pooled_sample_count():
+    assert active_components(500, 192, 64) == MIN_ACTIVE  # small federations keep the floor
+    assert active_components(10_000, 192, 64) == 156
+    assert active_components(50_000, 192, 64) == 192  # never wider than the public width
+    assert active_components(10, 48, 64) == 48
+    assert active_components(10, 192, 0) == 192  # 0 keeps every component
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(MIN_ACTIVE * 3, 150)) * np.logspace(0, -1, 150)
+    fmap = feature_map_from_stats(stats_vector(x, 120), 150, 120, samples_per_component=2)
+    assert fmap.width == 120  # the public width does not move
+    live = np.abs(fmap.projection).sum(0) > 0
+    assert live.tolist() == [True] * 120  # 288 samples / 2 = 144 >= 120: all kept
+    fmap = feature_map_from_stats(stats_vector(x, 120), 150, 120, samples_per_component=3)
+    live = np.abs(fmap.projection).sum(0) > 0
+    assert live.tolist() == [True] * MIN_ACTIVE + [False] * (120 - MIN_ACTIVE)  # 288 / 3 = 96
+    np.testing.assert_allclose(fmap(x)[:, :MIN_ACTIVE].std(0), 1.0, atol=1e-6)
 
 
 def test_feature_map_is_deterministic_and_sign_fixed():
@@ -140,13 +157,17 @@ def test_default_schedule_learns_a_real_dataset(breast_pixels):
         cfg.epochs, cfg.lr, fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius), cfg.l2
     )
     ref = plaintext_reference(
-        breast_pixels, 2, schedule, 4096, cfg.bucket, cfg.feature_scale, components=cfg.components
-    )
-    fmap = shared_feature_map(
-        [h.train_features for h in breast_pixels], [0, 1, 2, 3], cfg.components, 1.0
+        breast_pixels,
+        2,
+        schedule,
+        4096,
+        cfg.bucket,
+        cfg.feature_scale,
+        components=cfg.components,
+        samples_per_component=cfg.samples_per_component,
     )
     test_x, test_y = _pooled(breast_pixels, "test")
-    preds = predict(ref["plaintext_weights"], fmap(test_x))
+    preds = predict(ref["plaintext_weights"], np.vstack(ref["plaintext_test"]))
     assert len(np.unique(preds)) == 2, "the head predicts a single class"
     train_x, train_y = _pooled(breast_pixels, "train")
     tuned = tuned_reference(train_x, train_y, test_x, test_y, 2, seed=0)
@@ -178,6 +199,7 @@ def test_updates_mode_default_schedule_learns(breast_pixels):
         cfg.feature_scale,
         components=cfg.components,
         l2=cfg.l2,
+        samples_per_component=cfg.samples_per_component,
     )
     train_x, train_y = _pooled(breast_pixels, "train")
     test_x, test_y = _pooled(breast_pixels, "test")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.experiments.sweep.spec import knob_names
+
 
 @dataclass(frozen=True)
 class PlotSpec:
@@ -134,12 +136,6 @@ def _distinct(rows: list[dict], key: str) -> list[Any]:
     return seen
 
 
-def _knobs() -> list[str]:
-    from medfed.experiments.sweep import knob_names
-
-    return knob_names()
-
-
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     if len(values) < 2:
@@ -176,7 +172,7 @@ def plot_one(spec: PlotSpec, rows: list[dict], out_dir: Path) -> Plot:
         xs = sorted(xs)
     series = [k for k in spec.series if len(_distinct(rows, k)) > 1]
     averaged = [
-        k for k in _knobs() if k != spec.x and k not in series and len(_distinct(rows, k)) > 1
+        k for k in knob_names() if k != spec.x and k not in series and len(_distinct(rows, k)) > 1
     ]
 
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save

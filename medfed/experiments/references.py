@@ -11,15 +11,12 @@ import numpy as np
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.fl.workspace import HospitalData
-from medfed.train.diagonal_head import (
-    DiagonalCompute,
-    PlainDiagonalBackend,
-    blocks_from_packed,
-    head_matrix,
-    train_diagonal,
-)
+from medfed.train.diagonal.backend import blocks_from_packed
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.epoch import head_matrix, train_diagonal
+from medfed.train.diagonal.plain import PlainDiagonalBackend
 from medfed.train.head import HeadSchedule, accuracy
-from medfed.train.normalization import shared_feature_map
+from medfed.train.normalization import public_width, shared_feature_map
 
 
 def normalized(
@@ -58,6 +55,7 @@ def plaintext_reference(
     feature_scale: float,
     *,
     components: int = 0,
+    samples_per_component: int = 0,
     normalized_over: list[int] | None = None,
     trained_on: list[int] | None = None,
     evaluated_on: list[int] | None = None,
@@ -74,14 +72,16 @@ def plaintext_reference(
     train_in = stats_in if trained_on is None else sorted(trained_on)
     if not set(train_in) <= set(stats_in) or not train_in:
         raise ValueError("trained_on must be a non-empty subset of normalized_over")
-    train, test = normalized(hospitals, feature_scale, stats_in, components)
-    d = train[0].shape[1]
+    buckets = [n_buckets(len(hospitals[i].train_features), bucket) for i in stats_in]
+    d = hospitals[0].train_features.shape[1]
+    width = public_width(d, components, bucket * sum(buckets), samples_per_component)
+    train, test = normalized(hospitals, feature_scale, stats_in, components and width)
     layout = plan_diagonal(
-        [n_buckets(len(train[i]), bucket) for i in stats_in],
+        buckets,
         slots=slots,
         n_classes=n_classes,
         bucket=bucket,
-        n_features=d,
+        n_features=train[0].shape[1],
     )
     packed = sum_packed(  # a hospital that failed upload leaves its allocation empty
         pack_diagonal(train[i], hospitals[i].train_labels, layout, stats_in.index(i))

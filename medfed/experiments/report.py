@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from medfed.experiments.results import atomic_write_text
 
 if TYPE_CHECKING:
-    from medfed.experiments.sweep import SweepOutcome, SweepSpec
+    from medfed.experiments.sweep.spec import SweepSpec
+    from medfed.experiments.sweep.table import SweepOutcome
 
 #: (metric, column header, multiplier, format) of the key-metrics table.
 KEY_METRICS = (

@@ -194,6 +194,7 @@ def federate_updates(
         "ckks": cfg.ckks,
         "feature_scale": cfg.feature_scale,
         "components": cfg.components,
+        "samples_per_component": cfg.samples_per_component,
     }
     secret = None
     if cfg.keys == "shared":  # one CKKS key, provisioned to the hospitals only
@@ -238,6 +239,7 @@ def federate_updates(
         cfg.lr,
         cfg.feature_scale,
         components=cfg.components,
+        samples_per_component=cfg.samples_per_component,
         l2=cfg.l2,
         participants=[[index[n] for n in names] for names in fed["participants"]],
         stats_participants=stats_by,
@@ -278,6 +280,7 @@ def federate_updates(
         "lr": cfg.lr,
         "l2": cfg.l2,
         "components": cfg.components,
+        "samples_per_component": cfg.samples_per_component,
         **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
         "test_samples_evaluated": total,
         "dropouts": cfg.dropouts,

@@ -36,6 +36,7 @@ def fedavg_reference(
     lr: float,
     feature_scale: float = 1.0,
     components: int = 0,
+    samples_per_component: int = 0,
     l2: float = 0.0,
     participants: Sequence[Sequence[int]] | None = None,
     stats_participants: Sequence[int] | None = None,
@@ -55,7 +56,11 @@ def fedavg_reference(
     stats_by = list(stats_participants) if stats_participants is not None else everyone
     evaluators = list(evaluators) if evaluators is not None else everyone
     fmap = shared_feature_map(
-        [np.asarray(h.train_features) for h in hospitals], stats_by, components, feature_scale
+        [np.asarray(h.train_features) for h in hospitals],
+        stats_by,
+        components,
+        feature_scale,
+        samples_per_component,
     )
     train = [fmap(h.train_features) for h in hospitals]
     test = [fmap(h.test_features) for h in hospitals]

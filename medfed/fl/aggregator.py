@@ -36,14 +36,12 @@ from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
-from medfed.train.diagonal_head import (
-    Block,
-    DiagonalCompute,
-    EncryptedDiagonalBackend,
-    train_diagonal,
-)
+from medfed.train.diagonal.backend import Block
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
+from medfed.train.diagonal.epoch import train_diagonal
 from medfed.train.head import HeadSchedule
-from medfed.train.normalization import stats_ciphertexts, trained_width
+from medfed.train.normalization import public_width, stats_ciphertexts, trained_width
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +66,7 @@ class AggregatorSettings:
     upload_batch: int = 8  # hospitals per upload wave
     cpus_per_worker: float = 1.0
     components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
+    samples_per_component: int = 0  # fewer components for fewer (padded) samples; 0: all
 
     @property
     def width(self) -> int:
@@ -193,7 +192,12 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
             slots=self.s.params.slots,
             n_classes=self.s.n_classes,
             bucket=self.s.bucket,
-            n_features=self.s.width,
+            n_features=public_width(
+                self.s.n_features,
+                self.s.components,
+                self.s.bucket * sum(buckets.values()),
+                self.s.samples_per_component,
+            ),
         )
         layout_json = json.dumps(layout.to_dict())
         total_bytes = [self.engine.to_bytes(v) for v in total]

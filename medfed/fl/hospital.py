@@ -29,10 +29,12 @@ from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
-from medfed.train.diagonal_head import head_matrix, hospital_sums
+from medfed.train.diagonal.epoch import head_matrix
+from medfed.train.diagonal.keyholder import hospital_sums
 from medfed.train.normalization import (
     FeatureMap,
     feature_map_from_stats,
+    public_width,
     stats_ciphertexts,
     stats_vector,
     trained_width,
@@ -165,9 +167,17 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         total = np.concatenate(
             [engine.decrypt(engine.from_bytes(b, sender="aggregator", item="stats")) for b in blobs]
         )
-        fmap = feature_map_from_stats(total, d, components, float(meta["feature_scale"]))
-        if fmap.width != layout.n_features:
-            raise ValueError(f"the layout trains {layout.n_features} features, not {fmap.width}")
+        padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
+        width = public_width(d, components, padded, int(meta.get("samples_per_component", 0)))
+        if width != layout.n_features:
+            raise ValueError(
+                f"the layout trains {layout.n_features} features, not {width} (the run's "
+                "components for its padded sample count); every party must run one medfed "
+                "version with one --components and --samples-per-component"
+            )
+        fmap = feature_map_from_stats(
+            total, d, components and width, float(meta["feature_scale"])
+        )
         np.savez(
             W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
         )
@@ -245,7 +255,8 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
 
 
 def _width(d: int, meta: dict) -> int:
-    """Features the head trains on (public: the run's ``components``)."""
+    """The widest the head can train on (the run's ``components``); a narrower
+    :func:`public_width` of at least ``MIN_ACTIVE`` uses the same group and Galois steps."""
     return trained_width(d, int(meta.get("components", 0)))
 
 

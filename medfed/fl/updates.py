@@ -320,7 +320,13 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
             length = stats_length(d, components)
             total = cipher(meta, i).decrypt(aggregate, rec, length)
             total[length - 1] = _count(total[length - 1])
-            fmap = feature_map_from_stats(total, d, components, float(meta["feature_scale"]))
+            fmap = feature_map_from_stats(
+                total,
+                d,
+                components,
+                float(meta["feature_scale"]),
+                int(meta.get("samples_per_component", 0)),
+            )
             np.savez(hdir / W.NORM, mean=fmap.mean, projection=fmap.projection)
             w = np.zeros(shape)
         else:

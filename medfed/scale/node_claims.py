@@ -4,9 +4,10 @@ The pool's :class:`~medfed.scale.workers.ClaimDesk` is a Ray actor: each take is
 (about 0.9 ms, and the desk's own process spends about 13 ms of CPU per 2-worker epoch on the
 cores the workers need). Workers on the same node share a small file in ``/dev/shm`` instead:
 a record per (contest, recent epoch) holding the next low cell and one past the high, changed
-under a POSIX record lock, with :meth:`medfed.train.diagonal_head.ClaimBoard.take`'s
-semantics. The file holds cell numbers and epoch ids only, like the desk; it is unlinked as
-soon as every worker has opened it, so it goes away with the workers.
+under a POSIX record lock, with :meth:`medfed.train.diagonal.claims.ClaimBoard.take`'s
+semantics (both step a span with :func:`~medfed.train.diagonal.claims.next_cell`). The file
+holds cell numbers and epoch ids only, like the desk; it is unlinked as soon as every worker
+has opened it, so it goes away with the workers.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import fcntl
 import os
 import struct
 
-from medfed.train.diagonal_head import Contest
+from medfed.train.diagonal.claims import EPOCHS_KEPT, Contest, next_cell
 
 _RECORD = struct.Struct("<16sqqq")  # epoch id, order of first use, next low cell, one past high
-EPOCHS_KEPT = 4  # boards of the latest epochs kept per contest (as the ClaimDesk keeps them)
 
 
 class NodeClaimBoard:
@@ -49,12 +49,7 @@ class NodeClaimBoard:
                 newest = max(r[1] for r in records)
                 records[slot] = (tag, newest + 1, contest.cells.start, contest.cells.stop)
             tag, used, low, high = records[slot]
-            if low >= high:
-                cell = None
-            elif contest.rising:
-                cell, low = low, low + 1
-            else:
-                cell, high = high - 1, high - 1
+            cell, low, high = next_cell(low, high, contest.rising)
             os.pwrite(self.fd, _RECORD.pack(tag, used, low, high), start + slot * _RECORD.size)
             return cell
         finally:
@@ -68,6 +63,7 @@ class NodeClaimBoard:
             pass
 
     def close(self) -> None:
+        """Close the file (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -80,10 +76,12 @@ class NodeClaimBoard:
 
 
 class EpochView:
-    """One epoch of a :class:`NodeClaimBoard`, with :class:`ClaimBoard`'s ``take(contest)``."""
+    """One epoch of a :class:`NodeClaimBoard`: a
+    :class:`~medfed.train.diagonal.claims.Claims` board, ``take(contest)``."""
 
     def __init__(self, board: NodeClaimBoard, epoch: str) -> None:
         self.board, self.epoch = board, epoch
 
     def take(self, contest: Contest) -> int | None:
+        """The next cell of ``contest`` in this epoch from the caller's end, or None."""
         return self.board.take(self.epoch, contest)

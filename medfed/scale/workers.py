@@ -18,14 +18,11 @@ from medfed.crypto.diagonal import DiagonalLayout
 from medfed.crypto.scratch import shared_dir
 from medfed.crypto.seal import SealEngine
 from medfed.scale.node_claims import EpochView, NodeClaimBoard
-from medfed.train.diagonal_head import (
-    Block,
-    ClaimBoard,
-    Contest,
-    DiagonalCompute,
-    EncryptedDiagonalBackend,
-    Share,
-)
+from medfed.train.diagonal.backend import Block
+from medfed.train.diagonal.claims import EPOCHS_KEPT, ClaimBoard, Contest
+from medfed.train.diagonal.compute import DiagonalCompute
+from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
+from medfed.train.diagonal.planner import Share
 
 
 def block_to_bytes(engine: SealEngine, block: Block) -> dict:
@@ -166,7 +163,7 @@ class ClaimDesk:
 
     def take(self, epoch: str, contest: Contest) -> int | None:
         if epoch not in self.boards:
-            if len(self.boards) >= 4:  # earlier epochs are over
+            if len(self.boards) >= EPOCHS_KEPT:  # earlier epochs are over
                 self.boards.pop(next(iter(self.boards)))
             self.boards[epoch] = ClaimBoard()
         return self.boards[epoch].take(contest)

@@ -1,6 +1,6 @@
 """Shared pieces of head training: the schedule, prediction and accuracy.
 
-The training loop itself is :mod:`medfed.train.diagonal_head` (one loop for the plaintext
+The training loop itself is :mod:`medfed.train.diagonal` (one loop for the plaintext
 reference and the encrypted path).
 """
 

@@ -4,14 +4,20 @@ Hospitals securely sum :func:`stats_vector` of their raw embeddings (feature sum
 triangle of the second-moment matrix, and the sample count), decrypt the total and derive the
 same :class:`FeatureMap` (:func:`feature_map_from_stats`):
 
-* ``components > 0`` (the run's default is 96): PCA whitening. Centre on the global mean, project on
-  the top ``components`` eigenvectors of the global covariance and divide each by the square
-  root of its eigenvalue. The trained features are uncorrelated with unit variance, so the
-  logistic loss is well conditioned (its Hessian is at most ``I / 4``, so a fixed step
-  up to ``4`` decreases it; Bonte and Vercauteren 2018) and gradient descent converges in a few
-  epochs. Fewer features also make every encrypted epoch cheaper. Directions with
-  (numerically) zero variance get a zero column, so the width stays ``components`` whatever
-  the data's rank: the width is public, the rank is not.
+* ``components > 0`` (the run's default is 192): PCA whitening. Centre on the global mean,
+  project on the top eigenvectors of the global covariance and divide each by the square
+  root of its eigenvalue. With ``samples_per_component`` only the top
+  :func:`active_components` are kept, one per that many pooled training samples and at
+  least :data:`MIN_ACTIVE`, so small federations do not fit noise directions while large
+  ones keep the label signal in the small ones. Mode ``embeddings`` trains on that many
+  features (:func:`public_width`, from the padded sample count the aggregator already
+  sees); mode ``updates`` keeps the width ``components`` and zeroes the columns beyond the
+  active ones, counted from the decrypted statistics, so the aggregator learns nothing new.
+  The trained features are uncorrelated with unit variance, so the logistic loss is well
+  conditioned (its Hessian is at most ``I / 4``, so a fixed step up to ``4`` decreases it;
+  Bonte and Vercauteren 2018) and gradient descent converges in a few epochs. Directions
+  with (numerically) zero variance get a zero column, so the width stays ``components``
+  whatever the data's rank: the width is public, the rank is not.
 * ``components == 0``: per-feature standardization only (no second moments).
 
 ``scale`` multiplies the mapped features. numpy only: importable without TenSEAL, torch or
@@ -26,6 +32,29 @@ import numpy as np
 
 #: Eigenvalues below this fraction of the largest are treated as zero variance.
 RANK_TOLERANCE = 1e-9
+
+#: Whitened components kept whatever the sample count (when the width allows).
+MIN_ACTIVE = 96
+
+
+def active_components(n: int, width: int, samples_per_component: int) -> int:
+    """Components kept of ``width``: ``n // samples_per_component``, at least
+    :data:`MIN_ACTIVE`, at most ``width`` (all of them when ``samples_per_component`` is 0)."""
+    if not samples_per_component:
+        return width
+    return min(width, max(MIN_ACTIVE, int(n) // samples_per_component))
+
+
+def public_width(d: int, components: int, padded_samples: int, samples_per_component: int) -> int:
+    """Mode ``embeddings``: the width the head trains on, from public numbers only.
+
+    :func:`active_components` of the padded sample count (every hospital's bucket count times
+    the bucket, which the aggregator already sees), within :func:`trained_width`.
+    """
+    width = trained_width(d, components)
+    if not components:
+        return width
+    return active_components(padded_samples, width, samples_per_component)
 
 
 def stats_length(d: int, components: int) -> int:
@@ -76,8 +105,8 @@ class FeatureMap:
         return (x - self.mean) @ self.projection
 
 
-def _moments(total: np.ndarray, d: int, components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global mean and covariance (per-feature variance without ``components``)."""
+def _moments(total: np.ndarray, d: int, components: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Global mean, covariance (per-feature variance without ``components``) and count."""
     total = np.asarray(total, dtype=np.float64)
     need = stats_length(d, components)
     if total.shape[0] < need:
@@ -87,22 +116,27 @@ def _moments(total: np.ndarray, d: int, components: int) -> tuple[np.ndarray, np
         raise ValueError("the securely summed statistics are not finite with a positive count")
     mean = total[:d] / n
     if not components:
-        return mean, np.maximum(total[d : 2 * d] / n - mean**2, 0.0)
+        return mean, np.maximum(total[d : 2 * d] / n - mean**2, 0.0), n
     second = np.zeros((d, d))
     second[np.triu_indices(d)] = total[d : need - 1]
     second = second + np.triu(second, 1).T
-    return mean, second / n - np.outer(mean, mean)
+    return mean, second / n - np.outer(mean, mean), n
 
 
 def feature_map_from_stats(
-    total: np.ndarray, d: int, components: int, scale: float = 1.0
+    total: np.ndarray,
+    d: int,
+    components: int,
+    scale: float = 1.0,
+    samples_per_component: int = 0,
 ) -> FeatureMap:
     """The global feature map from the decrypted sum of every hospital's :func:`stats_vector`.
 
     Deterministic in ``total``: every hospital decrypts the same sum and gets the same map
-    (eigenvector signs are fixed so that each column's largest entry is positive).
+    (eigenvector signs are fixed so that each column's largest entry is positive). The map
+    has :func:`trained_width` columns; beyond :func:`active_components` they are zero.
     """
-    mean, second = _moments(total, d, components)
+    mean, second, n = _moments(total, d, components)
     if not components:
         std = np.sqrt(second) + 1e-6
         return FeatureMap(mean, np.diag(scale / std / np.sqrt(d)))
@@ -111,6 +145,7 @@ def feature_map_from_stats(
     ev, vecs = ev[order], vecs[:, order]
     top = max(float(ev[0]), 0.0)
     keep = ev > RANK_TOLERANCE * top if top > 0 else np.zeros(len(ev), dtype=bool)
+    keep[active_components(int(n), len(ev), samples_per_component) :] = False
     pivot = np.argmax(np.abs(vecs), axis=0)
     vecs = vecs * np.sign(vecs[pivot, np.arange(vecs.shape[1])])
     inv_sqrt = np.where(keep, 1.0 / np.sqrt(np.where(keep, ev, 1.0)), 0.0)
@@ -118,10 +153,14 @@ def feature_map_from_stats(
 
 
 def shared_feature_map(
-    train_sets: list[np.ndarray], over: list[int], components: int, scale: float
+    train_sets: list[np.ndarray],
+    over: list[int],
+    components: int,
+    scale: float,
+    samples_per_component: int = 0,
 ) -> FeatureMap:
     """The map the hospitals in ``over`` derive from their summed statistics (plaintext
     twin of the secure statistics round, for the references)."""
     d = np.asarray(train_sets[0]).shape[1]
     total = sum(stats_vector(train_sets[i], components) for i in over)
-    return feature_map_from_stats(total, d, components, scale)
+    return feature_map_from_stats(total, d, components, scale, samples_per_component)

@@ -1,0 +1,89 @@
+"""Byte formats of the threshold protocol's messages, apart from the context's own.
+
+Partial decryptions (bound to the SHA-256 digest of the aggregate they decrypt), Shamir key
+shares in OpenFHE's serialisable DCRTPoly box, public keys, and the channel purposes that bind
+each sealed message to its role. Layouts are in "Wire formats" in docs/threshold-protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from medfed.crypto.threshold.backend import _require_openfhe
+from medfed.crypto.threshold.errors import ThresholdError
+
+if TYPE_CHECKING:
+    from medfed.crypto.threshold.context import ThresholdContext
+
+_PARTIAL_MAGIC = b"MFPD1"
+_SHARE_MAGIC = b"MFKS1"
+#: Channel purposes, bound into each sealed message's context with run, round and both parties.
+PURPOSE_KEY_SHARE = "threshold/key-share"
+PURPOSE_RECOVERY_SHARE = "threshold/recovery-share"
+PURPOSE_PARTIAL = "threshold/partial-decryption"
+
+
+def _digest(data: bytes) -> bytes:
+    """SHA-256 of ``data``: which aggregate a partial decryption belongs to."""
+    return hashlib.sha256(bytes(data)).digest()
+
+
+def _pack_partials(digest: bytes, items: Sequence[tuple[int, bytes]]) -> bytes:
+    """One hospital's partial decryptions, ``(key share, serialised ciphertext)`` each."""
+    out = bytearray(_PARTIAL_MAGIC + digest + struct.pack(">B", len(items)))
+    for share, blob in items:
+        out += struct.pack(">HI", share, len(blob)) + blob
+    return bytes(out)
+
+
+def _unpack_partials(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """``(aggregate digest, [(key share, bytes), ...])`` from :func:`_pack_partials`'s bytes."""
+    data = bytes(data)
+    head = len(_PARTIAL_MAGIC)
+    if not data.startswith(_PARTIAL_MAGIC) or len(data) < head + 33:
+        raise ThresholdError("not a medfed partial decryption (bad magic)")
+    digest = data[head : head + 32]
+    (count,) = struct.unpack(">B", data[head + 32 : head + 33])
+    off, items = head + 33, []
+    for _ in range(count):
+        if off + 6 > len(data):
+            raise ThresholdError("partial decryption truncated")
+        share, size = struct.unpack(">HI", data[off : off + 6])
+        off += 6
+        if off + size > len(data):
+            raise ThresholdError("partial decryption truncated")
+        items.append((share, data[off : off + size]))
+        off += size
+    if off != len(data):
+        raise ThresholdError("partial decryption has trailing bytes")
+    return digest, items
+
+
+def _pack_share(context: ThresholdContext, owner: int, holder: int, poly, box) -> bytes:
+    """``owner``'s Shamir share held by ``holder``: ``poly`` in ``box`` (an empty ciphertext)."""
+    box.SetElements([poly])
+    return _SHARE_MAGIC + struct.pack(">HH", owner, holder) + context._serialize(box)
+
+
+def _unpack_share(context: ThresholdContext, data: bytes) -> tuple[int, int, Any]:
+    """``(owner, holder, DCRTPoly)`` from :func:`_pack_share`'s bytes."""
+    head = len(_SHARE_MAGIC) + 4
+    if not data.startswith(_SHARE_MAGIC) or len(data) <= head:
+        raise ThresholdError("not a medfed key share (bad magic)")
+    owner, holder = struct.unpack(">HH", data[len(_SHARE_MAGIC) : head])
+    elements = context._ciphertext(data[head:], "key share").GetElements()
+    if len(elements) != 1:
+        raise ThresholdError("malformed key share")
+    return owner, holder, elements[0]
+
+
+def _deserialize_public_key(data: bytes):
+    """An OpenFHE public key from its binary serialisation; :class:`ThresholdError` if not."""
+    of = _require_openfhe()
+    try:
+        return of.DeserializePublicKeyString(bytes(data), of.BINARY)
+    except (RuntimeError, TypeError) as e:
+        raise ThresholdError(f"not an OpenFHE public key: {e}") from None

@@ -1,0 +1,255 @@
+"""Key setup ``threshold``, the aggregator's side: :class:`ThresholdAggregatorCipher` runs
+the key-setup chain (joint public key, sealed Shamir shares relayed unopened), adds
+contributions with public keys only, and runs the partial-decryption rounds, recovering the
+key shares of hospitals that dropped out (t-of-n)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from medfed.crypto.errors import CiphertextError
+from medfed.fl import messages as M
+from medfed.fl.ciphers.base import AggregatorCipher, Exchange
+from medfed.fl.ciphers.framing import chunk_sizes, frame, unframe
+
+
+class ThresholdAggregatorCipher(AggregatorCipher):
+    """Runs the key-setup chain and the partial-decryption rounds; adds with public keys only.
+
+    Node ``k``-th in sorted node-id order becomes party ``k + 1`` (its position in the key
+    chain and its Shamir x-coordinate). ``holders[s]`` is the party whose process holds key
+    share ``s`` (``s`` itself, or the survivor that recovered it).
+    """
+
+    name = "threshold"
+    collective = True
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        from medfed.crypto.threshold import (
+            THRESHOLD_PRESETS,
+            ThresholdParamsError,
+            _require_openfhe,
+        )
+
+        _require_openfhe()
+        n = settings.expected_hospitals
+        preset = THRESHOLD_PRESETS[settings.threshold_preset]
+        self.params = preset.with_parties(n, settings.threshold)
+        # each round decrypts one aggregate (more when a partial round is redone); OpenFHE's
+        # flooding noise is sized for max_decryptions under one joint key
+        if settings.rounds + 2 > self.params.max_decryptions // 2:
+            raise ThresholdParamsError(
+                f"rounds={settings.rounds}: the threshold preset's flooding covers "
+                f"{self.params.max_decryptions} decryptions per key; use fewer rounds"
+            )
+        self.agg = None
+        self.party: dict[int, int] = {}  # node -> party index
+        self.holders: dict[int, int] = {}
+        self.seal_round = 0
+        self.recoveries: list[dict] = []
+
+    @property
+    def t(self) -> int:
+        """The threshold: how many hospitals it takes to decrypt or recover a key share."""
+        return self.params.threshold
+
+    def _node(self, party: int) -> int:
+        return next(n for n, p in self.party.items() if p == party)
+
+    def _all(self, exchange: Exchange, stage: str, payloads: dict[int, dict]) -> dict:
+        replies = exchange(stage, payloads, M.MSG_KEY_SETUP)
+        missing = sorted(set(payloads) - set(replies))
+        if missing:
+            raise M.FederationError(
+                f"threshold key setup ({stage}) needs every hospital, but "
+                f"{len(missing)} did not complete it; rerun when all {self.params.parties} "
+                "hospitals are available"
+            )
+        return replies
+
+    def setup(self, exchange: Exchange, nodes: list[int], names: dict[int, str]) -> list[int]:
+        """The key-setup chain over every hospital; refuses to run with any of them missing."""
+        from medfed.crypto.threshold import ThresholdAggregator
+
+        nodes = sorted(nodes)
+        if len(nodes) != self.params.parties:
+            raise M.FederationError(
+                f"threshold keys for {self.params.parties} hospitals, but {len(nodes)} connected"
+            )
+        self.party = {n: k + 1 for k, n in enumerate(nodes)}
+        self.holders = {p: p for p in self.party.values()}
+        lead = nodes[0]
+        params_json = json.dumps(self.params.to_dict())
+        ctx = self._all(
+            exchange,
+            "key-context",
+            {lead: {M.SETUP_STEP: "context", M.THRESHOLD_CONTEXT: params_json}},
+        )[lead][M.THRESHOLD_CONTEXT]
+        session = f"medfed-updates-{secrets.token_hex(8)}"  # bound into every sealed message
+        joined = self._all(
+            exchange,
+            "key-join",
+            {
+                n: {
+                    M.SETUP_STEP: "join",
+                    M.THRESHOLD_CONTEXT: ctx,
+                    M.PARTY: self.party[n],
+                    M.SESSION: session,
+                }
+                for n in nodes
+            },
+        )
+        bundles = [bytes(joined[n][M.BUNDLE]) for n in nodes]
+        running = None
+        for n in nodes:  # the key chain: party k extends party k-1's public key
+            payload = {M.SETUP_STEP: "keygen"}
+            if running is not None:
+                payload[M.PUBLIC_KEY] = running
+            running = self._all(exchange, f"key-chain-{self.party[n]}", {n: payload})[n][
+                M.PUBLIC_KEY
+            ]
+        shared = self._all(
+            exchange,
+            "key-share",
+            {n: {M.SETUP_STEP: "share", M.PEERS: bundles, M.PUBLIC_KEY: running} for n in nodes},
+        )
+        inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in nodes}
+        for n in nodes:  # relay each sealed Shamir share to its recipient, unopened
+            for r, blob in zip(shared[n][M.RECIPIENTS], shared[n][M.SEALED], strict=True):
+                senders, blobs = inbox[self._node(int(r))]
+                senders.append(self.party[n])
+                blobs.append(blob)
+        self._all(
+            exchange,
+            "key-accept",
+            {
+                n: {M.SETUP_STEP: "accept", M.SENDERS: inbox[n][0], M.SEALED: inbox[n][1]}
+                for n in nodes
+            },
+        )
+        self.agg = ThresholdAggregator(ctx, running)
+        return nodes
+
+    def check(self, blob: bytes, *, sender: str, length: int) -> None:
+        """Parses every ciphertext, checking its context and joint-key tag."""
+        from medfed.crypto.threshold import ThresholdError
+
+        parts = unframe(blob, sender=sender)
+        sizes = chunk_sizes(length, self.agg.context.slots)
+        if len(parts) != len(sizes):
+            raise CiphertextError(f"update from {sender}: {len(parts)} ciphertexts, not {sizes}")
+        try:
+            for p in parts:
+                self.agg.add([p])  # parses, checks the context and the joint key tag
+        except ThresholdError as e:
+            raise CiphertextError(f"update from {sender}: {e}") from None
+
+    def add(self, blobs: Sequence[bytes]) -> bytes:
+        """The ciphertext-wise sum of the contributions, framed like one."""
+        split = [unframe(b) for b in blobs]
+        return frame([self.agg.add([s[k] for s in split]) for k in range(len(split[0]))])
+
+    # -- decryption: partial round, with Shamir recovery of missing key shares --------------
+    def _recover(self, exchange: Exchange, live: list[int], fl_round: int) -> list[int]:
+        """Make a live hospital hold every key share whose holder is gone."""
+        while True:
+            alive = {self.party[n] for n in live}
+            missing = sorted(s for s, h in self.holders.items() if h not in alive)
+            if not missing:
+                return live
+            if len(alive) < self.t:
+                raise M.FederationError(
+                    f"only {len(alive)} hospitals remain; the {self.t}-of-{self.params.parties} "
+                    f"threshold setup cannot recover key shares {missing}, so nobody can decrypt"
+                )
+            share = missing[0]
+            recoverer, *helpers = sorted(alive)
+            helpers = helpers[: self.t - 1]
+            self.seal_round += 1
+            got = exchange(
+                f"recover-share-{share}",
+                {
+                    self._node(h): {
+                        M.SETUP_STEP: "recovery_share",
+                        M.DROPPED: share,
+                        M.RECOVERER: recoverer,
+                        M.STEP: self.seal_round,
+                        M.FL_ROUND: fl_round,
+                    }
+                    for h in helpers
+                },
+                M.MSG_KEY_SETUP,
+            )
+            gone = [self._node(h) for h in helpers if self._node(h) not in got]
+            if gone:  # a helper is gone too: drop it and try again
+                live = [n for n in live if n not in gone]
+                continue
+            node = self._node(recoverer)
+            done = exchange(
+                f"recover-{share}",
+                {
+                    node: {
+                        M.SETUP_STEP: "recover",
+                        M.DROPPED: share,
+                        M.SENDERS: helpers,
+                        M.SEALED: [got[self._node(h)][M.SEALED][0] for h in helpers],
+                        M.STEP: self.seal_round,
+                        M.FL_ROUND: fl_round,
+                    }
+                },
+                M.MSG_KEY_SETUP,
+            )
+            if node not in done:
+                live = [n for n in live if n != node]
+                continue
+            self.holders[share] = recoverer
+            self.recoveries.append({"share": share, "recovered_by": recoverer, "round": fl_round})
+
+    def decrypt_material(
+        self, exchange: Exchange, aggregate: bytes, live: list[int], fl_round: int
+    ) -> tuple[dict[int, dict], list[int]]:
+        """A partial-decryption round (redone after recovering leavers' key shares); each live
+        hospital's material is the sealed partials addressed to it, relayed unopened."""
+        while True:
+            live = self._recover(exchange, list(live), fl_round)
+            self.seal_round += 1
+            recipients = sorted(self.party[n] for n in live)
+            replies = exchange(
+                f"partial-{fl_round}",
+                {
+                    n: {
+                        M.AGGREGATE: aggregate,
+                        M.RECIPIENTS: recipients,
+                        M.STEP: self.seal_round,
+                        M.FL_ROUND: fl_round,
+                    }
+                    for n in live
+                },
+                M.MSG_PARTIAL,
+            )
+            if set(replies) == set(live):
+                break
+            live = [n for n in live if n in replies]  # recover the leavers' shares, redo
+        material: dict[int, dict] = {
+            n: {M.SENDERS: [], M.SEALED: [], M.STEP: self.seal_round} for n in live
+        }
+        for n in live:  # relay every sealed partial decryption to its recipient, unopened
+            for r, blob in zip(replies[n][M.RECIPIENTS], replies[n][M.SEALED], strict=True):
+                target = material[self._node(int(r))]
+                target[M.SENDERS].append(self.party[n])
+                target[M.SEALED].append(blob)
+        return material, live
+
+    def describe(self) -> dict:
+        """t, n, the threshold parameters and the key-share recoveries so far."""
+        return {
+            "keys": "threshold",
+            "t": self.t,
+            "n": self.params.parties,
+            "params": self.params.to_dict(),
+            "recoveries": self.recoveries,
+        }

@@ -1,0 +1,157 @@
+"""Key setup ``threshold``, the hospital's side: a :class:`ThresholdHospital` wraps this
+hospital's :class:`~medfed.crypto.threshold.ThresholdParty` (its key share), answers the
+key-setup chain and the partial-decryption rounds, and insists on flooded partial
+decryptions whatever the aggregator asks.
+
+A ThresholdParty refuses serialization, so hospitals' ciphers live in this process
+(:data:`_THRESHOLD_PARTIES`, keyed by workspace and hospital index): threshold runs use the
+in-process ``local`` backend. OpenFHE is imported only when a cipher is set up.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medfed.crypto.errors import CiphertextError, KeyMaterialError
+from medfed.fl import messages as M
+from medfed.fl.ciphers.base import HospitalCipher
+from medfed.fl.ciphers.framing import chunk_sizes, chunks, frame, unframe
+
+#: Hospitals' threshold state in this process, by (workspace, hospital index). A
+#: ThresholdParty holds a secret key share and refuses to be pickled or written to disk.
+_THRESHOLD_PARTIES: dict[tuple[str, int], ThresholdHospital] = {}
+_LOCK = threading.Lock()
+
+
+def forget_threshold_parties(workspace: str | Path) -> None:
+    """Drop the key shares of every hospital of ``workspace`` (end of a run)."""
+    with _LOCK:
+        for key in [k for k in _THRESHOLD_PARTIES if k[0] == str(workspace)]:
+            del _THRESHOLD_PARTIES[key]
+
+
+class ThresholdHospital(HospitalCipher):
+    """keys "threshold": this hospital's :class:`~medfed.crypto.threshold.ThresholdParty`."""
+
+    collective = True
+
+    def __init__(self, workspace: str, index: int) -> None:
+        self.workspace, self.index = workspace, index
+        self.party = None
+        self._pending: tuple[bytes, list[bytes]] | None = None  # last aggregate, own partials
+
+    @classmethod
+    def for_hospital(cls, workspace: str, index: int) -> ThresholdHospital:
+        """This hospital's cipher in this process: the same object across rounds."""
+        with _LOCK:
+            key = (str(workspace), int(index))
+            if key not in _THRESHOLD_PARTIES:
+                _THRESHOLD_PARTIES[key] = cls(str(workspace), int(index))
+            return _THRESHOLD_PARTIES[key]
+
+    def _need_party(self):
+        if self.party is None:
+            raise KeyMaterialError(
+                f"hospital {self.index} has no threshold key share in this process: threshold "
+                "keys run on the local backend only (key shares cannot leave the process)"
+            )
+        return self.party
+
+    def setup(self, step: str, record: Mapping) -> dict:
+        """Steps context (lead only), join, keygen, share, accept, recovery_share, recover."""
+        from medfed.crypto.threshold import ThresholdContext, ThresholdParams, ThresholdParty
+
+        if step == "context":  # the lead hospital makes the public context (no key in it)
+            params = ThresholdParams(**json.loads(record[M.THRESHOLD_CONTEXT]))  # validated
+            _hospital_policy(params)
+            self._lead_context = ThresholdContext.generate(params)
+            return {M.THRESHOLD_CONTEXT: self._lead_context.to_bytes()}
+        if step == "join":
+            raw = bytes(record[M.THRESHOLD_CONTEXT])
+            lead = getattr(self, "_lead_context", None)
+            context = lead if lead is not None and lead.to_bytes() == raw else None
+            context = context or ThresholdContext.from_bytes(raw)
+            _hospital_policy(context.params)
+            self.party = ThresholdParty(
+                context, int(record[M.PARTY]), run_id=str(record[M.SESSION])
+            )
+            return {M.BUNDLE: self.party.public_bundle, M.PARTY: self.party.index}
+        party = self._need_party()
+        if step == "keygen":
+            previous = record.get(M.PUBLIC_KEY)
+            return {M.PUBLIC_KEY: party.keygen(bytes(previous) if previous else None)}
+        if step == "share":
+            party.set_peers({k + 1: bytes(b) for k, b in enumerate(record[M.PEERS])})
+            party.set_joint_public_key(bytes(record[M.PUBLIC_KEY]))
+            sealed = party.share_key()
+            recipients = sorted(sealed)
+            return {M.RECIPIENTS: recipients, M.SEALED: [sealed[r] for r in recipients]}
+        if step == "accept":
+            for sender, blob in zip(record[M.SENDERS], record[M.SEALED], strict=True):
+                party.accept_key_share(int(sender), bytes(blob))
+            return {M.OK: 1}
+        if step == "recovery_share":
+            blob = party.recovery_share(
+                int(record[M.DROPPED]), int(record[M.RECOVERER]), round=int(record[M.STEP])
+            )
+            return {M.SEALED: [blob]}
+        if step == "recover":
+            shares = {
+                int(s): bytes(b) for s, b in zip(record[M.SENDERS], record[M.SEALED], strict=True)
+            }
+            party.recover_key(int(record[M.DROPPED]), shares, round=int(record[M.STEP]))
+            return {M.OK: 1}
+        return super().setup(step, record)
+
+    def encrypt(self, vector: np.ndarray) -> bytes:
+        """The vector under the joint public key, framed over ciphertexts of the context's slots."""
+        party = self._need_party()
+        return frame([party.encrypt(c) for c in chunks(vector, party.context.slots)])
+
+    def partials(self, aggregate: bytes, recipients: Sequence[int], seal_round: int) -> dict:
+        """This hospital's flooded partial decryptions of ``aggregate``, sealed to each peer."""
+        party = self._need_party()
+        parts = unframe(aggregate, sender="aggregator", item="aggregate")
+        own = [party.partial_decrypt(p) for p in parts]  # flooded; secret-bearing
+        self._pending = (bytes(aggregate), own)
+        envelope = frame(own)
+        others = [int(r) for r in recipients if int(r) != party.index]
+        return {
+            M.RECIPIENTS: others,
+            M.SEALED: [party.seal_to(r, envelope, round=seal_round) for r in others],
+        }
+
+    def decrypt(self, aggregate: bytes | None, record: Mapping, length: int) -> np.ndarray:
+        """Fuses own and the peers' (sealed) partial decryptions of the pending aggregate."""
+        party = self._need_party()
+        if self._pending is None:
+            raise ValueError("no partial-decryption round preceded this decryption")
+        pending, own = self._pending
+        if aggregate is not None and bytes(aggregate) != pending:
+            raise ValueError("the aggregate differs from the one partially decrypted")
+        seal_round = int(record[M.STEP])
+        theirs = [
+            unframe(party.open_from(int(s), bytes(b), round=seal_round), item="partials")
+            for s, b in zip(record[M.SENDERS], record[M.SEALED], strict=True)
+        ]
+        parts = unframe(pending, sender="aggregator", item="aggregate")
+        sizes = chunk_sizes(length, party.context.slots)
+        if len(parts) != len(sizes) or any(len(t) != len(parts) for t in theirs):
+            raise CiphertextError("the aggregate and the partial decryptions do not match")
+        out = [
+            party.fuse(parts[k], [own[k], *(t[k] for t in theirs)], length=sizes[k])
+            for k in range(len(parts))
+        ]
+        self._pending = None
+        return np.concatenate(out)[:length]
+
+
+def _hospital_policy(params) -> None:
+    """What a hospital insists on, whatever the aggregator asks: flooded partial decryptions."""
+    if not params.noise_flooding:
+        raise KeyMaterialError("refusing threshold parameters without noise flooding")

@@ -1,0 +1,93 @@
+"""What an epoch computes on: the backend protocol and the uploaded blocks.
+
+A backend (:class:`DiagonalBackend`) supplies the vector arithmetic (numpy in
+:mod:`~medfed.train.diagonal.plain`, CKKS in :mod:`~medfed.train.diagonal.encrypted`) and the
+masked-sum round that turns every compute's products into updates. A :class:`Block` is one
+block of the layout, summed over hospitals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from medfed.crypto.diagonal import DiagonalLayout
+
+
+@dataclass
+class Block:
+    """One block of uploaded (encrypted or plain) vectors, summed over hospitals."""
+
+    diagonals: list  # [group][giant][baby] -> vector
+    mask: object
+    targets: list  # [head] -> vector
+    low: dict = field(default_factory=dict)  # cached level-lowered copies and target terms
+
+
+class DiagonalBackend(Protocol):
+    """The vector arithmetic of an epoch and its masked-sum round (numpy or CKKS)."""
+
+    def zeros(self) -> object:
+        """A vector of zeros (the starting weights and biases)."""
+
+    def dot(
+        self, pairs: Sequence[tuple[object, object]], rescale: bool = True, relin: bool = True
+    ) -> object:
+        """The sum of the products of ``pairs``, relinearized and rescaled unless told not to."""
+
+    def relinearize(self, v: object) -> object:
+        """``v`` relinearized (identity for numpy)."""
+
+    def rescale(self, v: object) -> object:
+        """``v`` rescaled (identity for numpy)."""
+
+    def rotate(self, v: object, step: int) -> object:
+        """``v`` rotated by ``step`` slots."""
+
+    def lower(self, v: object, like: object) -> object:
+        """``v`` at the level of ``like`` (identity for numpy)."""
+
+    def finish(self, q: dict, qb: dict) -> dict:
+        """A compute's folded products (``{head: {group: vector}}``, bias products
+        ``{head: vector}``) ready to leave it."""
+
+    def sum_round(
+        self, parts: list[dict], step: int, weights: list | None = None, decay: float = 0.0
+    ) -> tuple[list, list]:
+        """Weight and bias updates from every compute's finished products, the weight updates
+        including ``decay * weights`` (the L2 penalty) when ``weights`` are given."""
+
+
+def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Block]:
+    """Training blocks from packed plaintext blocks; ``to_vec`` encrypts (identity: plaintext)."""
+    to_vec = to_vec if to_vec is not None else (lambda v: v)
+    G, A, B = layout.n_groups, layout.giant, layout.baby
+    return [
+        Block(
+            [
+                [[to_vec(b.diagonals[g, a, bb]) for bb in range(B)] for a in range(A)]
+                for g in range(G)
+            ],
+            to_vec(b.mask),
+            [to_vec(t) for t in b.targets],
+        )
+        for b in packed
+    ]
+
+
+def group_products(parts: list[dict], k: int, g: int) -> list:
+    """Every compute's (masked) folded product of head ``k``, group ``g``."""
+    found = [p["q"][k][g] for p in parts if g in p["q"].get(k, {})]
+    if not found:
+        raise ValueError(f"no compute returned the products of head {k}, group {g}")
+    return found
+
+
+def bias_products(parts: list[dict], k: int) -> list:
+    """Every compute's (masked) bias product of head ``k`` (one per share that has blocks of
+    the head)."""
+    found = [p["qb"][k] for p in parts if k in p["qb"]]
+    if not found:
+        raise ValueError(f"no compute returned the bias product of head {k}")
+    return found
