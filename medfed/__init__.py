@@ -3,10 +3,16 @@
 The public API (imported lazily, so ``import medfed`` needs neither torch nor TenSEAL):
 
 * :class:`SimulationConfig`, :class:`ConfigError`: every knob of a run, validated.
-* :func:`run`: one run from a config; :func:`federate`: a run on hospitals you prepared.
+* :func:`run`: one run from a config; :func:`federate`: a run on hospitals you prepared;
+  both return a :class:`RunResult` (typed core metrics, ``result["key"]`` for any metric,
+  ``to_dict()``: the ``metrics.json`` content).
+* :func:`list_modes`, :func:`get_mode`, :func:`register_mode`, :class:`Mode`: the federation
+  modes ("embeddings", "updates", and any you register).
 * :class:`HospitalData`: one hospital's train and test embeddings and labels.
 * :class:`CKKSParams`, :data:`PRESETS`, :func:`get_preset`: the CKKS parameter sets.
-* :func:`print_summary`: the summary table of a run's metrics.
+* :func:`print_summary`: the summary table of a run (its mode's table).
+* :class:`MedfedError`: the base of every error medfed raises on purpose (each names the fix;
+  each also keeps its builtin base, e.g. :class:`ConfigError` is a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -17,13 +23,19 @@ from typing import Any
 _EXPORTS = {
     "SimulationConfig": "medfed.config",
     "ConfigError": "medfed.config",
+    "MedfedError": "medfed.errors",
     "run": "medfed.api",
     "federate": "medfed.api",
     "HospitalData": "medfed.fl.workspace",
     "CKKSParams": "medfed.crypto.params",
     "PRESETS": "medfed.crypto.params",
     "get_preset": "medfed.crypto.params",
-    "print_summary": "medfed.experiments.results",
+    "print_summary": "medfed.runner",
+    "RunResult": "medfed.result",
+    "Mode": "medfed.modes",
+    "get_mode": "medfed.modes",
+    "list_modes": "medfed.modes",
+    "register_mode": "medfed.modes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,12 +1,14 @@
 """The library entry points: one run from a config, or a federation of your own hospitals.
 
-Both work for every mode and key setup of :class:`~medfed.config.SimulationConfig` and return
-the run's metrics (the dict written to ``metrics.json``)::
+Both work for every registered mode (:func:`medfed.list_modes`) and its key setups, and return
+a :class:`~medfed.result.RunResult`: typed core fields, every metric by key, and
+``to_dict()``, the dict written to ``metrics.json``::
 
     import medfed
 
-    metrics = medfed.run(medfed.SimulationConfig(hospitals=3, epochs=5))
-    print(metrics["accuracy"], metrics["reference_accuracy"], metrics["encryption_cost_pp"])
+    result = medfed.run(medfed.SimulationConfig(hospitals=3, epochs=5))
+    print(result.accuracy, result.reference_accuracy, result.encryption_cost_pp)
+    print(result["bytes_per_party"])  # any metric, as in metrics.json
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from medfed.config import ConfigError, SimulationConfig
 
 if TYPE_CHECKING:
     from medfed.fl.workspace import HospitalData
+    from medfed.result import RunResult
 
 
-def run(config: SimulationConfig | None = None, **overrides: Any) -> dict:
+def run(config: SimulationConfig | None = None, **overrides: Any) -> RunResult:
     """Load and embed the dataset, partition it over the hospitals and run the federation.
 
     Args:
@@ -28,9 +31,10 @@ def run(config: SimulationConfig | None = None, **overrides: Any) -> dict:
         overrides: any :class:`SimulationConfig` field, e.g. ``hospitals=3, epochs=5``.
 
     Returns:
-        The metrics (``accuracy``, ``auc``, ``reference_accuracy``, ``majority_accuracy``,
-        ``encryption_cost_pp``, ``plaintext_accuracy``, wall time, bytes per party, ...); with
-        ``config.out`` set they are also written to ``OUT/metrics.json``.
+        The run's :class:`~medfed.result.RunResult` (``accuracy``, ``auc``,
+        ``reference_accuracy``, ``majority_accuracy``, ``encryption_cost_pp``,
+        ``plaintext_accuracy``, ``wall_seconds``, ...; ``result[key]`` reads any metric);
+        with ``config.out`` set, ``result.to_dict()`` is also written to ``OUT/metrics.json``.
     """
     from medfed.runner import run as run_config
 
@@ -43,12 +47,12 @@ def federate(
     hospitals: list[HospitalData],
     n_classes: int | None = None,
     described: dict | None = None,
-) -> dict:
-    """Run the federation on hospitals you prepared (features already embedded).
+) -> RunResult:
+    """Run the federation of ``config.mode`` on hospitals you prepared (features embedded).
 
     ``config.hospitals`` is set to ``len(hospitals)``; ``n_classes`` defaults to the largest
     label in any split plus one (at least 2); ``described`` (``dataset``, ``backbone``, ...)
-    labels the results. Returns the metrics, as :func:`run` does.
+    labels the results. Returns the :class:`~medfed.result.RunResult`, as :func:`run`.
     """
     if not hospitals:
         raise ConfigError("federate needs at least one hospital")
@@ -66,10 +70,6 @@ def federate(
         "backbone_pretrained": True,
         **(described or {}),
     }
-    if config.mode == "updates":
-        from medfed.experiments.updates import federate_updates
+    from medfed.runner import federate as federate_mode
 
-        return federate_updates(config, hospitals, n_classes, dict(described))
-    from medfed.runner import federate as federate_embeddings
-
-    return federate_embeddings(config, hospitals, n_classes, dict(described))
+    return federate_mode(config, hospitals, n_classes, described)

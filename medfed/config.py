@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-MODES = ("embeddings", "updates")
-KEY_SETUPS = ("none", "shared", "threshold")
-#: Key setups each mode accepts ("none" is plain FedAvg, the baseline for mode "updates").
-MODE_KEYS = {"embeddings": ("shared",), "updates": ("none", "shared", "threshold")}
+from medfed.errors import ConfigError  # re-exported: medfed.config.ConfigError is public
+
 SPLITS = ("iid", "dirichlet")
-
-
-class ConfigError(ValueError):
-    """An invalid or unknown configuration value; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -124,15 +119,7 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("dropouts", c.dropouts, low=0)
     positive_int("components", c.components, low=0)
     positive_int("samples_per_component", c.samples_per_component, low=0)
-    _choice("mode", c.mode, MODES)
-    _choice("keys", c.keys, KEY_SETUPS)
-    _choice(
-        "keys",
-        c.keys,
-        MODE_KEYS[c.mode],
-        f" Mode {c.mode!r} supports keys {', '.join(MODE_KEYS[c.mode])}.",
-    )
-    _check_updates(c)
+    mode = _check_mode(c)
     _choice("split", c.split, SPLITS)
     _choice("backend", c.backend, ("flower", "local"))
     for name in ("alpha", "lr", "sigmoid_radius", "feature_scale", "client_cpus"):
@@ -149,14 +136,32 @@ def _validate(c: SimulationConfig) -> None:
     if c.sigmoid_degree not in (1, 3, 5):
         raise ConfigError(f"sigmoid_degree={c.sigmoid_degree!r} must be 1, 3 or 5")
     _check_ckks(c)
+    if mode.check is not None:
+        mode.check(c)
     if c.img_size is not None:
         positive_int("img_size", c.img_size, low=16)
-    _check_inject(c)
+    _check_inject(c, mode.fault_stages() if mode.fault_stages else ())
 
 
-def _check_inject(c: SimulationConfig) -> None:
+def _check_mode(c: SimulationConfig) -> ModeSpec:
+    """``c.mode`` is a known mode that accepts ``c.keys``; options of other modes are unset."""
+    _choice("mode", c.mode, mode_names())
+    specs = [_MODES[name] for name in mode_names()]
+    _choice("keys", c.keys, tuple(sorted({k for spec in specs for k in spec.keys})))
+    spec = _MODES[c.mode]
+    _choice("keys", c.keys, spec.keys, f" Mode {c.mode!r} supports keys {', '.join(spec.keys)}.")
+    for other in specs:
+        for name, default in other.options.items():
+            if name not in spec.options and getattr(c, name) != default:
+                raise ConfigError(
+                    f"{name} applies to mode {other.name!r} only (use --mode {other.name})"
+                )
+    return spec
+
+
+def _check_inject(c: SimulationConfig, stages: tuple[str, ...] = ()) -> None:
     """Parse and check the fault specs; store them in canonical form (a tuple of strings)."""
-    from medfed.fl.faults import EMBEDDINGS_STAGES, FaultSpecError, check_faults, parse_faults
+    from medfed.fl.faults import FaultSpecError, check_faults, parse_faults
 
     raw = () if c.inject is None else c.inject
     if isinstance(raw, str):
@@ -168,20 +173,27 @@ def _check_inject(c: SimulationConfig) -> None:
         )
     try:
         faults = parse_faults(raw)
-        stages = EMBEDDINGS_STAGES if c.mode == "embeddings" else ()
         check_faults(faults, c.hospitals, c.epochs, stages)
     except FaultSpecError as e:
         raise ConfigError(str(e)) from None
     object.__setattr__(c, "inject", tuple(str(f) for f in faults))
 
 
+def _check_ckks(c: SimulationConfig) -> None:
+    """The preset exists and is safe (each mode checks the depth it needs, before any work)."""
+    from medfed.crypto.params import UnsafeParametersError, get_preset
+
+    try:
+        get_preset(c.ckks)
+    except UnsafeParametersError as e:
+        raise ConfigError(str(e)) from None
+
+
+# --- the modes' static data -------------------------------------------------------------------
+
+
 def _check_updates(c: SimulationConfig) -> None:
-    """Options of mode "updates": refused elsewhere, and dropouts within what the keys allow."""
-    if c.mode != "updates":
-        for name, default in (("dropouts", 0), ("features", None)):
-            if getattr(c, name) != default:
-                raise ConfigError(f"{name} applies to mode 'updates' only (use --mode updates)")
-        return
+    """Mode "updates": no Ray batch workers, and dropouts within what the keys tolerate."""
     if c.workers:
         raise ConfigError("workers (Ray encrypted batch workers) apply to mode 'embeddings' only")
     if c.keys == "threshold" and c.hospitals < 2:
@@ -202,18 +214,14 @@ def _check_updates(c: SimulationConfig) -> None:
             )
 
 
-def _check_ckks(c: SimulationConfig) -> None:
-    """The preset exists and has the levels one epoch needs (checked before any embedding)."""
+def _check_embeddings(c: SimulationConfig) -> None:
+    """Mode "embeddings": the preset has the CKKS levels one epoch needs (mode "updates" only
+    adds ciphertexts: any preset has the depth)."""
     import math
 
-    from medfed.crypto.params import PRESETS, UnsafeParametersError, get_preset
+    from medfed.crypto.params import PRESETS, get_preset
 
-    try:
-        params = get_preset(c.ckks)
-    except UnsafeParametersError as e:
-        raise ConfigError(str(e)) from None
-    if c.mode != "embeddings":  # mode "updates" only adds ciphertexts: any preset has the depth
-        return
+    params = get_preset(c.ckks)
     needed = 2 + math.ceil(math.log2(c.sigmoid_degree + 1))
     if needed > params.depth:
         fits = sorted(
@@ -224,3 +232,81 @@ def _check_ckks(c: SimulationConfig) -> None:
             f"preset {c.ckks!r} has {params.depth}; use --ckks {fits[0][2]} or a lower "
             "--sigmoid-degree."
         )
+
+
+def _embeddings_stages() -> tuple[str, ...]:
+    from medfed.fl.faults import EMBEDDINGS_STAGES
+
+    return tuple(EMBEDDINGS_STAGES)
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What the configuration knows of a mode, without importing it (see :mod:`medfed.modes`,
+    whose ``register_mode`` adds the specs of modes defined elsewhere)."""
+
+    name: str
+    module: str  # imported by medfed.modes.get_mode; registers the mode
+    keys: tuple[str, ...]  # key setups it accepts ("none": no encryption)
+    options: Mapping[str, Any] = field(default_factory=dict)  # fields only it uses: defaults
+    check: Callable[[SimulationConfig], None] | None = None  # its own checks (ConfigError)
+    fault_stages: Callable[[], tuple[str, ...]] | None = None  # stages --inject may name
+
+
+#: The registered modes' specs, the built-in ones first.
+_MODES: dict[str, ModeSpec] = {
+    "embeddings": ModeSpec(
+        "embeddings",
+        "medfed.modes.embeddings",
+        keys=("shared",),
+        check=_check_embeddings,
+        fault_stages=_embeddings_stages,
+    ),
+    "updates": ModeSpec(
+        "updates",
+        "medfed.modes.updates",
+        keys=("none", "shared", "threshold"),  # "none": plain FedAvg, the baseline
+        options={"dropouts": 0, "features": None},
+        check=_check_updates,
+    ),
+}
+#: The built-in modes' specs (:func:`unregister_mode_spec` restores them).
+_BUILTIN_MODES = dict(_MODES)
+
+
+def mode_names() -> tuple[str, ...]:
+    """The names of every known mode, built-in first."""
+    return tuple(_MODES)
+
+
+def mode_spec(name: str) -> ModeSpec:
+    """The spec of mode ``name``; :class:`ConfigError` lists the known modes."""
+    try:
+        return _MODES[name]
+    except KeyError:
+        raise ConfigError(f"mode={name!r} is not one of {', '.join(mode_names())}.") from None
+
+
+def register_mode_spec(spec: ModeSpec, replace: bool = False) -> None:
+    """Make mode ``spec.name`` a valid ``mode`` (``replace``: over an existing spec)."""
+    if spec.name in _MODES and not replace and _MODES[spec.name] != spec:
+        raise ValueError(f"mode {spec.name!r} is already registered (pass replace=True)")
+    _MODES[spec.name] = spec
+
+
+def unregister_mode_spec(name: str) -> None:
+    """Forget a mode registered at run time (a built-in one gets its own spec back)."""
+    _MODES.pop(name, None)
+    if name in _BUILTIN_MODES:
+        _MODES[name] = _BUILTIN_MODES[name]
+
+
+def __getattr__(name: str) -> Any:
+    """``MODES``, ``MODE_KEYS`` and ``KEY_SETUPS``, as they stand now (modes can be added)."""
+    if name == "MODES":
+        return mode_names()
+    if name == "MODE_KEYS":
+        return {n: spec.keys for n, spec in _MODES.items()}
+    if name == "KEY_SETUPS":
+        return tuple(sorted({k for spec in _MODES.values() for k in spec.keys}))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -158,11 +158,14 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medfed.errors import USER_ERRORS, format_user_error
+    """Exit status 0 on success, 2 for a :class:`~medfed.errors.MedfedError` (its message names
+    the fix), 1 for a :class:`~medfed.fl.messages.FederationError` (a run that could not finish).
+    """
+    from medfed.errors import MedfedError, format_user_error
 
     try:
         cfg, verbose = config_from_args(argv)
-    except USER_ERRORS as e:
+    except MedfedError as e:
         print(format_user_error(e), file=sys.stderr)
         return 2
     configure_logging(verbose)
@@ -172,19 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # logged once by medfed.embed and repeated in the summary; no duplicate Python warning
     warnings.filterwarnings("ignore", category=UntrainedBackboneWarning)
-    from medfed.experiments.results import print_summary
     from medfed.fl.messages import FederationError
-    from medfed.runner import run
+    from medfed.runner import print_summary, run
 
     try:
-        metrics = run(cfg)
-    except USER_ERRORS as e:
-        print(format_user_error(e), file=sys.stderr)
-        return 2
-    except FederationError as e:  # e.g. too few hospitals left after faults
+        result = run(cfg)
+    except FederationError as e:  # a MedfedError, but a run that failed: too few hospitals left
         print(format_user_error(e), file=sys.stderr)
         return 1
-    print_summary(metrics)
+    except MedfedError as e:
+        print(format_user_error(e), file=sys.stderr)
+        return 2
+    print_summary(result)
     if cfg.out:
         print(f"results written to {cfg.out}/metrics.json")
     return 0

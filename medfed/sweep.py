@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from medfed.errors import USER_ERRORS, format_user_error
+    from medfed.errors import MedfedError, format_user_error
     from medfed.experiments.sweep import RayExecutor, SerialExecutor, SweepSpec, run_sweep
     from medfed.scale.cluster import resolve_address
     from medfed.simulate import configure_logging
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("runs") / "sweeps" / spec.name
         cells = spec.cells()
         address = None if args.serial else resolve_address(args.ray_address)
-    except (*USER_ERRORS, ValueError) as e:
+    except (MedfedError, ValueError) as e:  # ValueError: e.g. --max-concurrency 0
         print(format_user_error(e), file=sys.stderr)
         return 2
     if args.dry_run:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except USER_ERRORS as e:
+    except MedfedError as e:
         print(format_user_error(e), file=sys.stderr)
         return 2
     failed = outcome.failed

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from medfed.config import SimulationConfig
+    from medfed.embed import UntrainedBackboneWarning
     from medfed.errors import USER_ERRORS, format_user_error
     from medfed.experiments.prepare import prepare
 
@@ -59,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.pop("out"))
     try:
         cfg = SimulationConfig.from_dict(args, source="command line")
-        data = prepare(cfg)
+        with warnings.catch_warnings():
+            # medfed.embed logs an untrained backbone once per process (and the last line
+            # below says so again); its Python warning would repeat it once per call site,
+            # so, as in medfed.simulate, only the logged message is shown
+            warnings.simplefilter("ignore", UntrainedBackboneWarning)
+            data = prepare(cfg)
     except USER_ERRORS as e:
         print(format_user_error(e), file=sys.stderr)
         return 2

@@ -9,10 +9,10 @@ from medfed.crypto.context import make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
 from medfed.fl import messages as M
 from medfed.fl.aggregator import AggregatorSettings, EncryptedEmbeddingsStrategy
-from medfed.fl.faults import with_faults
+from medfed.fl.faults import fault_mods
 from medfed.fl.hospital import make_hospital_app
 from medfed.fl.local_grid import LocalGrid
-from medfed.fl.workspace import HospitalData, provision
+from medfed.fl.workspace import HospitalData, HospitalProvision, provision
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
 from tests.conftest import synthetic_hospitals
@@ -25,7 +25,7 @@ def provision_all(
 ) -> None:
     """Each hospital's workspace; ``keys`` maps an index to another secret context."""
     secret = secret if secret is not None else make_secret_context(PARAMS)
-    meta = {"bucket": 32, "n_classes": n_classes, "ckks": "fast", "feature_scale": 1.0}
+    meta = HospitalProvision(bucket=32, n_classes=n_classes, ckks="fast", feature_scale=1.0)
     for i, h in enumerate(hospitals):
         ctx = (keys or {}).get(i, secret)
         provision(ws, i, h, secret_context_bytes(ctx), meta)
@@ -53,7 +53,7 @@ def run_local(
     **kwargs,
 ):
     """(strategy, grid, result) of one federation over provisioned workspaces."""
-    app = with_faults(make_hospital_app(ws, mods=mods), faults)
+    app = make_hospital_app(ws, mods=fault_mods(faults, mods))
     grid = grid_cls(app, n)
     strategy = EncryptedEmbeddingsStrategy(settings(n, **kwargs))
     return strategy, grid, strategy.run(grid)

@@ -25,11 +25,11 @@ def test_every_export_resolves_and_unknown_names_fail():
         medfed.nope  # noqa: B018
 
 
-@pytest.mark.parametrize("mode,keys", [("embeddings", "shared"), ("updates", "shared")])
-def test_federate_takes_the_hospital_count_and_classes_from_the_data(mode, keys):
+@pytest.mark.parametrize("mode", medfed.list_modes())
+def test_federate_takes_the_hospital_count_and_classes_from_the_data(mode):
     hospitals = synthetic_hospitals(n_hospitals=3, n=150, d=8, n_classes=2)
     cfg = medfed.SimulationConfig(
-        mode=mode, keys=keys, epochs=3, rounds=2, backend="local", progress=False
+        mode=mode, keys="shared", epochs=3, rounds=2, backend="local", progress=False
     )
     m = medfed.federate(cfg, hospitals)  # cfg says 5 hospitals; the data have 3
     assert m["hospitals"] == 3 and m["n_classes"] == 2 and m["mode"] == mode

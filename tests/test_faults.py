@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from medfed.fl.faults import (
     FaultSpecError,
     check_faults,
     fault_mod,
+    fault_mods,
     parse_fault,
 )
 from medfed.fl.local_grid import LocalGrid
@@ -210,6 +212,34 @@ def test_mod_state_lives_in_the_context():
     ctx = _ctx()
     mod(_msg("stats"), ctx, _echo)
     assert isinstance(ctx.state.config_records["medfed.faults"], ConfigRecord)
+
+
+def test_fault_mods_are_the_outermost_mod_of_the_apps_own_mods_list():
+    assert fault_mods(()) == [] and fault_mods((), [_echo]) == [_echo]
+    seen = []
+
+    def inner_mod(msg, context, call_next):
+        seen.append("inner")
+        return call_next(msg, context)
+
+    from medfed.fl.hospital import make_hospital_app
+
+    faults = [parse_fault("dropout:hospital=0,round=sum-1")]
+    mods = fault_mods(faults, [inner_mod])
+    assert len(mods) == 2 and mods[1] is inner_mod
+    app = make_hospital_app("/nonexistent", mods=mods)  # Flower's own mods= argument
+    reply = app(_msg("sum-1"), _ctx())
+    assert reply.error.code == ErrorCode.NODE_UNAVAILABLE and seen == []  # outermost
+
+
+def test_faults_use_no_private_client_app_attributes():
+    import medfed
+
+    root = Path(medfed.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for name in ("_registered_funcs", "app._call", "app._mods"):
+            assert name not in text, f"{path.relative_to(root)} patches ClientApp.{name}"
 
 
 # ----------------------------------------------------------------------------- federations

@@ -21,7 +21,7 @@ import tenseal as ts
 from medfed.config import ConfigError, SimulationConfig
 from medfed.crypto.context import KeyMaterialError, make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
-from medfed.experiments.updates import federate_updates, load_features
+from medfed.experiments.updates import load_features
 from medfed.experiments.updates_reference import fedavg_reference
 from medfed.experiments.yardsticks import YARDSTICK_KEYS
 from medfed.fl import messages as M
@@ -29,6 +29,7 @@ from medfed.fl.ciphers import UPDATE_CIPHERS, chunk_sizes, frame, unframe
 from medfed.fl.local_grid import LocalGrid
 from medfed.fl.updates import FedAvgUpdatesStrategy, UpdatesSettings, make_updates_hospital_app
 from medfed.fl.workspace import provision, read_evaluations
+from medfed.modes.updates import federate_updates
 from medfed.train.local import fedavg_from_sum, train_local, weighted_update
 from medfed.train.reference import train_exact_logreg
 from tests.conftest import synthetic_hospitals

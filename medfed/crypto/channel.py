@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from medfed.errors import MedfedError
+
 __all__ = [
     "ChannelError",
     "Identity",
@@ -68,7 +70,7 @@ _HEADER_LEN = len(_SEAL_MAGIC) + 3 * _FP_LEN + _KEY_LEN + _NONCE_LEN
 _BUNDLE_LEN = len(_BUNDLE_MAGIC) + 2 * _KEY_LEN
 
 
-class ChannelError(ValueError):
+class ChannelError(MedfedError, ValueError):
     """A sealed message that cannot be opened; the message names the reason."""
 
 

@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 
+from medfed.errors import MedfedError
 
-class LayoutError(ValueError):
+
+class LayoutError(MedfedError, ValueError):
     """A slot layout that cannot hold the data, or data that does not fit a layout."""
 
 

@@ -12,6 +12,8 @@ import difflib
 import math
 from dataclasses import asdict, dataclass, field
 
+from medfed.errors import MedfedError
+
 #: Largest total coefficient modulus (bits) for 128-bit classical security, by ring size N.
 MAX_LOG_Q_128: dict[int, int] = {
     1024: 27,
@@ -26,7 +28,7 @@ MAX_LOG_Q_128: dict[int, int] = {
 PRECISION_MARGIN_BITS = 4
 
 
-class UnsafeParametersError(ValueError):
+class UnsafeParametersError(MedfedError, ValueError):
     """CKKS parameters that are insecure, inconsistent, or unusable for medfed's circuits."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.errors import MedfedError
+
 __all__ = [
     "DEFAULT_DATASET",
     "IMAGE_SIZES",
@@ -57,7 +59,7 @@ _SIZE_SUFFIX = re.compile(r"^(?P<stem>.+)_(?P<size>64|128|224)$")
 _DOWNLOAD_HINT = "download the official MedMNIST npz from https://medmnist.com (hosted on Zenodo)"
 
 
-class DatasetError(ValueError):
+class DatasetError(MedfedError, ValueError):
     """A dataset could not be found or is not a valid MedMNIST-layout ``.npz`` file.
 
     The message names the file (or the requested dataset), the problem and how to fix it.

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medfed.errors import MedfedError
+
 __all__ = ["SCHEMES", "PartitionError", "label_histogram", "partition_indices"]
 
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet")
 MAX_DIRICHLET_TRIES = 100
 
 
-class PartitionError(ValueError):
+class PartitionError(MedfedError, ValueError):
     """A partition request is invalid or cannot be satisfied; the message says how to fix it."""
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from medfed.errors import MedfedError
+
 if TYPE_CHECKING:
     import torch
 
@@ -52,7 +54,7 @@ _SIZE_SUFFIX = re.compile(r"_(?P<size>\d{2,4})(?:\.[\w-]+)?$")
 _TIMM_BUILDER_LOGGER = "timm.models._builder"
 
 
-class BackboneError(ValueError):
+class BackboneError(MedfedError, ValueError):
     """A backbone could not be resolved or loaded; the message names the fix."""
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from medfed.result import RunResult, jsonable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -40,22 +43,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_run(out: Path, config: dict, metrics: dict, rounds: list[dict]) -> None:
+def write_run(
+    out: Path, config: dict, metrics: RunResult | Mapping[str, Any], rounds: list[dict]
+) -> None:
+    """Write ``config.yaml``, ``rounds.jsonl`` and, last, ``metrics.json`` (a RunResult's
+    :meth:`~medfed.result.RunResult.to_json`; NaN/Inf as null) into ``out``."""
     out = Path(out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
-    atomic_write_text(out / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", RunResult.from_metrics(metrics).to_json())
 
 
-def _finite(value: Any) -> Any:
-    """NaN/Inf become null: metrics.json stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+_finite = jsonable  # NaN/Inf become null: metrics.json stays standard JSON
 
 
 def _mb(n: int) -> str:
@@ -83,7 +82,7 @@ YARDSTICK_NOTES = (
 
 def _yardstick_rows(t: Table, metrics: dict[str, Any], head: str, same: str) -> None:
     m = metrics
-    t.add_row(f"accuracy ({head})", _num(m["accuracy"], "{:.4f}"))
+    t.add_row(f"accuracy ({head})", _num(m.get("accuracy"), "{:.4f}"))
     t.add_row(f"AUC ({head})", _num(m.get("auc"), "{:.4f}"))
     t.add_row(
         "tuned plaintext reference (acc. / AUC)",
@@ -96,7 +95,7 @@ def _yardstick_rows(t: Table, metrics: dict[str, Any], head: str, same: str) -> 
     )
     t.add_row(
         f"{same} (acc. / AUC)",
-        f"{_num(m['plaintext_accuracy'], '{:.4f}')} / {_num(m.get('plaintext_auc'), '{:.4f}')}",
+        f"{_num(m.get('plaintext_accuracy'), '{:.4f}')} / {_num(m.get('plaintext_auc'), '{:.4f}')}",
     )
     t.add_row("approximation gap (pp)", _num(m.get("approximation_gap_pp"), "{:+.2f}"))
 
@@ -105,62 +104,89 @@ def _caption(head: str, same_row: str, same: str) -> str:
     return "\n".join(n.format(head=head, same_row=same_row, same=same) for n in YARDSTICK_NOTES)
 
 
-def summary_table(metrics: dict[str, Any]) -> Table:
+def _mb_or_na(n: Any) -> str:
+    return "n/a" if n is None else _mb(int(n))
+
+
+def run_table(
+    metrics: Mapping[str, Any],
+    title: str | None = None,
+    *,
+    head: str = "federated head",
+    row_head: str | None = None,
+    same: str = "same-schedule plaintext",
+    same_note: str = "the same schedule on plaintext",
+    before: Sequence[tuple[str, str]] = (),
+    between: Sequence[tuple[str, str]] = (),
+    after: Sequence[tuple[str, str]] = (),
+) -> Table:
+    """A run's summary table: the data, ``before``, the accuracy rows (of the ``head``
+    against ``same``, the same-schedule plaintext run), ``between``, wall time, traffic and
+    ``after`` (extra (metric, value) rows). ``title`` defaults to hospitals, mode and keys."""
+    m = metrics
     t = Table(
-        title=f"medfed: {metrics['hospitals']} hospitals, mode {metrics['mode']}, "
-        f"{metrics['keys']} key, CKKS {metrics['ckks']['name']}",
-        caption=_caption(
-            "encrypted-trained head",
-            "same-schedule plaintext",
-            "the encrypted loop, layout and polynomial on numpy",
-        ),
+        title=title or f"medfed: {m['hospitals']} hospitals, mode {m['mode']}, {m['keys']} keys",
+        caption=_caption(head, same, same_note),
         caption_justify="left",
     )
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.add_row("dataset", f"{metrics['dataset']} ({metrics['n_classes']} classes)")
-    t.add_row("backbone", f"{metrics.get('backbone')} ({metrics.get('backbone_weights')})")
-    _yardstick_rows(t, metrics, "encrypted training", "same-schedule plaintext")
-    t.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
-    t.add_row("bytes up (hospitals -> aggregator)", _mb(metrics["bytes_up"]))
-    t.add_row("bytes down (aggregator -> hospitals)", _mb(metrics["bytes_down"]))
+    t.add_row("dataset", f"{m.get('dataset')} ({m.get('n_classes')} classes)")
+    t.add_row("backbone", f"{m.get('backbone')} ({m.get('backbone_weights')})")
+    for row in before:
+        t.add_row(*row)
+    _yardstick_rows(t, m, row_head or head, same)
+    for row in between:
+        t.add_row(*row)
+    t.add_row("wall time", _num(m.get("wall_seconds"), "{:.1f} s"))
+    t.add_row("bytes up (hospitals -> aggregator)", _mb_or_na(m.get("bytes_up")))
+    t.add_row("bytes down (aggregator -> hospitals)", _mb_or_na(m.get("bytes_down")))
+    for row in after:
+        t.add_row(*row)
     return t
 
 
-def updates_summary_table(metrics: dict[str, Any]) -> Table:
+def summary_table(metrics: Mapping[str, Any]) -> Table:
+    """Mode "embeddings": the encrypted-trained head against the same loop on plaintext."""
+    m = metrics
+    return run_table(
+        m,
+        f"medfed: {m['hospitals']} hospitals, mode {m['mode']}, {m['keys']} key, "
+        f"CKKS {m['ckks']['name']}",
+        head="encrypted-trained head",
+        row_head="encrypted training",
+        same_note="the encrypted loop, layout and polynomial on numpy",
+    )
+
+
+def updates_summary_table(metrics: Mapping[str, Any]) -> Table:
     """Mode "updates": federated (encrypted-sum) FedAvg against plain FedAvg."""
-    th = metrics.get("threshold")
-    keys = f"{metrics['keys']} keys" + (f" ({th['t']}-of-{th['n']})" if th else "")
-    t = Table(
-        title=f"medfed: {metrics['hospitals']} hospitals, mode updates, {keys}",
-        caption=_caption(
-            "federated head",
-            "plain FedAvg",
-            "same split, seed, schedule and participants per round",
-        ),
-        caption_justify="left",
+    m = metrics
+    th = m.get("threshold")
+    keys = f"{m['keys']} keys" + (f" ({th['t']}-of-{th['n']})" if th else "")
+    between = []
+    if m.get("dropouts"):
+        gone = ", ".join(d["hospital"] for d in m.get("dropped", [])) or "none"
+        between.append(("dropouts (from round)", f"{gone} ({m.get('dropout_round')})"))
+    per = m["bytes_per_round"]
+    return run_table(
+        m,
+        f"medfed: {m['hospitals']} hospitals, mode updates, {keys}",
+        same="plain FedAvg",
+        same_note="same split, seed, schedule and participants per round",
+        before=[("rounds x local epochs", f"{m['rounds']} x {m['local_epochs']}")],
+        between=between,
+        after=[
+            (
+                "per hospital per round (sent/recv)",
+                f"{_mb(int(per['sent']))} / {_mb(int(per['received']))}",
+            )
+        ],
     )
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_row("dataset", f"{metrics['dataset']} ({metrics['n_classes']} classes)")
-    t.add_row("backbone", f"{metrics.get('backbone')} ({metrics.get('backbone_weights')})")
-    t.add_row("rounds x local epochs", f"{metrics['rounds']} x {metrics['local_epochs']}")
-    _yardstick_rows(t, metrics, "federated head", "plain FedAvg")
-    if metrics.get("dropouts"):
-        gone = ", ".join(d["hospital"] for d in metrics.get("dropped", [])) or "none"
-        t.add_row("dropouts (from round)", f"{gone} ({metrics.get('dropout_round')})")
-    t.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
-    t.add_row("bytes up (hospitals -> aggregator)", _mb(metrics["bytes_up"]))
-    t.add_row("bytes down (aggregator -> hospitals)", _mb(metrics["bytes_down"]))
-    per = metrics["bytes_per_round"]
-    t.add_row(
-        "per hospital per round (sent/recv)",
-        f"{_mb(int(per['sent']))} / {_mb(int(per['received']))}",
-    )
-    return t
 
 
-def parties_table(metrics: dict[str, Any]) -> Table:
+def parties_table(metrics: Mapping[str, Any]) -> Table:
+    """Bytes sent and received by each party."""
     t = Table(title="bytes per party")
     t.add_column("party")
     t.add_column("sent", justify="right")
@@ -171,6 +197,7 @@ def parties_table(metrics: dict[str, Any]) -> Table:
 
 
 def excluded_table(excluded: list[dict]) -> Table:
+    """The contributions the aggregator excluded: stage, hospital, reason."""
     t = Table(title="excluded contributions", title_style="bold yellow")
     for column in ("stage", "hospital", "reason"):
         t.add_column(column, overflow="fold")
@@ -179,10 +206,13 @@ def excluded_table(excluded: list[dict]) -> Table:
     return t
 
 
-def print_summary(metrics: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(
+    metrics: Mapping[str, Any], console: Console | None = None, table: Table | None = None
+) -> None:
+    """Print a run's summary ``table`` (default: :func:`run_table`; :func:`medfed.print_summary`
+    passes the mode's own), the bytes per party, exclusions and warnings."""
     console = console or Console()
-    updates = metrics.get("mode") == "updates"
-    console.print(updates_summary_table(metrics) if updates else summary_table(metrics))
+    console.print(table if table is not None else run_table(metrics))
     console.print(parties_table(metrics))
     if metrics.get("excluded"):
         console.print(excluded_table(metrics["excluded"]))
@@ -211,7 +241,7 @@ def progress_bar(label: str, enabled: bool = True) -> Progress:
     )
 
 
-def byte_tally(fed: dict) -> tuple[int, int, dict[str, dict[str, int]]]:
+def byte_tally(fed: Mapping[str, Any]) -> tuple[int, int, dict[str, dict[str, int]]]:
     """(bytes up, bytes down, per party sent/received) from the aggregator's ledger."""
     up = int(sum(fed["bytes_up"].values()))
     down = int(sum(fed["bytes_down"].values()))

@@ -1,4 +1,5 @@
-"""One mode-"updates" run, start to finish (what ``medfed.runner.run`` calls for that mode).
+"""Mode "updates"' data: hospitals from a features file or the embeddings pipeline, and the
+dropout plan (the run driver is :mod:`medfed.modes.updates`).
 
 Data come from the embeddings pipeline (``--dataset``/``--model``, needs torch) or from a
 precomputed features file (``--features FILE``, needs no torch): an ``.npz`` with
@@ -18,18 +19,13 @@ keys the run works in the Python 3.10 OpenFHE environment.
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from medfed.config import ConfigError, SimulationConfig
+from medfed.config import SimulationConfig
 from medfed.data.medmnist import DatasetError
 from medfed.fl.workspace import HospitalData
-
-log = logging.getLogger(__name__)
 
 FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
 #: Stages of the key setup and the statistics round (the rest is the training phase).
@@ -104,6 +100,7 @@ def load_features(path: str | Path) -> dict:
 
 
 def hospitals_from_features(cfg: SimulationConfig) -> tuple[list[HospitalData], int, dict]:
+    """(hospitals, n_classes, described) from ``cfg.features``, partitioned as ``cfg`` says."""
     from medfed.experiments.prepare import split_hospitals
 
     f = load_features(cfg.features)
@@ -113,6 +110,7 @@ def hospitals_from_features(cfg: SimulationConfig) -> tuple[list[HospitalData], 
 
 
 def hospitals_from_pipeline(cfg: SimulationConfig) -> tuple[list[HospitalData], int, dict]:
+    """(hospitals, n_classes, described) from the embeddings pipeline (needs torch)."""
     from medfed.experiments.prepare import prepare
 
     data = prepare(cfg)
@@ -125,187 +123,3 @@ def dropout_plan(cfg: SimulationConfig) -> dict[int, int]:
         return {}
     chosen = np.random.default_rng(cfg.seed).choice(cfg.hospitals, cfg.dropouts, replace=False)
     return {int(i): cfg.rounds // 2 for i in sorted(chosen)}
-
-
-def run_updates(cfg: SimulationConfig) -> dict:
-    """Load data, run the federation and plain FedAvg on the same schedule, write results."""
-    started = time.perf_counter()
-    if cfg.mode != "updates":
-        raise ConfigError(f"run_updates runs mode 'updates', not {cfg.mode!r}")
-    if cfg.keys == "threshold":  # fail before any data work on a Python without OpenFHE
-        from medfed.crypto.threshold import _require_openfhe
-
-        _require_openfhe()
-    if cfg.features:
-        hospitals, n_classes, described = hospitals_from_features(cfg)
-    else:
-        hospitals, n_classes, described = hospitals_from_pipeline(cfg)
-    return federate_updates(cfg, hospitals, n_classes, described, started)
-
-
-def federate_updates(
-    cfg: SimulationConfig,
-    hospitals: list[HospitalData],
-    n_classes: int,
-    described: dict,
-    started: float | None = None,
-    *,
-    threshold_preset: str = "default",
-) -> dict:
-    """The encrypted FedAvg federation and its plaintext references on prepared hospitals."""
-    from medfed.experiments.results import byte_tally, progress_bar, write_run
-    from medfed.experiments.updates_reference import fedavg_reference
-    from medfed.experiments.yardsticks import federation_yardsticks
-    from medfed.fl.ciphers import forget_threshold_parties
-    from medfed.fl.faults import parse_faults
-    from medfed.fl.launch import run_federation
-    from medfed.fl.updates import UpdatesSettings
-    from medfed.fl.workspace import provision, read_evaluations
-
-    t0 = started if started is not None else time.perf_counter()
-    if len(hospitals) != cfg.hospitals:
-        raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
-    d = hospitals[0].train_features.shape[1]
-    backend = cfg.backend
-    if cfg.keys == "threshold" and backend != "local":
-        log.warning(
-            "threshold keys run on the local backend (Flower Messages through the in-process "
-            "LocalGrid): a hospital's OpenFHE key share cannot be serialized, and Flower's Ray "
-            "simulation may serve one hospital from several processes"
-        )
-        backend = "local"
-    plan = dropout_plan(cfg)
-    settings = UpdatesSettings(
-        keys=cfg.keys,
-        rounds=cfg.rounds,
-        local_epochs=cfg.local_epochs,
-        lr=cfg.lr,
-        n_classes=n_classes,
-        n_features=d,
-        expected_hospitals=cfg.hospitals,
-        ckks=cfg.ckks,
-        threshold_preset=threshold_preset,
-        components=cfg.components,
-        l2=cfg.l2,
-    )
-    meta = {
-        "keys": cfg.keys,
-        "n_classes": n_classes,
-        "ckks": cfg.ckks,
-        "feature_scale": cfg.feature_scale,
-        "components": cfg.components,
-        "samples_per_component": cfg.samples_per_component,
-    }
-    secret = None
-    if cfg.keys == "shared":  # one CKKS key, provisioned to the hospitals only
-        from medfed.crypto.context import make_secret_context, secret_context_bytes
-        from medfed.crypto.params import get_preset
-
-        secret = secret_context_bytes(make_secret_context(get_preset(cfg.ckks)))
-    with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
-        workspace = Path(ws)
-        for i, h in enumerate(hospitals):
-            offline = {"offline_from_round": plan[i]} if i in plan and backend != "local" else {}
-            provision(workspace, i, h, secret, {**meta, **offline})
-        del secret
-        t_fed = time.perf_counter()
-        try:
-            with progress_bar(f"FedAvg, {cfg.keys} keys", cfg.progress) as progress:
-                task = progress.add_task("rounds", total=cfg.rounds)
-                fed = run_federation(
-                    workspace,
-                    settings,
-                    cfg.hospitals,
-                    backend=backend,
-                    client_cpus=cfg.client_cpus,
-                    ray_address=cfg.ray_address,
-                    on_step=lambda step: progress.advance(task),
-                    unresponsive=plan if backend == "local" else None,
-                    faults=parse_faults(cfg.inject),  # --inject, on top of --dropouts
-                )
-        finally:
-            forget_threshold_parties(workspace)
-        federation_seconds = time.perf_counter() - t_fed
-        evaluations = read_evaluations(workspace, cfg.hospitals)
-
-    index = {h.name: i for i, h in enumerate(hospitals)}
-    stats_by = [index[n] for n in fed["stats_participants"]]
-    evaluators = [index[e["hospital"]] for e in evaluations if e is not None]
-    reference = fedavg_reference(
-        hospitals,
-        n_classes,
-        cfg.rounds,
-        cfg.local_epochs,
-        cfg.lr,
-        cfg.feature_scale,
-        components=cfg.components,
-        samples_per_component=cfg.samples_per_component,
-        l2=cfg.l2,
-        participants=[[index[n] for n in names] for names in fed["participants"]],
-        stats_participants=stats_by,
-        evaluators=evaluators,
-    )
-    done = [e for e in evaluations if e is not None]
-    total = sum(e["total"] for e in done)
-    correct = sum(e["correct"] for e in done)
-    accuracy = correct / total if total else float("nan")
-    yardsticks = federation_yardsticks(  # the tuned reference pools every round's participants
-        hospitals,
-        done,
-        trained_on=sorted({index[n] for names in fed["participants"] for n in names}),
-        accuracy=accuracy,
-        plaintext_accuracy=reference["plaintext_accuracy"],
-        plaintext_weights=reference["plaintext_weights"],
-        plaintext_test=reference["plaintext_test"],
-        n_classes=n_classes,
-        seed=cfg.seed,
-    )
-    up, down, parties = byte_tally(fed)
-    training = [r for r in fed["rounds"] if not r["stage"].startswith(SETUP_STAGES)]
-    per_round = cfg.rounds * cfg.hospitals
-    cipher = fed["cipher"]
-    threshold = None
-    if cfg.keys == "threshold":
-        threshold = {"t": cipher["t"], "n": cipher["n"], "tolerates": cipher["n"] - cipher["t"]}
-    metrics = {
-        "mode": cfg.mode,
-        "keys": cfg.keys,
-        "hospitals": cfg.hospitals,
-        **described,
-        "n_classes": n_classes,
-        "embed_dim": d,
-        "backend": backend,
-        "rounds": cfg.rounds,
-        "local_epochs": cfg.local_epochs,
-        "lr": cfg.lr,
-        "l2": cfg.l2,
-        "components": cfg.components,
-        "samples_per_component": cfg.samples_per_component,
-        **yardsticks,  # accuracy, auc, the tuned reference, majority, costs and gaps
-        "test_samples_evaluated": total,
-        "dropouts": cfg.dropouts,
-        "dropout_round": min(plan.values()) if plan else None,
-        "dropped": fed["dropped"],
-        "threshold": threshold,
-        "cipher": cipher,
-        "participants": fed["participants"],
-        "wall_seconds": time.perf_counter() - t0,
-        "federation_seconds": federation_seconds,
-        "setup_seconds": fed["setup_seconds"],
-        "bytes_up": up,
-        "bytes_down": down,
-        "bytes_per_party": parties,
-        "bytes_per_round": {  # mean per hospital per FedAvg round, training phase only
-            "sent": sum(r["bytes_up"] for r in training) / per_round,
-            "received": sum(r["bytes_down"] for r in training) / per_round,
-        },
-        "setup_bytes": sum(
-            r["bytes_up"] + r["bytes_down"]
-            for r in fed["rounds"]
-            if r["stage"].startswith(SETUP_STAGES)
-        ),
-        "excluded": fed["excluded"],
-    }
-    if cfg.out:
-        write_run(Path(cfg.out), cfg.to_dict(), metrics, fed["rounds"])
-    return metrics

@@ -19,14 +19,14 @@ keys), ``final`` and the key-setup rounds (``key-setup``, ``key-join``, ...). ``
 ``train`` means every such round). ``corrupt`` takes ``bytes=N`` (bytes flipped per
 ciphertext, default 8).
 
-The faults are applied by :func:`fault_mod`, a Flower client-side mod wrapped around the
-hospital's ClientApp (like Flower's own mods): the hospital's protocol code knows nothing
-about them. The mod reads the hospital index from the node config and the stage from the
-message the aggregator sent (``messages.STAGE``), so it works for every mode and backend. A
-hospital that dropped out or crashed stays down; that state lives in the node's
-``Context.state``, which Flower keeps between messages. A silent hospital is represented by a
-reply carrying Flower's ``NODE_UNAVAILABLE`` error code, which the aggregator handles exactly
-like a missing reply after a timeout (so runs do not sit out timeouts).
+The faults are applied by :func:`fault_mod`, a Flower client-side mod passed to the hospital's
+ClientApp through its factory's ``mods=`` argument (:func:`fault_mods` builds that list): the
+hospital's protocol code knows nothing about them. The mod reads the hospital index from the
+node config and the stage from the message the aggregator sent (``messages.STAGE``), so it works
+for every mode and backend. A hospital that dropped out or crashed stays down; that state lives
+in the node's ``Context.state``, which Flower keeps between messages. A silent hospital is
+represented by a reply carrying Flower's ``NODE_UNAVAILABLE`` error code, which the aggregator
+handles exactly like a missing reply after a timeout (so runs do not sit out timeouts).
 
 Nothing here imports Flower at module level: the config validates specs without it.
 """
@@ -40,6 +40,8 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from medfed.errors import MedfedError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def stage_reached(stage: str, start: str) -> bool:
     return a[2] > b[2]  # another family of the same numbered round runs earlier or later
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(MedfedError, ValueError):
     """An ``--inject`` spec that cannot be parsed or does not fit the run; names the fix."""
 
 
@@ -326,16 +328,11 @@ def fault_mod(faults: Sequence[Fault]):
     return mod
 
 
-def with_faults(app, faults: Sequence[Fault]):
-    """``app`` (a Flower ClientApp, any mode) with :func:`fault_mod` around every handler."""
-    if not faults:
-        return app
-    from flwr.clientapp.client_app import make_ffn
+def fault_mods(faults: Sequence[Fault], mods: Sequence | None = None) -> list:
+    """The ``mods=`` list for a hospital app factory: :func:`fault_mod` (when there are
+    faults) outermost, then ``mods``, e.g. ``make_hospital_app(ws, mods=fault_mods(faults))``.
 
-    mod = fault_mod(faults)
-    app._registered_funcs = {  # noqa: SLF001 - Flower has no public API to add app-wide mods
-        name: make_ffn(fn, [mod]) for name, fn in app._registered_funcs.items()
-    }
-    if app._call is not None:  # a legacy client_fn app
-        app._call = make_ffn(app._call, [mod])
-    return app
+    Outermost, so a fault sees the message as the aggregator sent it and the reply as it
+    leaves the hospital (after any other mod, as a fault in transit would).
+    """
+    return ([fault_mod(faults)] if faults else []) + list(mods or [])

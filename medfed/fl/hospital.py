@@ -175,9 +175,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 "components for its padded sample count); every party must run one medfed "
                 "version with one --components and --samples-per-component"
             )
-        fmap = feature_map_from_stats(
-            total, d, components and width, float(meta["feature_scale"])
-        )
+        fmap = feature_map_from_stats(total, d, components and width, float(meta["feature_scale"]))
         np.savez(
             W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
         )

@@ -6,9 +6,9 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from medfed.fl.faults import Fault, with_faults
+from medfed.fl.faults import Fault, fault_mods
 from medfed.fl.local_grid import LocalGrid
 from medfed.fl.messages import FederationError
 
@@ -25,6 +25,60 @@ def _quiet_flower_deprecation() -> None:
         handler.addFilter(lambda r: "DEPRECATED FEATURE" not in r.getMessage())
 
 
+def _forward_actor_output() -> bool:
+    """Ray's ``log_to_driver`` for Flower's simulation engine: only with ``-v`` (DEBUG).
+
+    What the hospitals' Ray actors print themselves is noise on this console: Flower's
+    ``(ClientAppActor pid=...) WARNING: Manually terminating ClientAppActor``, once per actor
+    that Ray's log monitor forwards before ``ray.shutdown()`` at the end of every run. Failures
+    do not travel that way: a hospital's exception comes back to this process as its task's
+    error (Flower logs it, the aggregator excludes the hospital with the reason) and a dead
+    actor is reported by Ray's error listener, both with ``log_to_driver=False`` too. What a
+    dying worker writes itself (e.g. a crash dump) stays in Ray's session logs
+    (``/tmp/ray/session_latest/logs/worker-*.err``); ``-v`` forwards it. This is Flower's own
+    ``init_args.log_to_driver`` setting (default True), as
+    :func:`medfed.scale.cluster.ray_session` does for medfed's own Ray sessions.
+    """
+    return log.isEnabledFor(logging.DEBUG)
+
+
+class FederationApps(NamedTuple):
+    """A mode's protocol: what :func:`run_federation` runs."""
+
+    strategy: type  # strategy(settings, on_step=...); .run(grid) on the local backend
+    hospital_app: Callable[..., Any]  # (workspace, mods=[...]) -> the hospitals' ClientApp
+    server_app: Callable[..., Any]  # (settings, results, on_step=...) -> the ServerApp
+
+
+def _embeddings_apps() -> FederationApps:
+    from medfed.fl.aggregator import EncryptedEmbeddingsStrategy, make_aggregator_app
+    from medfed.fl.hospital import make_hospital_app
+
+    return FederationApps(EncryptedEmbeddingsStrategy, make_hospital_app, make_aggregator_app)
+
+
+def _updates_apps() -> FederationApps:
+    from medfed.fl.updates import (
+        FedAvgUpdatesStrategy,
+        make_updates_hospital_app,
+        make_updates_server_app,
+    )
+
+    return FederationApps(FedAvgUpdatesStrategy, make_updates_hospital_app, make_updates_server_app)
+
+
+#: The built-in modes' protocols, by mode name.
+_BUILTIN_APPS: dict[str, Callable[[], FederationApps]] = {
+    "embeddings": _embeddings_apps,
+    "updates": _updates_apps,
+}
+
+
+def builtin_apps(mode: str) -> FederationApps:
+    """The protocol of built-in mode ``mode`` (imported now: TenSEAL only for "embeddings")."""
+    return _BUILTIN_APPS[mode]()
+
+
 def run_federation(
     workspace: Path,
     settings: AggregatorSettings | UpdatesSettings,
@@ -35,24 +89,22 @@ def run_federation(
     ray_address: str | None = None,
     unresponsive: dict[int, int] | None = None,
     faults: Sequence[Fault] = (),
+    apps: FederationApps | None = None,
 ) -> dict:
     """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure.
 
-    ``settings`` picks the mode: :class:`~medfed.fl.aggregator.AggregatorSettings` runs mode
-    "embeddings", :class:`~medfed.fl.updates.UpdatesSettings` mode "updates" (imported only
-    then: its threshold keys run where TenSEAL is absent). ``unresponsive`` (local backend):
+    ``apps``: the mode's strategy and Flower apps (:meth:`medfed.modes.Mode.federation_apps`);
+    None: those of the built-in mode ``settings.mode`` names (no attribute: "embeddings"),
+    imported only then (mode "updates" with threshold keys runs where TenSEAL is absent).
+    ``settings`` is what the strategy gets. ``unresponsive`` (local backend):
     hospital index -> protocol round from which it stops answering (simulated dropouts).
-    ``faults`` (:mod:`medfed.fl.faults`, ``--inject``) wrap every hospital in a fault mod.
+    ``faults`` (:mod:`medfed.fl.faults`, ``--inject``) are a client-side mod of every
+    hospital's ClientApp (its factory's ``mods=``).
     """
-    if getattr(settings, "mode", "embeddings") == "updates":
-        from medfed.fl.updates import FedAvgUpdatesStrategy as Strategy
-        from medfed.fl.updates import make_updates_hospital_app as make_hospital_app
-        from medfed.fl.updates import make_updates_server_app as make_aggregator_app
-    else:
-        from medfed.fl.aggregator import EncryptedEmbeddingsStrategy as Strategy
-        from medfed.fl.aggregator import make_aggregator_app
-        from medfed.fl.hospital import make_hospital_app
-    client_app = with_faults(make_hospital_app(workspace), faults)
+    if apps is None:
+        apps = builtin_apps(getattr(settings, "mode", "embeddings"))
+    Strategy, make_hospital_app, make_aggregator_app = apps
+    client_app = make_hospital_app(workspace, mods=fault_mods(faults))
     if backend == "local":
         strategy = Strategy(settings, on_step=on_step)
         if settings.workers == 0:
@@ -76,6 +128,7 @@ def run_federation(
     address = resolve_address(ray_address)
     if address:  # Flower's simulation engine joins the running cluster
         init_args = {"address": address}
+    init_args["log_to_driver"] = _forward_actor_output()
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": init_args,

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from medfed.errors import MedfedError
+
 # Message types ("<category>.<action>", routed by Flower's ClientApp)
 MSG_STATS = "query.stats"  # hospitals -> encrypted feature sums (for the shared normalization)
 MSG_UPLOAD = "train.upload"  # hospitals -> encrypted feature/label blocks
@@ -110,12 +112,16 @@ def describe(content: RecordDict) -> str:
     return ", ".join(parts)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(MedfedError, ValueError):
     """A reply that breaks the protocol envelope: corrupt, replayed or impersonating."""
 
 
-class FederationError(RuntimeError):
-    """The federation cannot continue (e.g. too few hospitals answered); the CLI prints it."""
+class FederationError(MedfedError, RuntimeError):
+    """The federation cannot continue (e.g. too few hospitals answered).
+
+    A run that started but could not finish: the CLI prints the message and exits with
+    status 1, not 2 (the status of the other :class:`~medfed.errors.MedfedError` s).
+    """
 
 
 def reply_digest(values: Mapping) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,42 @@ class HospitalData:
     train_labels: np.ndarray
     test_features: np.ndarray
     test_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class HospitalProvision:
+    """What a hospital is provisioned with besides its data and key (its ``meta.json``).
+
+    Fields left None are not written (they belong to the other mode): ``bucket`` and
+    ``decay`` are mode "embeddings"' padding granularity and per-epoch L2 shrink (lr * l2),
+    ``keys`` and ``offline_from_round`` (a simulated dropout) mode "updates"'.
+    """
+
+    n_classes: int
+    ckks: str
+    feature_scale: float = 1.0
+    components: int = 0
+    samples_per_component: int = 0
+    keys: str | None = None
+    bucket: int | None = None
+    decay: float | None = None
+    offline_from_round: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``meta.json`` mapping (without the hospital's name), None fields left out."""
+        order = ("keys", "bucket", "n_classes", "ckks", "feature_scale", "components")
+        data = asdict(self)
+        keyed = {k: data.pop(k) for k in order} | data  # the order meta.json always had
+        return {k: v for k, v in keyed.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HospitalProvision:
+        """Read a ``meta.json`` mapping (its ``name`` is the hospital's, not provisioning)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - {"name"})
+        if unknown:
+            raise ValueError(f"unknown provisioning key(s) {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def check_hospitals(hospitals: list[HospitalData], n_classes: int) -> None:
@@ -98,13 +135,20 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def provision(
-    workspace: Path, index: int, data: HospitalData, secret_context: bytes | None, meta: dict
+    workspace: Path,
+    index: int,
+    data: HospitalData,
+    secret_context: bytes | None,
+    meta: HospitalProvision | dict[str, Any],
 ) -> Path:
     """Write one hospital's private directory (mode 0700, secret key 0600).
 
     ``secret_context`` None: no provisioned key (mode "updates" with keys "none" or
-    "threshold", where the hospitals make their key shares themselves).
+    "threshold", where the hospitals make their key shares themselves). ``meta`` (a plain
+    dict is written as given) becomes ``meta.json``, with the hospital's name.
     """
+    if isinstance(meta, HospitalProvision):
+        meta = meta.to_dict()
     d = hospital_dir(workspace, index)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     if secret_context is not None:
@@ -132,6 +176,12 @@ def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, dict]:
             f["test_labels"],
         )
     return data, meta
+
+
+def load_provision(workspace: Path, index: int) -> HospitalProvision:
+    """The typed provisioning of one hospital (its ``meta.json``)."""
+    meta = json.loads((hospital_dir(workspace, index) / META).read_text())
+    return HospitalProvision.from_dict(meta)
 
 
 def read_secret_context(workspace: Path, index: int) -> bytes:

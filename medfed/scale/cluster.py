@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from medfed.config import ConfigError
+from medfed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-
-class ThresholdUnavailableError(RuntimeError):
-    """OpenFHE cannot be imported in this Python."""
+from medfed.errors import MedfedError
 
 
-class ThresholdParamsError(ValueError):
+class ThresholdUnavailableError(MedfedError, RuntimeError):
+    """OpenFHE cannot be imported in this Python; the message names the environment to use."""
+
+
+class ThresholdParamsError(MedfedError, ValueError):
     """Threshold parameters that are insecure, inconsistent, or refused by OpenFHE."""
 
 
-class ThresholdError(ValueError):
+class ThresholdError(MedfedError, ValueError):
     """A protocol step that cannot proceed: malformed bytes, missing shares or partials."""

@@ -12,7 +12,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,17 @@ def _jsonable(value: Any) -> Any:
 def _isolated_call(runner: Runner, config: dict[str, Any]) -> dict:
     """Child-process entry: a private Ray for Flower, never the sweep's cluster."""
     os.environ.pop("RAY_ADDRESS", None)
-    return runner(SimulationConfig.from_dict(config))
+    return _as_dict(runner(SimulationConfig.from_dict(config)))
+
+
+def _as_dict(metrics: Any) -> Any:
+    """A run's metrics as a dict: a RunResult (a read-only Mapping) is read as one."""
+    return dict(metrics) if isinstance(metrics, Mapping) else metrics
 
 
 def _call_runner(runner: Runner, cfg: SimulationConfig, isolate: bool) -> dict:
     if not isolate:
-        return runner(cfg)
+        return _as_dict(runner(cfg))
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

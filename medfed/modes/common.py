@@ -1,0 +1,169 @@
+"""What every mode's driver does the same way: provision hospitals into a temporary workspace
+and run the federation under a progress bar, pool the hospitals' private evaluations, score
+the yardsticks, map hospital names to indices, and write the run files.
+
+Like the mode modules, nothing here imports torch, TenSEAL or Flower at module level.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medfed.config import ConfigError, SimulationConfig
+
+if TYPE_CHECKING:
+    from medfed.fl.launch import FederationApps
+    from medfed.fl.workspace import HospitalData, HospitalProvision
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What :func:`run_in_workspace` brings back from one federation."""
+
+    fed: dict[str, Any]  # the aggregator's record (bytes, rounds, exclusions, ...)
+    evaluations: list[dict[str, Any] | None]  # each hospital's eval.json (None: wrote none)
+    seconds: float  # the federation's own wall time
+
+
+def check_count(cfg: SimulationConfig, hospitals: Sequence[HospitalData]) -> None:
+    """``cfg.hospitals`` must be the number of hospitals given."""
+    if len(hospitals) != cfg.hospitals:
+        raise ConfigError(f"expected {cfg.hospitals} hospitals, got {len(hospitals)}")
+
+
+def indices(hospitals: Sequence[HospitalData], names: Iterable[str]) -> list[int]:
+    """Indices, in ``hospitals``' order, of the hospitals named in ``names``."""
+    kept = set(names)
+    return [i for i, h in enumerate(hospitals) if h.name in kept]
+
+
+def run_in_workspace(
+    cfg: SimulationConfig,
+    hospitals: Sequence[HospitalData],
+    settings: Any,
+    provisions: Sequence[HospitalProvision],
+    secret: bytes | None,
+    *,
+    label: str,
+    unit: str,
+    steps: int,
+    apps: FederationApps,
+    backend: str | None = None,
+    unresponsive: dict[int, int] | None = None,
+    on_exit: Callable[[Path], None] | None = None,
+) -> Federation:
+    """Provision every hospital (its data, ``provisions[i]`` and the ``secret`` key, None
+    for no provisioned key) into a temporary workspace, run the federation under a progress
+    bar of ``steps`` ``unit`` (one per aggregator step) with the mode's ``apps``, read the
+    hospitals' evaluations and delete the workspace. ``on_exit(workspace)`` runs after the
+    federation, even on failure.
+    """
+    from medfed.experiments.results import progress_bar
+    from medfed.fl.faults import parse_faults
+    from medfed.fl.launch import run_federation
+    from medfed.fl.workspace import provision, read_evaluations
+
+    with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
+        workspace = Path(ws)
+        for i, (h, meta) in enumerate(zip(hospitals, provisions, strict=True)):
+            provision(workspace, i, h, secret, meta)
+        del secret  # the hospitals hold the key now; the harness keeps no copy
+        t_fed = time.perf_counter()
+        try:
+            with progress_bar(label, cfg.progress) as progress:
+                task = progress.add_task(unit, total=steps)
+                fed = run_federation(
+                    workspace,
+                    settings,
+                    cfg.hospitals,
+                    backend=backend or cfg.backend,
+                    client_cpus=cfg.client_cpus,
+                    ray_address=cfg.ray_address,
+                    on_step=lambda step: progress.advance(task),
+                    unresponsive=unresponsive,
+                    faults=parse_faults(cfg.inject),
+                    apps=apps,
+                )
+        finally:
+            if on_exit is not None:
+                on_exit(workspace)
+        seconds = time.perf_counter() - t_fed
+        evaluations = read_evaluations(workspace, cfg.hospitals)
+    return Federation(fed, evaluations, seconds)
+
+
+def pooled_accuracy(evaluations: Iterable[dict[str, Any]]) -> tuple[int, float]:
+    """(test samples, accuracy) pooled over hospitals' evaluations (NaN for no samples)."""
+    done = list(evaluations)
+    total = sum(e["total"] for e in done)
+    correct = sum(e["correct"] for e in done)
+    return total, correct / total if total else float("nan")
+
+
+def yardsticks(
+    cfg: SimulationConfig,
+    hospitals: Sequence[HospitalData],
+    evaluations: list[dict[str, Any]],
+    reference: Mapping[str, Any],
+    *,
+    trained_on: Sequence[int],
+    accuracy: float,
+    n_classes: int,
+) -> dict[str, Any]:
+    """The accuracy block of metrics.json (:data:`~medfed.experiments.yardsticks.YARDSTICK_KEYS`)
+    on the federation's own split: the tuned reference pools the train data of the hospitals
+    ``trained_on``; every score is on the test samples of ``evaluations``. ``reference`` is
+    the same-schedule plaintext run (``plaintext_accuracy``/``_weights``/``_test``)."""
+    from medfed.experiments.yardsticks import federation_yardsticks
+
+    return federation_yardsticks(
+        hospitals,
+        evaluations,
+        trained_on=trained_on,
+        accuracy=accuracy,
+        plaintext_accuracy=reference["plaintext_accuracy"],
+        plaintext_weights=reference["plaintext_weights"],
+        plaintext_test=reference["plaintext_test"],
+        n_classes=n_classes,
+        seed=cfg.seed,
+    )
+
+
+def described_run(
+    cfg: SimulationConfig, described: Mapping[str, Any], n_classes: int, embed_dim: int
+) -> dict[str, Any]:
+    """The keys every metrics.json starts with: the mode, keys, hospitals and the data."""
+    return {
+        "mode": cfg.mode,
+        "keys": cfg.keys,
+        "hospitals": cfg.hospitals,
+        **described,
+        "n_classes": n_classes,
+        "embed_dim": embed_dim,
+    }
+
+
+def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
+    """``bytes_up``, ``bytes_down`` and ``bytes_per_party`` from the aggregator's ledger."""
+    from medfed.experiments.results import byte_tally
+
+    up, down, parties = byte_tally(fed)
+    return {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
+
+
+def finish(
+    cfg: SimulationConfig, metrics: dict[str, Any], rounds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """With ``cfg.out`` set, write config.yaml, rounds.jsonl and metrics.json (the run's
+    :meth:`~medfed.result.RunResult.to_dict`) there; returns ``metrics``."""
+    if cfg.out:
+        from medfed.experiments.results import write_run
+        from medfed.result import RunResult
+
+        write_run(Path(cfg.out), cfg.to_dict(), RunResult.from_metrics(metrics), rounds)
+    return metrics
