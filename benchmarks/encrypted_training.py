@@ -46,6 +46,7 @@ import numpy as np
 from medfed.config import SimulationConfig
 from medfed.crypto.context import load_public_context, make_secret_context, public_context_bytes
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal
+from medfed.crypto.masking import refresh_security
 from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.experiments.yardsticks import majority_accuracy, tuned_reference
@@ -485,6 +486,7 @@ def main(argv=None) -> int:
     train_seconds, accs, head_enc = train_to_reference(
         backend, compute, layout, schedule, decrypt_head, xtw, yt
     )
+    trained_rounds = list(backend.records)  # the accuracy run's refresh rounds, no timing's
     log(
         f"encrypted training: {sum(train_seconds):.1f} s for {args.epochs} epochs, test "
         f"accuracy {' '.join(f'{a:.4f}' for a in accs)}"
@@ -543,16 +545,29 @@ def main(argv=None) -> int:
     in_process = by_workers["in-process"]
 
     # (b) the same schedule on plaintext (numpy, same loop): the approximation's share of the gap
-    plain = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+    plain_backend = PlainDiagonalBackend(layout)  # also records the values the run masked
+    plain = DiagonalCompute(plain_backend, layout)
     plain.blocks = blocks_from_packed([b for _, b in sorted(raw.items())], layout)
     plain_seconds, plain_accs, head_plain = train_to_reference(
-        PlainDiagonalBackend(layout),
+        plain_backend,
         plain,
         layout,
         schedule,
         lambda w, b: head_matrix(w, b, layout),
         xtw,
         yt,
+    )
+
+    security = refresh_security(plain_backend.records, trained_rounds)
+    log(
+        f"refresh security over the {args.epochs}-epoch run: "
+        f"{security['refresh_security_bits']:.1f} bits (by kind: "
+        + ", ".join(
+            f"{k} {v:.1f}"
+            for k, v in security["refresh_security_bits_by_kind"].items()
+            if v is not None
+        )
+        + ")"
     )
 
     # (d) per-sample baseline on the same trained features
@@ -679,6 +694,7 @@ def main(argv=None) -> int:
         "refresh_bytes": refresh["bytes_to_hospital"] + refresh["bytes_from_hospital"],
         "refresh_bytes_to_hospital": refresh["bytes_to_hospital"],
         "refresh_bytes_from_hospital": refresh["bytes_from_hospital"],
+        **security,  # refresh_security_bits (-log2 of the masks' union bound), by kind, ...
         "upload_seconds": upload_seconds,
         "wall_seconds": time.perf_counter() - run_t0,
         "peak_rss_mb": rss_mb,

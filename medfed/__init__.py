@@ -42,6 +42,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    """Import a public name (:data:`_EXPORTS`) from its module on first use."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'medfed' has no attribute {name!r}")
     value = getattr(import_module(_EXPORTS[name]), name)
@@ -50,4 +51,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The module's names, the lazily imported public API included."""
     return sorted(list(globals()) + __all__)

@@ -35,6 +35,9 @@ def run(config: SimulationConfig | None = None, **overrides: Any) -> RunResult:
         ``reference_accuracy``, ``majority_accuracy``, ``encryption_cost_pp``,
         ``plaintext_accuracy``, ``wall_seconds``, ...; ``result[key]`` reads any metric);
         with ``config.out`` set, ``result.to_dict()`` is also written to ``OUT/metrics.json``.
+
+    Raises:
+        ConfigError: an invalid value, or an override that is no config field.
     """
     from medfed.runner import run as run_config
 
@@ -50,9 +53,23 @@ def federate(
 ) -> RunResult:
     """Run the federation of ``config.mode`` on hospitals you prepared (features embedded).
 
-    ``config.hospitals`` is set to ``len(hospitals)``; ``n_classes`` defaults to the largest
-    label in any split plus one (at least 2); ``described`` (``dataset``, ``backbone``, ...)
-    labels the results. Returns the :class:`~medfed.result.RunResult`, as :func:`run`.
+    Args:
+        config: the run's settings (mode, keys, CKKS preset, schedule, ``out``, ...);
+            ``config.hospitals`` is set to ``len(hospitals)``.
+        hospitals: one :class:`~medfed.fl.workspace.HospitalData` per hospital (its name,
+            train and test features and integer labels).
+        n_classes: the number of classes (default: the largest label in any split plus one,
+            at least 2).
+        described: what the features are, recorded in the results (``dataset``,
+            ``backbone``, ``backbone_weights``, ``backbone_pretrained``; default: "custom",
+            "precomputed").
+
+    Returns:
+        The run's :class:`~medfed.result.RunResult`, as :func:`run` returns it; with
+        ``config.out`` set, it is also written to ``OUT/metrics.json``.
+
+    Raises:
+        ConfigError: ``hospitals`` is empty.
     """
     if not hospitals:
         raise ConfigError("federate needs at least one hospital")

@@ -18,7 +18,55 @@ SPLITS = ("iid", "dirichlet")
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Every knob of one federation run (CLI flags and YAML keys share these names)."""
+    """Every knob of one federation run (CLI flags and YAML keys share these names).
+
+    Frozen and validated when built: an invalid value raises :class:`ConfigError` naming the
+    fix. Build one directly, with :meth:`from_dict` or :meth:`from_yaml`; derive one with
+    :meth:`replace`.
+
+    Attributes:
+        hospitals: number of hospitals the data is split over.
+        mode: "embeddings" (the aggregator trains a head on encrypted embeddings), "updates"
+            (hospitals train locally, the aggregator adds encrypted updates) or a registered
+            mode (:func:`medfed.list_modes`).
+        keys: key setup: "shared" (one CKKS key every hospital holds), "threshold" (mode
+            "updates": OpenFHE t-of-n keys) or "none" (mode "updates": plain FedAvg).
+        dataset: MedMNIST flag (e.g. "breastmnist") or path to a MedMNIST-layout ``.npz``.
+        data_root: folder holding the MedMNIST ``.npz`` files.
+        model: frozen backbone: "deit_tiny", "deit_small" or "deit_base".
+        weights: local pretrained-weights file for the backbone.
+        img_size: backbone input size (None: the backbone's default).
+        split: how samples are spread over hospitals: "iid" or "dirichlet" (label skew).
+        alpha: Dirichlet concentration of ``split="dirichlet"`` (smaller: more skew).
+        seed: partition seed.
+        ckks: CKKS parameter preset of the TenSEAL keys (:data:`medfed.PRESETS`), e.g. "fast".
+        epochs: mode "embeddings": full-batch epochs of encrypted training.
+        lr: learning rate.
+        l2: L2 penalty on the head's weights (not the bias); ``lr * l2`` must be below 1.
+        components: PCA-whitened width the head trains on (0: standardize only).
+        samples_per_component: keep one component per this many pooled training samples, at
+            least 96 (0: keep all).
+        rounds: mode "updates": FedAvg rounds.
+        local_epochs: mode "updates": full-batch epochs per hospital per round.
+        dropouts: mode "updates": hospitals that stop answering mid-training.
+        features: mode "updates": precomputed embeddings (``.npz``) instead of ``dataset`` and
+            ``model``; needs no torch.
+        sigmoid_degree: mode "embeddings": degree of the polynomial sigmoid (1, 3 or 5).
+        sigmoid_radius: mode "embeddings": the sigmoid is fitted on ``[-radius, radius]``.
+        bucket: mode "embeddings": sample-count padding granularity (hospitals announce
+            buckets, not sample counts).
+        feature_scale: scale of the normalized features.
+        backend: "flower" (Flower's Ray simulation engine) or "local" (in-process).
+        client_cpus: CPUs per simulated hospital.
+        workers: mode "embeddings": Ray encrypted batch workers (0: in-process).
+        ray_address: GCS address of a running Ray cluster (default: ``$RAY_ADDRESS``).
+        cache_dir: embedding cache folder (default: ``$MEDFED_CACHE_DIR`` or
+            ``~/.cache/medfed/features``).
+        out: folder to write ``config.yaml``, ``rounds.jsonl`` and ``metrics.json`` to.
+        progress: show progress bars.
+        inject: fault specs for robustness runs (``medfed.fl.faults``), e.g.
+            ``"crash:hospital=1,round=upload"``.
+    """
 
     hospitals: int = 5
     mode: str = "embeddings"
@@ -58,17 +106,35 @@ class SimulationConfig:
         _validate(self)
 
     def replace(self, **changes: Any) -> SimulationConfig:
+        """A copy with ``changes`` (field names to new values) applied and validated again."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s) {', '.join(unknown)}; valid fields: "
+                f"{', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (the form ``from_dict`` and the YAML files take)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The names of every field, in declaration order: the valid config keys."""
         return [f.name for f in fields(cls)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> SimulationConfig:
+        """Build and validate a config from a mapping of keys to values.
+
+        Args:
+            data: field names to values; dashes in keys are read as underscores (CLI spelling).
+            source: where ``data`` came from, named in error messages.
+
+        Raises:
+            ConfigError: an unknown key (with the closest valid one) or an invalid value.
+        """
         data = {k.replace("-", "_"): v for k, v in (data or {}).items()}
         names = cls.field_names()
         unknown = [k for k in data if k not in names]
@@ -87,6 +153,11 @@ class SimulationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SimulationConfig:
+        """Load and validate a config from a YAML file holding a mapping of keys to values.
+
+        Raises:
+            ConfigError: the file is missing, not YAML, not a mapping, or holds a bad key/value.
+        """
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())

@@ -50,7 +50,25 @@ class RunResult(Mapping[str, Any]):
     """What one federation run measured (any mode); build one with :meth:`from_metrics`.
 
     The typed fields are the numbers every mode reports; ``metrics`` holds everything (the
-    mode's own keys too, read-only). Indexing, iteration and ``len`` go to ``metrics``.
+    mode's own keys too, read-only). Indexing, iteration and ``len`` go to ``metrics``. A
+    typed field is None where the run did not report it.
+
+    Attributes:
+        mode, key_setup, hospitals: the run's mode, key setup (``metrics["keys"]``) and
+            number of hospitals.
+        n_classes, dataset, backbone: the task and what the features came from.
+        accuracy, auc: the federated head, on the test samples of the hospitals that evaluated.
+        reference_accuracy, reference_auc: a tuned plaintext logistic regression on the pooled
+            training data, the yardstick.
+        majority_accuracy: always predicting the majority class.
+        encryption_cost_pp: ``100 * (reference_accuracy - accuracy)``, the headline.
+        plaintext_accuracy, plaintext_auc: the same schedule run on plaintext.
+        approximation_gap_pp: ``100 * (accuracy - plaintext_accuracy)``.
+        test_samples_evaluated: test samples behind ``accuracy``.
+        wall_seconds, federation_seconds: the whole run; the federation alone.
+        bytes_up, bytes_down: hospitals to aggregator, and back, in total.
+        excluded: the hospitals left out of a stage, each with the stage and the reason.
+        metrics: every metric, as computed (NaN stays NaN).
     """
 
     mode: str

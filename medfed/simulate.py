@@ -16,6 +16,8 @@ from medfed.config import SimulationConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: every :class:`~medfed.config.SimulationConfig` field, ``--config``
+    and ``-v``; options not given are left out (the config file's or the default apply)."""
     p = argparse.ArgumentParser(
         prog="python -m medfed.simulate",
         description="Federated fine-tuning of a classification head on CKKS-encrypted DeiT "
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[SimulationConfig, bool]:
+    """(the run's config: defaults, then ``--config`` file, then flags; ``-v`` given)."""
     args = vars(build_parser().parse_args(argv))
     verbose = args.pop("verbose")
     path = args.pop("config", None)
@@ -141,7 +144,13 @@ def config_from_args(argv: list[str] | None = None) -> tuple[SimulationConfig, b
 
 
 def configure_logging(verbose: bool) -> None:
-    """medfed's own logs at INFO (DEBUG with -v); Flower, Ray and friends at WARNING."""
+    """One console handler for every log line: medfed's own logs at INFO (DEBUG with -v);
+    Flower, Ray and friends at ERROR (INFO with -v).
+
+    Flower's ``flwr`` logger comes with a console handler of its own; it is removed, so that a
+    Flower line (e.g. a hospital's exception) is printed once, by this handler, instead of
+    once by each.
+    """
     from rich.logging import RichHandler
 
     handler = RichHandler(show_path=False, show_time=False, markup=False)
@@ -155,6 +164,18 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("medfed").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("flwr", "ray", "alembic"):  # medfed reports client failures itself
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    _drop_flower_console_handler()
+
+
+def _drop_flower_console_handler() -> None:
+    """Flower adds its console handler to ``flwr`` on import: import it now, then remove it
+    (the ``flwr`` records still reach the root handler)."""
+    from flwr.common.logger import ConsoleHandler
+
+    flwr = logging.getLogger("flwr")
+    for h in list(flwr.handlers):
+        if isinstance(h, ConsoleHandler):
+            flwr.removeHandler(h)
 
 
 def main(argv: list[str] | None = None) -> int:

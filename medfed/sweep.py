@@ -17,6 +17,7 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m medfed.sweep``."""
     p = argparse.ArgumentParser(
         prog="python -m medfed.sweep",
         description="Run a grid of medfed federations (a sweep YAML from configs/) as Ray "
@@ -61,6 +62,11 @@ def _dry_run(spec, cells, out, console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m medfed.sweep`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit status: 0 all cells done, 1 some cell failed, 2 a usage error, 130
+    interrupted.
+    """
     from pathlib import Path
 
     from rich.console import Console

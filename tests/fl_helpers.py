@@ -8,7 +8,7 @@ from pathlib import Path
 from medfed.crypto.context import make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
 from medfed.fl import messages as M
-from medfed.fl.aggregator import AggregatorSettings, EncryptedEmbeddingsStrategy
+from medfed.fl.aggregator import AggregatorSettings, EmbeddingsAggregator
 from medfed.fl.faults import fault_mods
 from medfed.fl.hospital import make_hospital_app
 from medfed.fl.local_grid import LocalGrid
@@ -55,7 +55,7 @@ def run_local(
     """(strategy, grid, result) of one federation over provisioned workspaces."""
     app = make_hospital_app(ws, mods=fault_mods(faults, mods))
     grid = grid_cls(app, n)
-    strategy = EncryptedEmbeddingsStrategy(settings(n, **kwargs))
+    strategy = EmbeddingsAggregator(settings(n, **kwargs))
     return strategy, grid, strategy.run(grid)
 
 

@@ -113,6 +113,12 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     )
     assert result["speedup_vs_per_sample"] > 1  # the diagonal layout beats one ct per sample
     assert result["refreshes_per_epoch"] == 1 and result["refresh_bytes"] > 0
+    # the refresh masks' union bound over the 3-epoch accuracy run, from the plaintext twin
+    by_kind = result["refresh_security_bits_by_kind"]
+    assert set(by_kind) == {"products", "bias", "weights"}
+    assert result["refresh_security_bits"] <= min(by_kind.values())
+    assert result["refresh_mask_bits"] == 14  # fast
+    assert result["refresh_masked_vectors"]["bias"] == 3  # one head, one per epoch
     assert 0 < result["floor_seconds"] and 0 < result["seconds_per_epoch"]
     assert result["op_counts_per_epoch"]["rotate@0"] > 0
     assert 0.5 < result["feature_spectrum"]["top_share"] < 0.6

@@ -7,6 +7,7 @@ import pytest
 
 from medfed.crypto.context import CiphertextError, KeyMaterialError, make_secret_context
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
+from medfed.crypto.masking import refresh_security
 from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
 from medfed.train.diagonal.backend import blocks_from_packed
@@ -90,9 +91,10 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
         return hospital.decrypt(hospital.from_bytes(aggregator.to_bytes(v), sender="a", item="w"))
 
     got = head_matrix([[dec(v) for v in wk] for wk in w], [dec(v) for v in b], layout)
-    plain = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+    plain_backend = PlainDiagonalBackend(layout)
+    plain = DiagonalCompute(plain_backend, layout)
     plain.blocks = plain_blocks
-    pw, pb = train_diagonal(PlainDiagonalBackend(layout), [plain], layout, schedule)
+    pw, pb = train_diagonal(plain_backend, [plain], layout, schedule)
     want = head_matrix(pw, pb, layout)
 
     assert np.abs(got - want).max() < WEIGHT_TOL
@@ -105,6 +107,15 @@ def test_encrypted_head_matches_plaintext(engines, params, n_classes, degree, pa
     # and with an L2 penalty the masked weight pattern of every group
     per_head = layout.n_groups + 1 + (layout.n_groups if l2 else 0)
     assert all(len(s) == layout.n_heads * per_head for s in keyholder.seen)
+    # the plaintext twin masks as many vectors of each kind as the key holder decrypted, and
+    # its values are the unmasked ones: their |v| bounds the masks' statistical distance
+    sec = refresh_security(plain_backend.records, backend.records)
+    assert sum(sec["refresh_masked_vectors"].values()) == sum(len(s) for s in keyholder.seen)
+    assert sec["refresh_masked_slots"] == sum(len(s) for s in keyholder.seen) * layout.slots
+    bits = sec["refresh_security_bits_by_kind"]
+    assert (bits["weights"] is None) == (l2 == 0)
+    assert sec["refresh_security_bits"] <= bits["products"]
+    assert sec["refresh_mask_bits"] == params.mask_bits
 
 
 def test_seeded_encryption_round_trips_at_half_the_bytes(engines, params):

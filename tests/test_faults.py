@@ -1,10 +1,9 @@
-"""Fault injection (``--inject``) and how the aggregator survives it; atomic result files."""
+"""Fault injection (``--inject``, ``--dropouts``): the specs, their stages and the fault mod.
 
-import json
-import os
+Federations under faults are in ``test_fault_runs.py``."""
+
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -12,26 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfed.config import ConfigError, SimulationConfig
-from medfed.experiments.references import plaintext_reference
-from medfed.experiments.results import atomic_write_text, write_run
-from medfed.experiments.yardsticks import tuned_reference
 from medfed.fl import messages as M
 from medfed.fl.faults import (
     KINDS,
     Fault,
     FaultSpecError,
     check_faults,
+    dropout_faults,
     fault_mod,
     fault_mods,
     parse_fault,
+    stage_reached,
 )
 from medfed.fl.local_grid import LocalGrid
-from medfed.fl.messages import FederationError
-from medfed.runner import federate
-from medfed.train.head import HeadSchedule
-from medfed.train.poly import fit_sigmoid
-from tests.conftest import synthetic_hospitals
-from tests.fl_helpers import excluded, federation
 
 # ----------------------------------------------------------------------------- specs
 
@@ -123,6 +115,38 @@ def test_dropout_and_crash_apply_from_their_round_on():
     assert [s for s in stages if corrupt.matches(s)] == ["sum-2", "sum-3", "sum-7"]
     slow = parse_fault("slow:hospital=1,seconds=1")
     assert all(slow.matches(s) for s in stages)
+
+
+def test_a_rounds_partial_decryption_comes_before_its_training():
+    assert stage_reached("train-2", "partial-2") and not stage_reached("partial-2", "train-2")
+    assert stage_reached("partial-3", "train-2") and not stage_reached("train-1", "partial-2")
+    dropout = parse_fault("dropout:hospital=0,round=partial-2")
+    stages = ["stats", "partial-1", "train-1", "train-2", "train-3", "final"]  # no partials
+    assert [s for s in stages if dropout.matches(s)] == ["train-2", "train-3", "final"]
+    later = parse_fault("dropout:hospital=0,round=train-2")
+    assert not later.matches("partial-2") and later.matches("partial-3")
+
+
+def test_dropouts_are_dropout_faults_from_their_rounds_first_message():
+    faults = dropout_faults({3: 2, 0: 1})
+    assert faults == (Fault("dropout", 0, "partial-1"), Fault("dropout", 3, "partial-2"))
+    assert [str(f) for f in faults] == [
+        "dropout:hospital=0,round=partial-1",
+        "dropout:hospital=3,round=partial-2",
+    ]
+    assert dropout_faults({}) == ()
+    mod, calls = fault_mod(faults), []
+
+    def call_next(msg, context):
+        calls.append(msg)
+        return _echo(msg, context)
+
+    ctx = _ctx(3)
+    for stage in ("key-setup", "stats", "partial-1", "train-1"):
+        assert not mod(_msg(stage), ctx, call_next).has_error()
+    for stage in ("train-2", "train-3", "final"):  # keys without partial rounds
+        assert mod(_msg(stage), ctx, call_next).error.code == M.NODE_UNAVAILABLE
+    assert len(calls) == 4
 
 
 # ----------------------------------------------------------------------------- the mod
@@ -240,228 +264,3 @@ def test_faults_use_no_private_client_app_attributes():
         text = path.read_text()
         for name in ("_registered_funcs", "app._call", "app._mods"):
             assert name not in text, f"{path.relative_to(root)} patches ClientApp.{name}"
-
-
-# ----------------------------------------------------------------------------- federations
-
-
-def _federate(tmp_path, inject, n=4, epochs=3, **kw):
-    hospitals = synthetic_hospitals(n_hospitals=n, n=60 * n + 5, d=8, seed=3)
-    cfg = SimulationConfig(
-        hospitals=n,
-        backend="local",
-        epochs=epochs,
-        lr=4.0,
-        progress=False,
-        inject=tuple(inject),
-        out=str(tmp_path / "run"),
-        **kw,
-    )
-    return hospitals, federate(cfg, hospitals, 2, {"dataset": "synthetic"})
-
-
-def test_excluded_hospitals_are_left_out_of_the_references_too(tmp_path):
-    hospitals, m = _federate(
-        tmp_path,
-        [
-            "dropout:hospital=3,round=upload",
-            "corrupt:hospital=1,round=upload",
-            "slow:hospital=2,seconds=0.05,round=final",
-        ],
-    )
-    reasons = {(e["stage"], e["hospital"]): e["reason"] for e in m["excluded"]}
-    assert "integrity check" in reasons["upload", "hospital-1"]
-    assert reasons["upload", "hospital-3"].startswith("no reply")
-    assert m["contributors"]["upload"] == ["hospital-0", "hospital-2"]
-    assert m["contributors"]["final"] == ["hospital-0", "hospital-1", "hospital-2"]
-    # the plaintext reference used exactly the data the federation used
-    cfg = SimulationConfig()
-    ref = plaintext_reference(
-        hospitals,
-        2,
-        HeadSchedule(3, 4.0, fit_sigmoid(3, cfg.sigmoid_radius), cfg.l2),
-        4096,
-        32,
-        1.0,
-        components=cfg.components,
-        normalized_over=[0, 1, 2, 3],
-        trained_on=[0, 2],
-        evaluated_on=[0, 1, 2],
-    )
-    assert m["plaintext_accuracy"] == ref["plaintext_accuracy"]
-    assert m["test_samples_evaluated"] == sum(len(hospitals[i].test_labels) for i in (0, 1, 2))
-    # so did the tuned reference: the upload contributors' train data, the evaluators' test data
-    tuned = tuned_reference(
-        np.vstack([hospitals[i].train_features for i in (0, 2)]),
-        np.concatenate([hospitals[i].train_labels for i in (0, 2)]),
-        np.vstack([hospitals[i].test_features for i in (0, 1, 2)]),
-        np.concatenate([hospitals[i].test_labels for i in (0, 1, 2)]),
-        2,
-        0,
-    )
-    assert {k: m[k] for k in tuned} == tuned
-    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02
-    # and metrics.json lists the exclusions
-    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert on_disk["excluded"] == m["excluded"]
-    assert (tmp_path / "run" / "config.yaml").read_text().count("dropout:hospital=3") == 1
-
-
-def test_lead_hospital_crash_falls_back_to_another_public_context(tmp_path):
-    _, m = _federate(tmp_path, ["crash:hospital=0,round=stats"])
-    assert [(e["stage"], e["reason"]) for e in m["excluded"][:1]] == [
-        ("stats", "hospital-0 crashed mid-round at stats (injected fault)")
-    ]
-    assert "hospital-0" not in m["contributors"]["stats"]
-    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02
-
-
-def test_failing_key_holders_are_retried_with_the_next_hospital(tmp_path):
-    _, m = _federate(
-        tmp_path,
-        [
-            "corrupt:hospital=0,round=sum",
-            "crash:hospital=1,round=sum",
-            "dropout:hospital=2,round=sum",
-        ],
-        n=4,
-        epochs=4,
-    )
-    sums = [e for e in m["excluded"] if e["stage"].startswith("sum-")]
-    assert {e["hospital"] for e in sums} == {"hospital-0", "hospital-1", "hospital-2"}
-    rounds = [
-        json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
-    ]
-    refreshes = [r for r in rounds if r["stage"] == "refresh"]
-    assert len(refreshes) == 4 and {r["hospital"] for r in refreshes} == {"hospital-3"}
-    # every hospital trained: the head is the full-data head
-    assert m["contributors"]["upload"] == [f"hospital-{i}" for i in range(4)]
-    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02
-
-
-def test_too_few_hospitals_left_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(FederationError, match="only 1 hospital.*upload.*fewer than the 2") as info:
-        _federate(
-            tmp_path,
-            ["dropout:hospital=0,round=upload", "dropout:hospital=1,round=upload"],
-            n=3,
-        )
-    assert "hospital-0: no reply" in str(info.value)
-    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing half-done is written
-
-
-def test_no_key_holder_left_stops_the_run(tmp_path):
-    with pytest.raises(FederationError, match="masked-sum round"):
-        _federate(tmp_path, [f"crash:hospital={i},round=sum-1" for i in range(3)], n=3)
-
-
-def test_replies_are_recorded_under_their_round_in_the_ledger(tmp_path):
-    _, strategy, grid, result = federation(
-        tmp_path, n=3, faults=[parse_fault("slow:hospital=1,seconds=0.2,round=upload")]
-    )
-    upload = next(r for r in result["rounds"] if r["stage"] == "upload")
-    assert upload["seconds"] >= 0.2
-    assert excluded(result) == []
-    stages = [m.content[M.RECORD][M.STAGE] for m in grid.sent]
-    assert stages[:3] == ["stats"] * 3 and stages[-3:] == ["final"] * 3
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def test_a_write_killed_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.json"
-    atomic_write_text(path, '{"accuracy": 0.5}\n')
-
-    def killed(src, dst):
-        raise KeyboardInterrupt  # the process dies between writing and renaming
-
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write_text(path, '{"accuracy": 0.9, "excluded": []}\n')
-    assert json.loads(path.read_text()) == {"accuracy": 0.5}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp file left
-
-
-def test_a_write_failing_halfway_leaves_no_partial_file(tmp_path, monkeypatch):
-    import io
-
-    real_fdopen = os.fdopen
-
-    class HalfWriter(io.TextIOWrapper):
-        def write(self, text):
-            super().write(text[: len(text) // 2])
-            self.flush()
-            raise OSError("disk full")
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        return HalfWriter(real_fdopen(fd, mode.replace("w", "wb")), encoding="utf-8")
-
-    path = tmp_path / "out" / "rounds.jsonl"
-    atomic_write_text(path, "old\n")
-    monkeypatch.setattr(os, "fdopen", fdopen)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new line\n" * 1000)
-    monkeypatch.undo()
-    assert path.read_text() == "old\n"
-    assert [p.name for p in path.parent.iterdir()] == ["rounds.jsonl"]
-
-
-def test_a_run_killed_mid_write_leaves_no_file_a_rerun_would_trust(tmp_path, monkeypatch):
-    """write_run writes metrics.json last; a kill before it leaves no metrics.json at all."""
-    calls = []
-    real = os.replace
-
-    def replace(src, dst):
-        calls.append(os.path.basename(dst))
-        if os.path.basename(dst) == "metrics.json":
-            raise KeyboardInterrupt
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        write_run(tmp_path, {"hospitals": 3}, {"accuracy": float("nan")}, [{"stage": "stats"}])
-    assert calls == ["config.yaml", "rounds.jsonl", "metrics.json"]
-    assert not (tmp_path / "metrics.json").exists()
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-
-
-def test_sweep_records_are_written_atomically_and_partial_ones_are_not_trusted(tmp_path):
-    from medfed.experiments.sweep import load_record, record_path, store_record
-
-    record = {
-        "version": 1,
-        "cell_id": "abc123def456",
-        "status": "done",
-        "config": {"hospitals": 3},
-        "metrics": {"accuracy": 0.9},
-    }
-    store_record(tmp_path, dict(record))
-    assert load_record(tmp_path, "abc123def456")["metrics"] == {"accuracy": 0.9}
-    path = record_path(tmp_path, "abc123def456")
-    full = path.read_text()
-    for cut in (1, len(full) // 3, len(full) - 2):  # what a non-atomic writer could leave
-        path.write_text(full[:cut])
-        assert load_record(tmp_path, "abc123def456") is None
-    assert np.isfinite(json.loads(full)["metrics"]["accuracy"])
-
-
-@pytest.mark.slow
-def test_faults_under_flowers_simulation_engine(tmp_path):
-    """Ray actors, not one process: a crashed hospital stays down through Context.state."""
-    hospitals = synthetic_hospitals(n_hospitals=4, n=245, d=8, seed=3)
-    cfg = SimulationConfig(
-        hospitals=4,
-        backend="flower",
-        epochs=3,
-        lr=4.0,
-        progress=False,
-        inject=("crash:hospital=1,round=upload", "corrupt:hospital=3,round=upload"),
-    )
-    m = federate(cfg, hospitals, 2, {"dataset": "synthetic"})
-    reasons = {(e["stage"], e["hospital"]): e["reason"] for e in m["excluded"]}
-    assert "crashed mid-round at upload" in reasons["upload", "hospital-1"]
-    assert "integrity check" in reasons["upload", "hospital-3"]
-    assert reasons["final", "hospital-1"].startswith("no reply")
-    assert m["contributors"]["upload"] == ["hospital-0", "hospital-2"]
-    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02

@@ -145,6 +145,10 @@ def test_every_mode_returns_a_run_result_that_is_its_metrics_json(mode, tmp_path
     text = console.export_text()
     head = "encrypted training" if mode == "embeddings" else "federated head"
     assert text.count(f"accuracy ({head})") == 2
+    # only mode "embeddings" has refresh rounds: its table states their security, once per print
+    refreshes = mode == "embeddings"
+    assert ("refresh_security_bits" in result) == refreshes
+    assert text.count("refresh security (bits)") == (2 if refreshes else 0)
 
 
 def test_run_result_is_read_only_and_json_ready():
@@ -178,9 +182,9 @@ def test_provisioning_is_typed_and_writes_the_meta_json_it_always_did(tmp_path):
         "samples_per_component",
         "decay",
     ]
-    updates = HospitalProvision(keys="none", n_classes=2, ckks="fast", offline_from_round=3)
+    updates = HospitalProvision(keys="none", n_classes=2, ckks="fast")
     assert list(updates.to_dict())[:2] == ["keys", "n_classes"]
-    assert updates.to_dict()["offline_from_round"] == 3 and "bucket" not in updates.to_dict()
+    assert "bucket" not in updates.to_dict() and "decay" not in updates.to_dict()
     hospital = synthetic_hospitals(n_hospitals=1, n=40, d=3)[0]
     provision(tmp_path, 0, hospital, None, meta)
     on_disk = json.loads((tmp_path / "hospital_0" / "meta.json").read_text())

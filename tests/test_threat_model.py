@@ -6,7 +6,7 @@ import tenseal as ts
 from medfed.crypto.context import make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
 from medfed.fl import messages as M
-from medfed.fl.aggregator import AggregatorSettings, EncryptedEmbeddingsStrategy
+from medfed.fl.aggregator import AggregatorSettings, EmbeddingsAggregator
 from medfed.fl.hospital import make_hospital_app
 from medfed.fl.local_grid import LocalGrid
 from medfed.fl.workspace import provision
@@ -50,7 +50,7 @@ def federation(tmp_path_factory, make_hospitals_module):
         expected_hospitals=3,
     )
     grid = LocalGrid(make_hospital_app(ws), 3)
-    strategy = EncryptedEmbeddingsStrategy(settings)
+    strategy = EmbeddingsAggregator(settings)
     result = strategy.run(grid)
     return strategy, grid, hospitals, secret, result
 

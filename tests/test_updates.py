@@ -4,7 +4,8 @@ Tolerances: keys "none" is plain FedAvg through the protocol, so the federated h
 in-process reference up to float64 summation order (1e-9). With the shared CKKS key ("fast"
 preset, scale 2^30) each encrypted sum carries ~1e-6 absolute error per value, divided by the
 total sample count when averaging; over a few rounds the head stays within 1e-4 of plain
-FedAvg, and the test predictions are identical. Threshold keys: tests/threshold/.
+FedAvg, and the test predictions are identical. Threshold keys: tests/threshold/. Features
+files (``--features``): test_features_file.py.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import tenseal as ts
 from medfed.config import ConfigError, SimulationConfig
 from medfed.crypto.context import KeyMaterialError, make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
-from medfed.experiments.updates import load_features
 from medfed.experiments.updates_reference import fedavg_reference
 from medfed.experiments.yardsticks import YARDSTICK_KEYS
 from medfed.fl import messages as M
 from medfed.fl.ciphers import UPDATE_CIPHERS, chunk_sizes, frame, unframe
+from medfed.fl.faults import dropout_faults, fault_mods
 from medfed.fl.local_grid import LocalGrid
-from medfed.fl.updates import FedAvgUpdatesStrategy, UpdatesSettings, make_updates_hospital_app
+from medfed.fl.updates import UpdatesAggregator, UpdatesSettings, make_updates_hospital_app
 from medfed.fl.workspace import provision, read_evaluations
 from medfed.modes.updates import federate_updates
 from medfed.train.local import fedavg_from_sum, train_local, weighted_update
@@ -50,8 +51,10 @@ def hospitals_f32(**kwargs):
     ]
 
 
-def federation(tmp_path, keys, hospitals, n_classes, unresponsive=None, rounds=ROUNDS):
-    """Provision workspaces, run the strategy on a LocalGrid; (strategy, grid, result, ws)."""
+def federation(tmp_path, keys, hospitals, n_classes, dropouts=None, rounds=ROUNDS):
+    """Provision workspaces, run the aggregator on a LocalGrid; (aggregator, grid, result).
+
+    ``dropouts``: hospital index -> FedAvg round from which it answers nothing."""
     d = hospitals[0].train_features.shape[1]
     secret = None
     if keys == "shared":
@@ -68,8 +71,9 @@ def federation(tmp_path, keys, hospitals, n_classes, unresponsive=None, rounds=R
         n_features=d,
         expected_hospitals=len(hospitals),
     )
-    grid = LocalGrid(make_updates_hospital_app(tmp_path), len(hospitals), unresponsive=unresponsive)
-    strategy = FedAvgUpdatesStrategy(settings)
+    mods = fault_mods(dropout_faults(dropouts or {}))
+    grid = LocalGrid(make_updates_hospital_app(tmp_path, mods=mods), len(hospitals))
+    strategy = UpdatesAggregator(settings)
     result = strategy.run(grid)
     return strategy, grid, result
 
@@ -274,7 +278,7 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(shared_run):
 @pytest.mark.parametrize("keys", ["none", "shared"])
 def test_a_hospital_that_stops_answering_mid_training_does_not_stop_the_run(tmp_path, keys):
     hospitals = hospitals_f32(n_hospitals=4, n=401, d=7, n_classes=2, seed=8)
-    strategy, _, result = federation(tmp_path, keys, hospitals, 2, unresponsive={2: 2}, rounds=4)
+    strategy, _, result = federation(tmp_path, keys, hospitals, 2, dropouts={2: 2}, rounds=4)
     assert [d["hospital"] for d in result["dropped"]] == ["hospital-2"]
     assert [len(p) for p in result["participants"]] == [4, 4, 3, 3]
     assert "hospital-2" not in result["evaluated_by"] and len(result["evaluated_by"]) == 3
@@ -284,7 +288,7 @@ def test_a_hospital_that_stops_answering_mid_training_does_not_stop_the_run(tmp_
             np.testing.assert_allclose(np.array(e["weights"]), ref["plaintext_weights"], atol=1e-4)
 
 
-# --- configuration, CLI, features files ---------------------------------------------------------
+# --- configuration ------------------------------------------------------------------------------
 
 
 def test_config_accepts_updates_keys_and_refuses_the_rest():
@@ -302,72 +306,11 @@ def test_config_accepts_updates_keys_and_refuses_the_rest():
         SimulationConfig(mode="updates", rounds=0)
 
 
-def _features_file(path, n=260, m=90, d=10, n_classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(d, n_classes))
-    arrays = {}
-    for split, k in (("train", n), ("test", m)):
-        x = rng.normal(loc=1.0, scale=2.0, size=(k, d))
-        arrays[f"{split}_features"] = x.astype(np.float32)
-        arrays[f"{split}_labels"] = np.argmax((x - 1.0) @ w, axis=1).astype(np.int64)
-    np.savez(path, **arrays, n_classes=n_classes, dataset="toy")
-    return path
-
-
-def test_cli_runs_updates_from_a_features_file(tmp_path):
-    from medfed.simulate import main
-
-    feats = _features_file(tmp_path / "f.npz")
-    for keys in ("none", "shared"):
-        out = tmp_path / keys
-        code = main(
-            [
-                *["--mode", "updates", "--keys", keys, "--features", str(feats)],
-                *["--hospitals", "3", "--rounds", "3", "--local-epochs", "2"],
-                *["--backend", "local", "--no-progress", "--out", str(out)],
-            ]
-        )
-        assert code == 0
-        m = json.loads((out / "metrics.json").read_text())
-        assert m["dataset"] == "toy" and m["n_classes"] == 3 and m["mode"] == "updates"
-        assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.005
-        assert m["accuracy"] > 0.5  # 3 classes: well above chance
-
-
-def test_a_bad_features_file_is_named_with_the_fix(tmp_path):
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, train_features=np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="lacks train_labels"):
-        load_features(bad)
-    with pytest.raises(ValueError, match="export_features"):
-        load_features(tmp_path / "missing.npz")
-
-
-def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "medfed.simulate", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_threshold_keys_without_openfhe_exit_2_naming_the_fix(tmp_path):
-    from medfed.crypto.threshold import openfhe_available
-
-    if openfhe_available():
-        pytest.skip("OpenFHE imports here; see tests/threshold/")
-    feats = _features_file(tmp_path / "f.npz")
-    r = _run_cli("--mode", "updates", "--keys", "threshold", "--features", str(feats))
-    assert r.returncode == 2
-    assert "OpenFHE" in r.stderr and "3.10" in r.stderr and ".[threshold]" in r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-
-
 IMPORT_CHAIN = """
 import sys
 import medfed.simulate, medfed.runner, medfed.errors, medfed.fl.launch
-import medfed.experiments.updates, medfed.fl.updates, medfed.fl.ciphers
+import medfed.experiments.updates, medfed.experiments.prepare, medfed.fl.updates
+import medfed.fl.ciphers
 print(sorted(m for m in ("torch", "timm", "tenseal", "torchvision") if m in sys.modules))
 """
 

@@ -90,6 +90,7 @@ class Identity:
 
     @classmethod
     def generate(cls) -> Identity:
+        """A fresh identity with newly generated X25519 and Ed25519 private keys."""
         return cls(X25519PrivateKey.generate(), Ed25519PrivateKey.generate())
 
     def public_bundle(self) -> bytes:
@@ -101,6 +102,7 @@ class Identity:
         )
 
     def fingerprint(self) -> bytes:
+        """SHA-256 of this party's public bundle: the id others seal to and check against."""
         return fingerprint(self.public_bundle())
 
     def __reduce__(self):

@@ -47,6 +47,7 @@ def public_context_bytes(ctx: ts.Context) -> bytes:
 
 
 def load_secret_context(data: bytes) -> ts.Context:
+    """Load a hospital's serialized context; refuse one that holds no secret key."""
     ctx = ts.context_from(data)
     if not ctx.is_private():
         raise KeyMaterialError("expected a hospital's secret context, got a public one")
@@ -83,6 +84,7 @@ def context_fingerprint(ctx: ts.Context) -> str:
 
 
 def encrypt(ctx: ts.Context, values: np.ndarray) -> ts.CKKSVector:
+    """Encrypt a vector of floats (cast to float64) as one CKKS ciphertext under ``ctx``."""
     return ts.ckks_vector(ctx, np.asarray(values, dtype=np.float64).tolist())
 
 
@@ -129,6 +131,7 @@ def _check_parms_match(ctx: ts.Context, vec: ts.CKKSVector, *, sender: str, item
 
 
 def decrypt(ctx: ts.Context, vec: ts.CKKSVector) -> np.ndarray:
+    """Decrypt ``vec`` with the secret key of a hospital's context, as a float64 array."""
     if not ctx.is_private():
         raise KeyMaterialError("decryption needs a hospital's secret context")
     return np.asarray(vec.decrypt(ctx.secret_key()), dtype=np.float64)

@@ -37,6 +37,14 @@ def rot(v: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DiagonalLayout:
+    """Where every hospital's samples and every feature sit in the ciphertext slots of a run.
+
+    ``slots`` per ciphertext, features cut into groups of ``group`` (``baby`` baby steps each),
+    and per hospital the ``(start, padded length)`` of its contiguous sample range (multiples of
+    ``bucket``); samples fill blocks of ``slots`` in that order. Sent to the hospitals as JSON
+    (:meth:`to_dict`).
+    """
+
     slots: int
     n_features: int
     n_classes: int
@@ -54,10 +62,12 @@ class DiagonalLayout:
 
     @property
     def giant(self) -> int:
+        """Giant steps per group: ``group / baby``."""
         return self.group // self.baby
 
     @property
     def n_groups(self) -> int:
+        """Feature groups of ``group`` features (the last one zero-padded)."""
         return math.ceil(self.n_features / self.group)
 
     @property
@@ -67,19 +77,23 @@ class DiagonalLayout:
 
     @property
     def n_padded(self) -> int:
+        """Sample positions of every hospital together, padding included."""
         return sum(length for _, length in self.allocations)
 
     @property
     def n_blocks(self) -> int:
+        """Ciphertext blocks of ``slots`` sample positions (at least one)."""
         return max(1, math.ceil(self.n_padded / self.slots))
 
     def blocks_of(self, hospital: int) -> list[int]:
+        """The blocks that hold part of the sample range of hospital (position) ``hospital``."""
         start, length = self.allocations[hospital]
         if length == 0:
             return []
         return list(range(start // self.slots, (start + length - 1) // self.slots + 1))
 
     def to_dict(self) -> dict:
+        """The layout as a JSON-able dict (``kind: "diagonal"``), read back by :meth:`from_dict`."""
         return {
             "kind": "diagonal",
             "slots": self.slots,
@@ -93,6 +107,7 @@ class DiagonalLayout:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiagonalLayout:
+        """Rebuild (and check) a layout from :meth:`to_dict`'s output."""
         return cls(
             slots=int(d["slots"]),
             n_features=int(d["n_features"]),
@@ -119,6 +134,11 @@ def plan_diagonal(
     bucket: int,
     n_features: int,
 ) -> DiagonalLayout:
+    """Place hospitals back to back (``buckets * bucket`` positions each, in list order).
+
+    The list index is each hospital's position in the layout; the feature grouping comes from
+    :func:`choose_group`.
+    """
     g, baby = choose_group(n_features, slots)
     allocations, start = [], 0
     for b in buckets_per_hospital:

@@ -43,6 +43,7 @@ class CKKSParams:
         scale_bits: log2 of the encoding scale.
         security_bits: target security level; only 128 is supported.
         name: the preset name, for records.
+        notes: a free-text description (not compared, not in :meth:`to_dict`).
     """
 
     poly_modulus_degree: int
@@ -73,6 +74,7 @@ class CKKSParams:
 
     @property
     def scale(self) -> float:
+        """The CKKS encoding scale, ``2 ** scale_bits``."""
         return float(2**self.scale_bits)
 
     @property
@@ -86,6 +88,7 @@ class CKKSParams:
         return self.headroom_bits - 1
 
     def to_dict(self) -> dict:
+        """The parameters as a JSON-able dict (without the free-text ``notes``)."""
         d = asdict(self)
         d["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
         d.pop("notes")

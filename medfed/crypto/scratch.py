@@ -38,10 +38,12 @@ class Scratch:
         os.pwrite(self.fd, data, 0)
 
     def read(self) -> bytes:
+        """The whole file's current contents."""
         with open(self.path, "rb") as f:
             return f.read()
 
     def close(self) -> None:
+        """Close the file, which frees it (a named one is unlinked); no-op in a forked copy."""
         if self.fd < 0 or self.pid != os.getpid():  # a forked copy leaves the parent's alone
             return
         os.close(self.fd)

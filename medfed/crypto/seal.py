@@ -106,6 +106,7 @@ class SealEngine:
         obj.load(self.sc, scratch.path)
 
     def to_bytes(self, v: SealVec) -> bytes:
+        """``v`` serialized in SEAL's (compressed) format, for sending."""
         return self._dump(v.ct)
 
     def to_uncompressed_bytes(self, v: SealVec) -> bytes:
@@ -116,6 +117,11 @@ class SealEngine:
         return data if data is not None else self.to_bytes(v)
 
     def from_bytes(self, data: bytes, *, sender: str, item: str) -> SealVec:
+        """Load a ciphertext sent by ``sender``, checked against this run's parameters.
+
+        ``sender`` and ``item`` name the message in the :class:`CiphertextError` raised for bytes
+        that are not a ciphertext, too large, malformed, or made under other parameters.
+        """
         if not isinstance(data, bytes | bytearray):
             raise CiphertextError(
                 f"{item} from {sender}: expected ciphertext bytes, got {type(data).__name__}; "
@@ -143,6 +149,10 @@ class SealEngine:
 
     # -- encode / encrypt / decrypt ---------------------------------------------------------
     def encode(self, values, parms_id=None, scale: float | None = None) -> sa.Plaintext:
+        """Encode a scalar or one value per slot as a plaintext.
+
+        At the top level and the engine's scale unless ``parms_id`` (a level) or ``scale`` is given.
+        """
         pt = sa.Plaintext()
         scale = self.scale if scale is None else scale
         if isinstance(values, int | float | np.floating):
@@ -159,6 +169,7 @@ class SealEngine:
         return pt
 
     def encrypt(self, values) -> SealVec:
+        """Encrypt a scalar or one value per slot with the public key."""
         ct = sa.Ciphertext()
         self.encryptor.encrypt(self.encode(values), ct)
         self.counts["encrypt", 0] += 1
@@ -180,6 +191,7 @@ class SealEngine:
         return self._dump(self.encrypt_seeded(values))
 
     def decrypt(self, v: SealVec) -> np.ndarray:
+        """Decrypt ``v`` to one float64 value per slot (needs the secret key)."""
         if self.decryptor is None:
             raise KeyMaterialError("decryption needs a hospital's secret key")
         pt = sa.Plaintext()
@@ -207,6 +219,7 @@ class SealEngine:
         return out
 
     def rescale(self, ct: sa.Ciphertext) -> sa.Ciphertext:
+        """Rescale ``ct`` in place to the next level, keeping the nominal scale; returns ``ct``."""
         self.counts["rescale", self.level(ct)] += 1
         self.ev.rescale_to_next_inplace(ct)
         ct.scale = self.scale  # primes are ~2^scale_bits: keep the nominal scale (as TenSEAL)
@@ -241,6 +254,7 @@ class SealEngine:
         return v
 
     def rotate(self, v: SealVec, step: int) -> SealVec:
+        """``v`` rotated by ``step`` slots (``rot(v, k)[i] = v[i + k]``); needs Galois keys."""
         if self.galois is None:
             raise KeyMaterialError("this party holds no Galois keys")
         out = sa.Ciphertext()
@@ -249,6 +263,7 @@ class SealEngine:
         return SealVec(self, out)
 
     def mod_switch_to_level(self, v: SealVec, level: int) -> SealVec:
+        """``v`` mod-switched down to ``level`` (``v`` itself if it is already there)."""
         if self.level(v.ct) == level:
             return v
         return SealVec(self, self._switch(v.ct, list(self.parms_ids[level])))
@@ -321,4 +336,5 @@ class SealVec:
 
     @property
     def level(self) -> int:
+        """The ciphertext's level: 0 at the top, one more per rescale."""
         return self.engine.level(self.ct)

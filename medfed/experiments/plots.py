@@ -27,6 +27,13 @@ from medfed.experiments.sweep.spec import knob_names
 
 @dataclass(frozen=True)
 class PlotSpec:
+    """What one sweep plot shows: knob ``x`` on the x axis, one panel per metric of ``panels``.
+
+    One line per combination of the ``series`` knobs the grid varies; ``where`` keeps only the
+    rows with those values, ``overlays`` adds yardstick lines to a panel, and ``categorical`` spaces
+    the x values evenly (names such as presets, not numbers).
+    """
+
     name: str
     title: str
     x: str

@@ -1,7 +1,8 @@
 """Plaintext yardsticks on the same split and seed.
 
 ``plaintext``: the encrypted path's exact arithmetic (same layout, padding, polynomial and
-schedule) on numpy, so ``accuracy - plaintext_accuracy`` isolates encryption.
+schedule) on numpy, so ``accuracy - plaintext_accuracy`` isolates encryption. It also computes
+the very values the encrypted run masks in its refresh rounds, so it measures their hiding.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def plaintext_reference(
     (passed ``stats``: their statistics and slot allocations count), ``trained_on`` (passed
     ``upload``: their samples are trained on) and ``evaluated_on`` (evaluated the head), so
     that ``accuracy - plaintext_accuracy`` still measures encryption alone.
+
+    Returns ``plaintext_accuracy``, ``plaintext_weights`` (the head), ``plaintext_test`` (the
+    mapped test features), ``n_padded`` and ``refreshes``: per round, the vectors the encrypted
+    run masks and the sum of their ``|v|`` per kind (see
+    :func:`~medfed.crypto.masking.refresh_security`).
     """
     everyone = list(range(len(hospitals)))
     stats_in = everyone if normalized_over is None else sorted(normalized_over)
@@ -87,13 +93,16 @@ def plaintext_reference(
         pack_diagonal(train[i], hospitals[i].train_labels, layout, stats_in.index(i))
         for i in train_in
     )
-    compute = DiagonalCompute(PlainDiagonalBackend(layout), layout)
+    backend = PlainDiagonalBackend(layout)
+    compute = DiagonalCompute(backend, layout)
     compute.blocks = blocks_from_packed(packed, layout)
-    w, b = train_diagonal(PlainDiagonalBackend(layout), [compute], layout, schedule)
+    w, b = train_diagonal(backend, [compute], layout, schedule)
     head = head_matrix(w, b, layout)
     return {
         "plaintext_accuracy": _test_accuracy(head, hospitals, test, evaluated_on),
         "plaintext_weights": head,
         "plaintext_test": test,  # every hospital's test features under the same map
         "n_padded": layout.n_padded,
+        # per round, the |v| the encrypted run masks (medfed.crypto.masking.refresh_security)
+        "refreshes": backend.records,
     }

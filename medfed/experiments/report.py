@@ -77,6 +77,7 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def render(spec: SweepSpec, outcome: SweepOutcome) -> str:
+    """The sweep's Markdown report: grid, progress, key metrics, plots and failed cells."""
     cells, records = outcome.cells, outcome.records
     done = [c for c in cells if records.get(c.cell_id, {}).get("status") == "done"]
     failed = [c for c in cells if records.get(c.cell_id, {}).get("status") == "failed"]
@@ -164,6 +165,7 @@ def _key_metrics(spec: SweepSpec, done: list, records: dict) -> list[str]:
 
 
 def write_report(path: str | Path, spec: SweepSpec, outcome: SweepOutcome) -> Path:
+    """Write :func:`render`'s report to ``path`` atomically; returns the path."""
     path = Path(path)
     atomic_write_text(path, render(spec, outcome))
     return path

@@ -156,7 +156,21 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         head="encrypted-trained head",
         row_head="encrypted training",
         same_note="the encrypted loop, layout and polynomial on numpy",
+        after=[("refresh security (bits)", refresh_security_row(m))],
     )
+
+
+def refresh_security_row(metrics: Mapping[str, Any]) -> str:
+    """``-log2`` of the refresh masks' union bound over the run, then per kind of masked
+    vector (products, bias, weights); "n/a" where the run reports none."""
+    by_kind = metrics.get("refresh_security_bits_by_kind") or {}
+
+    def bits(value: Any) -> str:  # inf: nothing nonzero was masked
+        return "inf" if value == math.inf else _num(value, "{:.1f}")
+
+    kinds = ", ".join(f"{kind} {bits(b)}" for kind, b in by_kind.items() if b is not None)
+    total = bits(metrics.get("refresh_security_bits"))
+    return f"{total} ({kinds})" if kinds else total
 
 
 def updates_summary_table(metrics: Mapping[str, Any]) -> Table:

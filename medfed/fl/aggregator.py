@@ -35,7 +35,7 @@ from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
-from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
+from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
 from medfed.train.diagonal.backend import Block
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
@@ -79,8 +79,13 @@ class AggregatorSettings:
         return stats_ciphertexts(self.n_features, self.components, self.params.slots)
 
 
-class EncryptedEmbeddingsStrategy(RoundExchange):
-    """Mode "embeddings", shared key: the whole protocol, written once over a Flower Grid."""
+class EmbeddingsAggregator(RoundExchange):
+    """Mode "embeddings", shared key: the whole protocol, written once over a Flower Grid.
+
+    Not a Flower ``Strategy``: the protocol's rounds (``stats``, ``upload``, ``sum-<t>``,
+    ``final``) are not Flower's train/evaluate rounds, so it drives the Grid itself, as a
+    ServerApp's ``main`` does; ``run(grid)`` returns the run's aggregator-side results.
+    """
 
     def __init__(
         self,
@@ -100,6 +105,11 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
     # -- plumbing -------------------------------------------------------------------------
     # -- stages ---------------------------------------------------------------------------
     def stats(self, grid: Grid, nodes: Iterable[int]) -> tuple[list[SealVec], dict[int, int]]:
+        """Stage ``stats``: add the hospitals' encrypted statistics and load the public keys.
+
+        Returns the encrypted total and each accepted node's bucket count; excludes, with the
+        reason, duplicate names, foreign key sets, other embedding widths and bad ciphertexts.
+        """
         replies = self.exchange_round(grid, "stats", {n: {} for n in nodes}, M.MSG_STATS)
         claims: dict[str, list[int]] = defaultdict(list)
         for node, rec in replies.items():
@@ -186,6 +196,10 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
             )
 
     def upload(self, grid: Grid, total: list[SealVec], buckets: dict[int, int]) -> list[Block]:
+        """Stage ``upload``: send the total and the slot layout; sum the encrypted blocks.
+
+        Hospitals answer in waves of ``upload_batch``; returns the summed blocks, in block order.
+        """
         nodes = sorted(buckets)
         self.layout = layout = plan_diagonal(
             [buckets[n] for n in nodes],
@@ -274,6 +288,10 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
         return out
 
     def train(self, grid: Grid, blocks: list[Block]) -> tuple[list, list]:
+        """Train the head on the summed blocks (in-process or on Ray workers).
+
+        Returns the encrypted weights and biases, per head.
+        """
         keyholder = FlowerKeyHolder(self, grid)
         backend = EncryptedDiagonalBackend(
             self.engine, self.layout, keyholder, self.s.params.mask_bits
@@ -310,6 +328,7 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
         return weights
 
     def final(self, grid: Grid, weights: tuple[list, list]) -> list[str]:
+        """Stage ``final``: send the encrypted head to every member; returns who evaluated it."""
         w, b = weights
         e = self.engine
         blobs = []
@@ -323,6 +342,9 @@ class EncryptedEmbeddingsStrategy(RoundExchange):
         return [self._name(n) for n in replies]
 
     def run(self, grid: Grid) -> dict:
+        """The whole protocol over ``grid``; returns the aggregator-side results (timings,
+        layout, bytes per hospital, rounds, refreshes, exclusions, contributors per stage).
+        """
         t0 = time.perf_counter()
         nodes = self.wait_for_nodes(grid)
         total, buckets = self.stats(grid, nodes)
@@ -354,8 +376,8 @@ class FlowerKeyHolder:
     independently masked views of the same products to two hospitals).
     """
 
-    def __init__(self, strategy: EncryptedEmbeddingsStrategy, grid: Grid) -> None:
-        self.strategy = strategy
+    def __init__(self, aggregator: EmbeddingsAggregator, grid: Grid) -> None:
+        self.aggregator = aggregator
         self.grid = grid
         self.failed: set[int] = set()
 
@@ -365,29 +387,29 @@ class FlowerKeyHolder:
         """One masked-sum round, retried with the next hospital if one fails. ``decay``
         (``lr * l2``) is provisioned to the hospitals with the schedule, not sent: no message
         carries a float."""
-        nodes = [n for n in self.strategy.members if n not in self.failed]
-        layout_json = json.dumps(self.strategy.layout.to_dict())
+        nodes = [n for n in self.aggregator.members if n not in self.failed]
+        layout_json = json.dumps(self.aggregator.layout.to_dict())
         for attempt in range(len(nodes)):
             node = nodes[(step + attempt) % len(nodes)]
             payload = {M.MASKED: masked, M.LAYOUT: layout_json, M.STEP: step}
-            replies = self.strategy.exchange_round(
+            replies = self.aggregator.exchange_round(
                 self.grid, f"sum-{step}", {node: payload}, M.MSG_SUM
             )
             if node in replies:  # the backend checks the count and every ciphertext
-                return list(replies[node][M.SUMS]), self.strategy._name(node)
+                return list(replies[node][M.SUMS]), self.aggregator._name(node)
             self.failed.add(node)
         raise FederationError(f"no hospital could answer the masked-sum round of epoch {step}")
 
     def reject(self, who: str, reason: str, step: int) -> None:
         """The backend found ``who``'s reply unusable: record it, never ask that hospital again."""
-        self.strategy.ledger.exclude(f"sum-{step}", who, log_safe(reason))
-        self.failed.update(n for n, name in self.strategy.names.items() if name == who)
+        self.aggregator.ledger.exclude(f"sum-{step}", who, log_safe(reason))
+        self.failed.update(n for n, name in self.aggregator.names.items() if name == who)
 
 
 def make_aggregator_app(
     settings: AggregatorSettings, results: dict, on_step: Callable[[int], None] | None = None
 ) -> ServerApp:
-    """A ServerApp running :class:`EncryptedEmbeddingsStrategy`; fills ``results`` when done."""
-    return make_strategy_app(
-        lambda: EncryptedEmbeddingsStrategy(settings, on_step=on_step), results
+    """A ServerApp running :class:`EmbeddingsAggregator`; fills ``results`` when done."""
+    return make_aggregator_server_app(
+        lambda: EmbeddingsAggregator(settings, on_step=on_step), results
     )

@@ -14,10 +14,14 @@ A fault is a frozen :class:`Fault`, parsed from a spec such as::
 the aggregator does: ``stats``, ``public-context``, ``upload``, ``sum-<epoch>`` (the masked-sum
 round of that epoch; only the hospital asked to hold it sees it), ``sum`` (every masked-sum
 round) and ``final``; in mode "updates" ``stats``, ``train-<r>``, ``partial-<r>`` (threshold
-keys), ``final`` and the key-setup rounds (``key-setup``, ``key-join``, ...). ``dropout`` and
-``crash`` apply from their round on, ``corrupt`` and ``slow`` only at it (a bare ``sum`` or
-``train`` means every such round). ``corrupt`` takes ``bytes=N`` (bytes flipped per
-ciphertext, default 8).
+keys), ``final`` and the key-setup rounds (``key-setup``, ``key-join``, ...); round r's
+``partial-<r>`` comes before its ``train-<r>``. ``dropout`` and ``crash`` apply from their
+round on, ``corrupt`` and ``slow`` only at it (a bare ``sum`` or ``train`` means every such
+round). ``corrupt`` takes ``bytes=N`` (bytes flipped per ciphertext, default 8).
+
+This is the one way a hospital drops out of a simulated run: mode "updates"' ``--dropouts K``
+becomes K ``dropout`` faults at ``partial-<r>`` (:func:`dropout_faults`), i.e. from the first
+message of FedAvg round r on, with or without threshold keys.
 
 The faults are applied by :func:`fault_mod`, a Flower client-side mod passed to the hospital's
 ClientApp through its factory's ``mods=`` argument (:func:`fault_mods` builds that list): the
@@ -25,8 +29,10 @@ hospital's protocol code knows nothing about them. The mod reads the hospital in
 node config and the stage from the message the aggregator sent (``messages.STAGE``), so it works
 for every mode and backend. A hospital that dropped out or crashed stays down; that state lives
 in the node's ``Context.state``, which Flower keeps between messages. A silent hospital is
-represented by a reply carrying Flower's ``NODE_UNAVAILABLE`` error code, which the aggregator
-handles exactly like a missing reply after a timeout (so runs do not sit out timeouts).
+represented by a reply carrying Flower's ``NODE_UNAVAILABLE`` error code
+(:data:`medfed.fl.messages.NODE_UNAVAILABLE`), which the aggregator handles exactly like a
+missing reply after a timeout (so runs do not sit out timeouts); a crash replies
+:data:`medfed.fl.messages.APP_CRASHED`.
 
 Nothing here imports Flower at module level: the config validates specs without it.
 """
@@ -38,7 +44,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from medfed.errors import MedfedError
@@ -62,6 +68,9 @@ _REQUIRED = {
     "slow": {"hospital", "seconds"},
 }
 _ROUND = re.compile(r"^[a-z][a-z-]*(-\d+)?$")
+#: Within one numbered round, the order of its stage families: mode "updates" decrypts the
+#: aggregate (``partial-<r>``, threshold keys) before it trains (``train-<r>``).
+_FAMILY_ORDER = {"sum": 0, "partial": 0, "train": 1}
 STATE_KEY = "medfed.faults"  # ConfigRecord in the node's Context.state
 
 
@@ -88,9 +97,7 @@ def stage_reached(stage: str, start: str) -> bool:
         return stage == start
     if a[0] != b[0] or a[0] != 3:
         return a[0] >= b[0]
-    if a[1] == b[1]:
-        return a[2] >= b[2]
-    return a[2] > b[2]  # another family of the same numbered round runs earlier or later
+    return (a[2], _FAMILY_ORDER[a[1]]) >= (b[2], _FAMILY_ORDER[b[1]])
 
 
 class FaultSpecError(MedfedError, ValueError):
@@ -204,6 +211,7 @@ def parse_fault(spec: str) -> Fault:
 
 
 def parse_faults(specs: Iterable[str] | str | None) -> tuple[Fault, ...]:
+    """Parse ``--inject`` specs (one string, several, or None for none)."""
     if specs is None:
         return ()
     if isinstance(specs, str):
@@ -280,19 +288,18 @@ def fault_mod(faults: Sequence[Fault]):
     faults = tuple(faults)
 
     def mod(msg, context, call_next):
-        from flwr.app import ConfigRecord, Error, Message
-        from flwr.common.constant import ErrorCode
+        from flwr.app import ConfigRecord, Message
 
         from medfed.fl import messages as M
 
-        index = int(context.node_config["partition-id"])
+        index = M.node_index(context)
         mine = [f for f in faults if f.hospital == index]
         if not mine:
             return call_next(msg, context)
         stage = _stage_of(msg)
         state = context.state.config_records.get(STATE_KEY)
         if state is not None and "down" in state:  # dropped out or crashed earlier
-            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="no reply"), reply_to=msg)
+            return M.error_reply(msg, M.NODE_UNAVAILABLE, "no reply")
 
         def go_down(what: str) -> None:
             context.state[STATE_KEY] = ConfigRecord({"down": f"{what} at {stage}"})
@@ -303,17 +310,12 @@ def fault_mod(faults: Sequence[Fault]):
                 time.sleep(f.seconds)
         if any(f.kind == "dropout" and f.matches(stage) for f in mine):
             go_down("dropped out")
-            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="no reply"), reply_to=msg)
+            return M.error_reply(msg, M.NODE_UNAVAILABLE, "no reply")
         reply = call_next(msg, context)
         if any(f.kind == "crash" and f.matches(stage) for f in mine):
             go_down("crashed")
-            return Message(
-                Error(
-                    code=ErrorCode.CLIENT_APP_CRASHED,
-                    reason=f"hospital-{index} crashed mid-round at {stage} (injected fault)",
-                ),
-                reply_to=msg,
-            )
+            reason = f"hospital-{index} crashed mid-round at {stage} (injected fault)"
+            return M.error_reply(msg, M.APP_CRASHED, reason)
         corrupt = [f for f in mine if f.kind == "corrupt" and f.matches(stage)]
         if corrupt and not reply.has_error() and M.RECORD in reply.content.config_records:
             values = corrupt_record(
@@ -336,3 +338,9 @@ def fault_mods(faults: Sequence[Fault], mods: Sequence | None = None) -> list:
     leaves the hospital (after any other mod, as a fault in transit would).
     """
     return ([fault_mod(faults)] if faults else []) + list(mods or [])
+
+
+def dropout_faults(plan: Mapping[int, int]) -> tuple[Fault, ...]:
+    """Mode "updates"' dropouts as faults: hospital ``i`` answers nothing from FedAvg round
+    ``plan[i]`` on (from its ``partial-<r>``, or ``train-<r>`` without threshold keys)."""
+    return tuple(Fault("dropout", i, f"partial-{r}") for i, r in sorted(plan.items()))

@@ -6,16 +6,14 @@ protocol step, and returns only ciphertexts, a bucket count, names and fingerpri
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
 from medfed.crypto.context import (
     CiphertextError,
@@ -50,50 +48,8 @@ def _load(workspace: str, index: int):
     return data, meta, ctx
 
 
-def _index(context: Context) -> int:
-    return int(context.node_config["partition-id"])
-
-
 def _reply(msg: Message, **values) -> Message:
     return M.make_reply(msg, **values)  # echoes the round id, adds the digest
-
-
-class HospitalStageError(RuntimeError):
-    """What the aggregator learns when a hospital fails: the stage and the error type only.
-
-    (:func:`guarded` now returns this as an error reply instead of raising it.)"""
-
-
-def guarded(workspace: str, stage: str):
-    """Keep failure details (which may quote data, e.g. sample counts) inside the hospital.
-
-    The full error goes to the hospital's private ``errors.log``; the error reply names only
-    the hospital, the stage and the error class. It is returned, not raised, so that Flower
-    logs no traceback and keeps the node's context.
-    """
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def handler(msg: Message, context: Context) -> Message:
-            try:
-                return fn(msg, context)
-            except Exception as e:  # noqa: BLE001 - reported without its message
-                i = _index(context)
-                d = W.hospital_dir(Path(workspace), i)
-                with open(d / W.ERRORS, "a") as f:
-                    f.write(f"{stage}: {type(e).__name__}: {e}\n")
-                reason = (
-                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
-                    "hospital's own errors.log"
-                )
-                return Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                    reply_to=msg,
-                )
-
-        return handler
-
-    return wrap
 
 
 @lru_cache(maxsize=64)
@@ -116,9 +72,9 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
     app = ClientApp(mods=list(mods or []))
 
     @app.query("stats")
-    @guarded(workspace, "stats")
+    @W.guarded(workspace, "stats")
     def stats(msg: Message, context: Context) -> Message:
-        i = _index(context)
+        i = M.node_index(context)
         data, meta, ctx = _load(workspace, i)
         engine = _engine(workspace, i)
         features = data.train_features
@@ -143,18 +99,18 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         return _reply(msg, **values)
 
     @app.query("publiccontext")
-    @guarded(workspace, "public-context")
+    @W.guarded(workspace, "public-context")
     def public_context(msg: Message, context: Context) -> Message:
-        i = _index(context)
+        i = M.node_index(context)
         data, meta, ctx = _load(workspace, i)
         width = _width(data.train_features.shape[1], meta)
         values = _public_material(_engine(workspace, i), ctx, width)
         return _reply(msg, **{M.HOSPITAL: data.name, **values})
 
     @app.train("upload")
-    @guarded(workspace, "upload")
+    @W.guarded(workspace, "upload")
     def upload(msg: Message, context: Context) -> Message:
-        i = _index(context)
+        i = M.node_index(context)
         data, meta, ctx = _load(workspace, i)
         engine = _engine(workspace, i)
         rec = msg.content[M.RECORD]
@@ -202,9 +158,9 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         )
 
     @app.query("sum")
-    @guarded(workspace, "sum")
+    @W.guarded(workspace, "sum")
     def sums(msg: Message, context: Context) -> Message:
-        i = _index(context)
+        i = M.node_index(context)
         data, meta, _ = _load(workspace, i)
         rec = msg.content[M.RECORD]
         params = get_preset(meta["ckks"])
@@ -218,9 +174,9 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
     @app.evaluate("final")
-    @guarded(workspace, "final")
+    @W.guarded(workspace, "final")
     def final(msg: Message, context: Context) -> Message:
-        i = _index(context)
+        i = M.node_index(context)
         data, meta, _ = _load(workspace, i)
         engine = _engine(workspace, i)
         rec = msg.content[M.RECORD]

@@ -45,26 +45,26 @@ def _forward_actor_output() -> bool:
 class FederationApps(NamedTuple):
     """A mode's protocol: what :func:`run_federation` runs."""
 
-    strategy: type  # strategy(settings, on_step=...); .run(grid) on the local backend
+    aggregator: type  # aggregator(settings, on_step=...); .run(grid) on the local backend
     hospital_app: Callable[..., Any]  # (workspace, mods=[...]) -> the hospitals' ClientApp
     server_app: Callable[..., Any]  # (settings, results, on_step=...) -> the ServerApp
 
 
 def _embeddings_apps() -> FederationApps:
-    from medfed.fl.aggregator import EncryptedEmbeddingsStrategy, make_aggregator_app
+    from medfed.fl.aggregator import EmbeddingsAggregator, make_aggregator_app
     from medfed.fl.hospital import make_hospital_app
 
-    return FederationApps(EncryptedEmbeddingsStrategy, make_hospital_app, make_aggregator_app)
+    return FederationApps(EmbeddingsAggregator, make_hospital_app, make_aggregator_app)
 
 
 def _updates_apps() -> FederationApps:
     from medfed.fl.updates import (
-        FedAvgUpdatesStrategy,
+        UpdatesAggregator,
         make_updates_hospital_app,
         make_updates_server_app,
     )
 
-    return FederationApps(FedAvgUpdatesStrategy, make_updates_hospital_app, make_updates_server_app)
+    return FederationApps(UpdatesAggregator, make_updates_hospital_app, make_updates_server_app)
 
 
 #: The built-in modes' protocols, by mode name.
@@ -87,32 +87,30 @@ def run_federation(
     client_cpus: float = 1.0,
     on_step: Callable[[int], None] | None = None,
     ray_address: str | None = None,
-    unresponsive: dict[int, int] | None = None,
     faults: Sequence[Fault] = (),
     apps: FederationApps | None = None,
 ) -> dict:
     """Returns what the aggregator recorded (bytes, rounds, exclusions); raises on failure.
 
-    ``apps``: the mode's strategy and Flower apps (:meth:`medfed.modes.Mode.federation_apps`);
+    ``apps``: the mode's aggregator and Flower apps (:meth:`medfed.modes.Mode.federation_apps`);
     None: those of the built-in mode ``settings.mode`` names (no attribute: "embeddings"),
     imported only then (mode "updates" with threshold keys runs where TenSEAL is absent).
-    ``settings`` is what the strategy gets. ``unresponsive`` (local backend):
-    hospital index -> protocol round from which it stops answering (simulated dropouts).
-    ``faults`` (:mod:`medfed.fl.faults`, ``--inject``) are a client-side mod of every
-    hospital's ClientApp (its factory's ``mods=``).
+    ``settings`` is what the aggregator gets. ``faults`` (:mod:`medfed.fl.faults`:
+    ``--inject``, and mode "updates"' ``--dropouts``) are a client-side mod of every
+    hospital's ClientApp (its factory's ``mods=``), on either backend.
     """
     if apps is None:
         apps = builtin_apps(getattr(settings, "mode", "embeddings"))
-    Strategy, make_hospital_app, make_aggregator_app = apps
+    Aggregator, make_hospital_app, make_aggregator_app = apps
     client_app = make_hospital_app(workspace, mods=fault_mods(faults))
     if backend == "local":
-        strategy = Strategy(settings, on_step=on_step)
+        aggregator = Aggregator(settings, on_step=on_step)
         if settings.workers == 0:
-            return strategy.run(LocalGrid(client_app, n_hospitals, unresponsive=unresponsive))
+            return aggregator.run(LocalGrid(client_app, n_hospitals))
         from medfed.scale.cluster import ray_session, resolve_address
 
         with ray_session(resolve_address(ray_address)):
-            return strategy.run(LocalGrid(client_app, n_hospitals))
+            return aggregator.run(LocalGrid(client_app, n_hospitals))
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation

@@ -1,7 +1,13 @@
-"""Protocol constants: message types and record keys (named once, used everywhere).
+"""Protocol constants: message types, record keys and error replies (named once, used
+everywhere).
 
 Payload values are ciphertext bytes, JSON layouts, small integers and names. Nothing else
 ever travels from a hospital to the aggregator; ``tests/test_threat_model.py`` checks it.
+
+A reply that carries no record carries one of Flower's error codes, named here once
+(:data:`NODE_UNAVAILABLE`, :data:`APP_RAISED`, :data:`APP_CRASHED`) and built with
+:func:`error_reply`: by the hospitals' failure guard (:func:`medfed.fl.workspace.guarded`),
+the fault mod (:mod:`medfed.fl.faults`) and the in-process grid (:mod:`medfed.fl.local_grid`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ import hashlib
 import numbers
 from collections.abc import Mapping
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from medfed.errors import MedfedError
 
@@ -50,7 +57,7 @@ STEP = "step"
 WEIGHTS = "weights"
 OK = "ok"
 # mode "updates"
-FL_ROUND = "fl_round"  # FedAvg round of a request (LocalGrid's simulated dropouts key on it)
+FL_ROUND = "fl_round"  # FedAvg round of a request
 SETUP_STEP = "setup_step"
 UPDATE = "update"  # Enc([n_i * w_i, n_i]) (or Enc(stats)): one framed ciphertext blob
 AGGREGATE = "aggregate"  # the encrypted sum, relayed back to the hospitals
@@ -76,11 +83,37 @@ STAGE = "stage"  # aggregator -> hospital: "stats", "upload", "sum-<epoch>", "fi
 ROUND_ID = "round_id"  # aggregator -> hospital: a nonce for this message; echoed in the reply
 DIGEST = "digest"  # hospital -> aggregator: SHA-256 over the reply's values (round id included)
 
+#: Node config key of a hospital's index (Flower's simulation engine and LocalGrid set it).
+PARTITION_ID = "partition-id"
+
+# Error replies: Flower's own codes, one name per case medfed produces
+#: The hospital answers nothing (a dropout, or a crashed hospital asked again): no reply.
+NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE
+#: The hospital's handler raised; the reason names the stage and the error class only.
+APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+#: The hospital died mid-round, after doing the round's work (an injected crash).
+APP_CRASHED = ErrorCode.CLIENT_APP_CRASHED
 #: Flower error codes that mean "this node did not answer": handled exactly like a timeout.
-NO_REPLY_CODES = (3, 4, 5)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+NO_REPLY_CODES = (
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    NODE_UNAVAILABLE,
+)
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    """The reply to ``msg`` that carries Flower error ``code`` (one of the names above) and
+    ``reason`` instead of a record."""
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def node_index(context: Context) -> int:
+    """The index of the hospital a node serves (its ``partition-id``, 0-based)."""
+    return int(context.node_config[PARTITION_ID])
 
 
 def make_content(**values) -> RecordDict:
+    """A message's content: ``values`` in the one :data:`RECORD`."""
     return RecordDict({RECORD: ConfigRecord(values)})
 
 

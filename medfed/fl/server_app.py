@@ -17,21 +17,21 @@ from medfed.fl import messages as M
 log = logging.getLogger(__name__)
 
 
-def make_strategy_app(make_strategy: Callable[[], object], results: dict) -> ServerApp:
-    """A ServerApp that runs ``make_strategy().run(grid)`` and fills ``results`` when done.
+def make_aggregator_server_app(make_aggregator: Callable[[], object], results: dict) -> ServerApp:
+    """A ServerApp that runs ``make_aggregator().run(grid)`` and fills ``results`` when done.
 
-    Both modes' strategies expose ``run(grid) -> dict`` and a ``ledger`` of exclusions.
+    Both modes' aggregators expose ``run(grid) -> dict`` and a ``ledger`` of exclusions.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = make_strategy()
+        aggregator = make_aggregator()
         try:
-            results.update(strategy.run(grid))
+            results.update(aggregator.run(grid))
         except Exception as e:  # noqa: BLE001 - reported to the caller, not swallowed
             results["error"] = f"{type(e).__name__}: {e}"
-            results["excluded"] = strategy.ledger.excluded
+            results["excluded"] = aggregator.ledger.excluded
             raise
 
     return app
@@ -53,6 +53,7 @@ class Ledger:
     excluded: list[dict] = field(default_factory=list)
 
     def exclude(self, stage: str, hospital: str, reason: str) -> None:
+        """Record (and log) that ``hospital`` was left out of ``stage``, with a log-safe reason."""
         reason = log_safe(reason)
         log.warning("excluding %s from %s: %s", hospital, stage, reason)
         self.excluded.append({"stage": stage, "hospital": hospital, "reason": reason})
@@ -168,6 +169,10 @@ class RoundExchange:
         ]
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once ``expected_hospitals`` are (or ``node_wait_seconds`` passed).
+
+        Raises :class:`~medfed.fl.messages.FederationError` with fewer than ``min_hospitals``.
+        """
         deadline = time.monotonic() + self.s.node_wait_seconds
         nodes: list[int] = []
         while time.monotonic() < deadline:

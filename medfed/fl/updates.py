@@ -1,6 +1,6 @@
 """Mode "updates": hospitals train locally, the aggregator adds encrypted sample-weighted updates.
 
-:class:`FedAvgUpdatesStrategy` (the aggregator, a Flower ServerApp's main loop) and
+:class:`UpdatesAggregator` (the aggregator, a Flower ServerApp's main loop) and
 :func:`make_updates_hospital_app` (the hospitals' ClientApp) are written once; the key setup
 ("none", "shared", "threshold") is the pluggable :mod:`medfed.fl.ciphers` layer.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -47,7 +47,7 @@ from medfed.crypto.errors import CiphertextError
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
-from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_strategy_app
+from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
@@ -64,9 +64,6 @@ from medfed.train.normalization import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Flower's NODE_UNAVAILABLE error code: a (simulated) dropout reads like no reply at all.
-_NODE_UNAVAILABLE = 5
 
 
 @dataclass
@@ -99,19 +96,26 @@ class UpdatesSettings:
 
     @property
     def head_shape(self) -> tuple[int, int]:
+        """``(width + 1, heads)``: the head's weights and bias row."""
         return head_shape(self.width, self.n_classes)
 
     @property
     def update_length(self) -> int:
+        """Values in one hospital's update: the weighted head and its sample count."""
         return update_length(self.width, self.n_classes)
 
     @property
     def stats_length(self) -> int:
+        """Values in one hospital's statistics vector (moments and sample count)."""
         return stats_length(self.n_features, self.components)
 
 
-class FedAvgUpdatesStrategy(RoundExchange):
-    """Sample-weighted FedAvg in the encrypted domain, over any :mod:`medfed.fl.ciphers` setup."""
+class UpdatesAggregator(RoundExchange):
+    """Sample-weighted FedAvg in the encrypted domain, over any :mod:`medfed.fl.ciphers` setup.
+
+    Not a Flower ``Strategy`` (its key-setup and statistics rounds are not train/evaluate
+    rounds): it drives the Grid itself, as a ServerApp's ``main`` does.
+    """
 
     def __init__(
         self, settings: UpdatesSettings, on_step: Callable[[int], None] | None = None
@@ -157,6 +161,8 @@ class FedAvgUpdatesStrategy(RoundExchange):
 
     # -- the protocol ---------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
+        """Key setup, statistics, ``rounds`` FedAvg rounds and the final evaluation over
+        ``grid``; returns the record of the run (bytes, rounds, participants, exclusions)."""
         t0 = time.perf_counter()
         self._grid = grid
         nodes = self.wait_for_nodes(grid)
@@ -221,8 +227,8 @@ class FedAvgUpdatesStrategy(RoundExchange):
 def make_updates_server_app(
     settings: UpdatesSettings, results: dict, on_step: Callable[[int], None] | None = None
 ) -> ServerApp:
-    """A ServerApp running :class:`FedAvgUpdatesStrategy`; fills ``results`` when done."""
-    return make_strategy_app(lambda: FedAvgUpdatesStrategy(settings, on_step=on_step), results)
+    """A ServerApp running :class:`UpdatesAggregator`; fills ``results`` when done."""
+    return make_aggregator_server_app(lambda: UpdatesAggregator(settings, on_step=on_step), results)
 
 
 # ------------------------------------------------------------------------------ hospitals
@@ -231,40 +237,6 @@ def make_updates_server_app(
 @functools.lru_cache(maxsize=64)
 def _load(workspace: str, index: int) -> tuple[W.HospitalData, dict]:
     return W.load_hospital(Path(workspace), index)
-
-
-class HospitalOffline(RuntimeError):
-    """A simulated dropout (``offline_from_round`` in the hospital's meta)."""
-
-
-def _guarded(workspace: str, stage: str):
-    """Failure details stay in the hospital's private ``errors.log``; the aggregator gets the
-    stage and the error class only. A simulated dropout answers like an unreachable node."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def handler(msg: Message, context: Context) -> Message:
-            i = int(context.node_config["partition-id"])
-            try:
-                record = msg.content.config_records.get(M.RECORD) or {}
-                offline = _load(workspace, i)[1].get("offline_from_round")
-                if offline is not None and int(record.get(M.FL_ROUND, -1)) >= int(offline):
-                    raise HospitalOffline(f"hospital-{i} is offline (simulated dropout)")
-                return fn(msg, context, i)
-            except HospitalOffline as e:
-                return Message(Error(code=_NODE_UNAVAILABLE, reason=str(e)), reply_to=msg)
-            except Exception as e:  # noqa: BLE001 - reported without its message
-                with open(W.hospital_dir(Path(workspace), i) / W.ERRORS, "a") as f:
-                    f.write(f"{stage}: {type(e).__name__}: {e}\n")
-                reason = (
-                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
-                    "hospital's own errors.log"
-                )
-                return Message(Error(code=0, reason=reason), reply_to=msg)
-
-        return handler
-
-    return wrap
 
 
 def _head_from(total: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -283,15 +255,17 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         return M.make_reply(msg, **{M.HOSPITAL: data.name, **values})
 
     @app.query("keysetup")
-    @_guarded(workspace, "key-setup")
-    def key_setup(msg: Message, context: Context, i: int) -> Message:
+    @W.guarded(workspace, "key-setup")
+    def key_setup(msg: Message, context: Context) -> Message:
+        i = M.node_index(context)
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         return reply(msg, data, **cipher(meta, i).setup(str(rec[M.SETUP_STEP]), rec))
 
     @app.query("updatestats")
-    @_guarded(workspace, "stats")
-    def stats(msg: Message, context: Context, i: int) -> Message:
+    @W.guarded(workspace, "stats")
+    def stats(msg: Message, context: Context) -> Message:
+        i = M.node_index(context)
         data, meta = _load(workspace, i)
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
@@ -300,8 +274,9 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
 
     @app.query("partial")
-    @_guarded(workspace, "partial")
-    def partial(msg: Message, context: Context, i: int) -> Message:
+    @W.guarded(workspace, "partial")
+    def partial(msg: Message, context: Context) -> Message:
+        i = M.node_index(context)
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         out = cipher(meta, i).partials(
@@ -337,8 +312,9 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         return w, fmap
 
     @app.train("local")
-    @_guarded(workspace, "train")
-    def local(msg: Message, context: Context, i: int) -> Message:
+    @W.guarded(workspace, "train")
+    def local(msg: Message, context: Context) -> Message:
+        i = M.node_index(context)
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)
@@ -356,8 +332,9 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(update)})
 
     @app.evaluate("updatefinal")
-    @_guarded(workspace, "final")
-    def final(msg: Message, context: Context, i: int) -> Message:
+    @W.guarded(workspace, "final")
+    def final(msg: Message, context: Context) -> Message:
+        i = M.node_index(context)
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)

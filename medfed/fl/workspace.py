@@ -1,20 +1,29 @@
 """Hospital workspaces: each hospital's private directory (data, secret key, evaluation).
 
 In the shared-key setup the secret key is provisioned out of band to every hospital (as in
-NVIDIA FLARE's provisioning); the aggregator never reads these directories.
+NVIDIA FLARE's provisioning); the aggregator never reads these directories. A hospital's
+failures are written to its own ``errors.log`` (:func:`guarded`); the aggregator learns only
+the stage and the error class.
+
+Imports no Flower at module level (``import medfed`` exposes :class:`HospitalData`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medfed.train.head import accuracy, head_scores
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
 
 SECRET_CONTEXT = "secret_context.bin"
 DATA = "data.npz"
@@ -41,7 +50,7 @@ class HospitalProvision:
 
     Fields left None are not written (they belong to the other mode): ``bucket`` and
     ``decay`` are mode "embeddings"' padding granularity and per-epoch L2 shrink (lr * l2),
-    ``keys`` and ``offline_from_round`` (a simulated dropout) mode "updates"'.
+    ``keys`` mode "updates"'.
     """
 
     n_classes: int
@@ -52,7 +61,6 @@ class HospitalProvision:
     keys: str | None = None
     bucket: int | None = None
     decay: float | None = None
-    offline_from_round: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``meta.json`` mapping (without the hospital's name), None fields left out."""
@@ -125,7 +133,43 @@ def check_hospitals(hospitals: list[HospitalData], n_classes: int) -> None:
 
 
 def hospital_dir(workspace: Path, index: int) -> Path:
+    """Hospital ``index``'s private directory in ``workspace``."""
     return Path(workspace) / f"hospital_{index}"
+
+
+_Handler = Callable[["Message", "Context"], "Message"]
+
+
+def guarded(workspace: str | Path, stage: str) -> Callable[[_Handler], _Handler]:
+    """Decorate a hospital's message handler: failure details (which may quote data, e.g.
+    sample counts) stay inside the hospital.
+
+    The full error goes to the hospital's private ``errors.log``; the error reply
+    (:data:`medfed.fl.messages.APP_RAISED`) names only the hospital, the stage and the error
+    class. It is returned, not raised, so that Flower logs no traceback and keeps the node's
+    context.
+    """
+
+    def wrap(fn: _Handler) -> _Handler:
+        @functools.wraps(fn)
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                return fn(msg, context)
+            except Exception as e:  # noqa: BLE001 - reported without its message
+                from medfed.fl import messages as M
+
+                i = M.node_index(context)
+                with open(hospital_dir(Path(workspace), i) / ERRORS, "a") as f:
+                    f.write(f"{stage}: {type(e).__name__}: {e}\n")
+                reason = (
+                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
+                    "hospital's own errors.log"
+                )
+                return M.error_reply(msg, M.APP_RAISED, reason)
+
+        return handler
+
+    return wrap
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -165,6 +209,7 @@ def provision(
 
 
 def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, dict]:
+    """Hospital ``index``'s data and its ``meta.json`` mapping (name and provisioning)."""
     d = hospital_dir(workspace, index)
     meta = json.loads((d / META).read_text())
     with np.load(d / DATA) as f:
@@ -185,6 +230,7 @@ def load_provision(workspace: Path, index: int) -> HospitalProvision:
 
 
 def read_secret_context(workspace: Path, index: int) -> bytes:
+    """Hospital ``index``'s provisioned secret CKKS context (serialized)."""
     return (hospital_dir(workspace, index) / SECRET_CONTEXT).read_bytes()
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from medfed.config import SimulationConfig
+    from medfed.config import ModeSpec, SimulationConfig
     from medfed.fl.launch import FederationApps
     from medfed.fl.workspace import HospitalData
 
@@ -41,13 +41,26 @@ class Mode:
     name: ClassVar[str] = ""
     keys: ClassVar[tuple[str, ...]] = ("shared",)
     options: ClassVar[Mapping[str, Any]] = {}
+    #: A built-in mode's static data in :mod:`medfed.config`: name, keys, options, its checks
+    #: and fault stages come from it.
+    spec: ClassVar[ModeSpec | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls.name, cls.keys, cls.options = spec.name, spec.keys, spec.options
 
     def validate(self, cfg: SimulationConfig) -> None:
         """Mode-specific checks of a config, run when it is built (``cfg.keys`` is already
         one of :attr:`keys`); raise :class:`~medfed.config.ConfigError` naming the fix."""
+        if self.spec is not None and self.spec.check is not None:
+            self.spec.check(cfg)
 
     def fault_stages(self) -> tuple[str, ...]:
         """Protocol stages ``--inject`` may name besides the generic ones."""
+        if self.spec is not None and self.spec.fault_stages is not None:
+            return self.spec.fault_stages()
         return ()
 
     def prepare(self, cfg: SimulationConfig) -> Prepared:
@@ -80,7 +93,7 @@ class Mode:
         return self.federate(cfg, hospitals, n_classes, described, started)
 
     def federation_apps(self) -> FederationApps:
-        """The strategy and Flower apps, for modes that run through
+        """The aggregator and Flower apps, for modes that run through
         :func:`medfed.fl.launch.run_federation`."""
         raise NotImplementedError(f"mode {self.name!r} has no Flower apps")
 

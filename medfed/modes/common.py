@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from medfed.config import ConfigError, SimulationConfig
 
 if TYPE_CHECKING:
+    from medfed.fl.faults import Fault
     from medfed.fl.launch import FederationApps
     from medfed.fl.workspace import HospitalData, HospitalProvision
 
@@ -54,13 +55,14 @@ def run_in_workspace(
     steps: int,
     apps: FederationApps,
     backend: str | None = None,
-    unresponsive: dict[int, int] | None = None,
+    faults: Sequence[Fault] = (),
     on_exit: Callable[[Path], None] | None = None,
 ) -> Federation:
     """Provision every hospital (its data, ``provisions[i]`` and the ``secret`` key, None
     for no provisioned key) into a temporary workspace, run the federation under a progress
     bar of ``steps`` ``unit`` (one per aggregator step) with the mode's ``apps``, read the
-    hospitals' evaluations and delete the workspace. ``on_exit(workspace)`` runs after the
+    hospitals' evaluations and delete the workspace. ``faults`` are injected besides
+    ``cfg.inject`` (mode "updates"' ``--dropouts``). ``on_exit(workspace)`` runs after the
     federation, even on failure.
     """
     from medfed.experiments.results import progress_bar
@@ -85,8 +87,7 @@ def run_in_workspace(
                     client_cpus=cfg.client_cpus,
                     ray_address=cfg.ray_address,
                     on_step=lambda step: progress.advance(task),
-                    unresponsive=unresponsive,
-                    faults=parse_faults(cfg.inject),
+                    faults=(*parse_faults(cfg.inject), *faults),
                     apps=apps,
                 )
         finally:

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from medfed.config import SimulationConfig, mode_spec
 from medfed.modes import register_mode
@@ -33,24 +33,16 @@ if TYPE_CHECKING:
     from medfed.fl.workspace import HospitalData
 
 log = logging.getLogger(__name__)
-#: The configuration's static data of this mode: keys, checks, fault stages.
-_SPEC = mode_spec("embeddings")
 
 
 class EmbeddingsMode(Mode):
-    """The aggregator runs full-batch descent on encrypted, packed embeddings."""
+    """The aggregator runs full-batch descent on encrypted, packed embeddings.
 
-    name: ClassVar[str] = _SPEC.name
-    keys: ClassVar[tuple[str, ...]] = _SPEC.keys
-    options: ClassVar[Mapping[str, Any]] = _SPEC.options
+    Its checks (the CKKS preset has the levels one epoch needs) and fault stages
+    (``upload``, ``sum-<epoch>``, ...) are in its :class:`~medfed.config.ModeSpec`.
+    """
 
-    def validate(self, cfg: SimulationConfig) -> None:
-        """The CKKS preset has the levels one epoch of the degree-``sigmoid_degree`` loop needs."""
-        _SPEC.check(cfg)
-
-    def fault_stages(self) -> tuple[str, ...]:
-        """The protocol's own stages (``upload``, ``sum-<epoch>``, ...)."""
-        return _SPEC.fault_stages()
+    spec = mode_spec("embeddings")
 
     def federate(
         self,
@@ -62,6 +54,7 @@ class EmbeddingsMode(Mode):
     ) -> dict[str, Any]:
         """The encrypted federation and its plaintext references on prepared hospitals."""
         from medfed.crypto.context import make_secret_context, secret_context_bytes
+        from medfed.crypto.masking import refresh_security
         from medfed.crypto.params import get_preset
         from medfed.experiments.references import plaintext_reference
         from medfed.fl.aggregator import AggregatorSettings
@@ -156,6 +149,8 @@ class EmbeddingsMode(Mode):
             "federation_seconds": run.seconds,
             **traffic(fed),
             "refreshes_per_epoch": 1,
+            # the masks' union bound over the run, from the twin's values (check: same counts)
+            **refresh_security(reference["refreshes"], fed["refreshes"]),
             "workers": cfg.workers,
             "layout": fed["layout"],
             "excluded": fed["excluded"],
@@ -177,12 +172,13 @@ class EmbeddingsMode(Mode):
         return finish(cfg, metrics, rounds)
 
     def federation_apps(self) -> FederationApps:
-        """The aggregator's strategy and the Flower apps of this mode's protocol."""
+        """The aggregator and the Flower apps of this mode's protocol."""
         from medfed.fl.launch import builtin_apps
 
         return builtin_apps(self.name)
 
     def summary_table(self, metrics: Mapping[str, Any]) -> Table:
+        """The summary table: the encrypted-trained head against the same loop on plaintext."""
         from medfed.experiments.results import summary_table
 
         return summary_table(metrics)

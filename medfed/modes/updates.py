@@ -7,11 +7,10 @@ threshold keys the run works in the Python 3.10 OpenFHE environment.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from medfed.config import ConfigError, SimulationConfig, mode_spec
 from medfed.modes import register_mode
@@ -35,20 +34,17 @@ if TYPE_CHECKING:
     from medfed.fl.workspace import HospitalData
 
 log = logging.getLogger(__name__)
-#: The configuration's static data of this mode: keys, options, checks.
-_SPEC = mode_spec("updates")
 
 
 class UpdatesMode(Mode):
-    """Encrypted-sum FedAvg, against plain FedAvg on the same schedule and participants."""
+    """Encrypted-sum FedAvg, against plain FedAvg on the same schedule and participants.
 
-    name: ClassVar[str] = _SPEC.name
-    keys: ClassVar[tuple[str, ...]] = _SPEC.keys  # "none": plain FedAvg, the baseline
-    options: ClassVar[Mapping[str, Any]] = _SPEC.options  # dropouts, features
+    Keys "none" (plain FedAvg, the baseline), "shared" or "threshold"; options ``dropouts``
+    and ``features``; its checks (no Ray batch workers, threshold keys need 2 hospitals,
+    dropouts the keys tolerate) are in its :class:`~medfed.config.ModeSpec`.
+    """
 
-    def validate(self, cfg: SimulationConfig) -> None:
-        """No Ray batch workers; threshold keys need 2 hospitals; dropouts the keys tolerate."""
-        _SPEC.check(cfg)
+    spec = mode_spec("updates")
 
     def prepare(self, cfg: SimulationConfig) -> Prepared:
         """A features file (``--features``, no torch) or the embeddings pipeline."""
@@ -56,7 +52,7 @@ class UpdatesMode(Mode):
             from medfed.crypto.threshold import _require_openfhe
 
             _require_openfhe()
-        from medfed.experiments.updates import hospitals_from_features, hospitals_from_pipeline
+        from medfed.experiments.prepare import hospitals_from_features, hospitals_from_pipeline
 
         load = hospitals_from_features if cfg.features else hospitals_from_pipeline
         return Prepared(*load(cfg))
@@ -78,6 +74,7 @@ class UpdatesMode(Mode):
         from medfed.experiments.updates import SETUP_STAGES, dropout_plan
         from medfed.experiments.updates_reference import fedavg_reference
         from medfed.fl.ciphers import forget_threshold_parties
+        from medfed.fl.faults import dropout_faults
         from medfed.fl.updates import UpdatesSettings
         from medfed.fl.workspace import HospitalProvision
 
@@ -114,12 +111,7 @@ class UpdatesMode(Mode):
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
         )
-        provisions = [  # Flower's engine: a dropout is the hospital's own doing
-            dataclasses.replace(provision, offline_from_round=plan[i])
-            if i in plan and backend != "local"
-            else provision
-            for i in range(len(hospitals))
-        ]
+        provisions = [provision] * len(hospitals)
         secret = None
         if cfg.keys == "shared":  # one CKKS key, provisioned to the hospitals only
             from medfed.crypto.context import make_secret_context, secret_context_bytes
@@ -136,7 +128,7 @@ class UpdatesMode(Mode):
             unit="rounds",
             steps=cfg.rounds,
             backend=backend,
-            unresponsive=plan if backend == "local" else None,  # the LocalGrid drops them
+            faults=dropout_faults(plan),  # the planned hospitals stop answering, any backend
             on_exit=forget_threshold_parties,
             apps=self.federation_apps(),
         )
@@ -208,12 +200,13 @@ class UpdatesMode(Mode):
         return finish(cfg, metrics, fed["rounds"])
 
     def federation_apps(self) -> FederationApps:
-        """The aggregator's strategy and the Flower apps of this mode's protocol."""
+        """The aggregator and the Flower apps of this mode's protocol."""
         from medfed.fl.launch import builtin_apps
 
         return builtin_apps(self.name)
 
     def summary_table(self, metrics: Mapping[str, Any]) -> Table:
+        """The summary table: encrypted-sum FedAvg against plain FedAvg on the same schedule."""
         from medfed.experiments.results import updates_summary_table
 
         return updates_summary_table(metrics)

@@ -60,6 +60,7 @@ class RayInfo:
     cpus: float
 
     def describe(self) -> str:
+        """One line for logs: the cluster's GCS address or a local instance, and its CPUs."""
         where = f"cluster at {self.gcs_address}" if self.address else "local Ray instance"
         return f"{where} ({self.cpus:g} CPUs)"
 

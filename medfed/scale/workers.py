@@ -26,6 +26,7 @@ from medfed.train.diagonal.planner import Share
 
 
 def block_to_bytes(engine: SealEngine, block: Block) -> dict:
+    """One uploaded block's ciphertexts serialized (SEAL's compressed format), for the workers."""
     return {
         "diagonals": [[[engine.to_bytes(v) for v in a] for a in g] for g in block.diagonals],
         "mask": engine.to_bytes(block.mask),
@@ -46,6 +47,7 @@ class DiagonalWorker:
         self.claims: NodeClaimBoard | None = None  # the node's claim file, shared by the pool
 
     def node_id(self) -> str:
+        """The id of the Ray node this worker runs on."""
         import ray
 
         return ray.get_runtime_context().get_node_id()
@@ -63,6 +65,7 @@ class DiagonalWorker:
         return self.engine.from_bytes(blob, sender="aggregator", item=item)
 
     def load_blocks(self, blocks: list[dict]) -> int:
+        """Load and keep the uploaded blocks (:func:`block_to_bytes` dicts); returns how many."""
         self.compute.blocks = [
             Block(
                 [[[self._load(v, "x") for v in a] for a in g] for g in blk["diagonals"]],
@@ -159,9 +162,11 @@ class ClaimDesk:
         self.boards: dict[str, ClaimBoard] = {}
 
     def ready(self) -> bool:
+        """Answer once the actor has started."""
         return True
 
     def take(self, epoch: str, contest: Contest) -> int | None:
+        """The next cell of ``contest`` in ``epoch`` for the caller, or None when none is left."""
         if epoch not in self.boards:
             if len(self.boards) >= EPOCHS_KEPT:  # earlier epochs are over
                 self.boards.pop(next(iter(self.boards)))
@@ -245,11 +250,13 @@ class RemoteCompute:
         self.desk = desk  # the pool's ClaimDesk actor, NODE_CLAIMS, or None (one worker)
 
     def submit_rotate(self, weights, share: Share) -> _RayHandle:
+        """Ask the worker for :meth:`DiagonalWorker.rotate` (weights broadcast once to the pool)."""
         return _RayHandle(self.actor.rotate.remote(self.broadcast.ref("weights", weights), share))
 
     def submit_forward(
         self, weights, rotations, share: Share, biases, c, approx, blocks, board=None
     ) -> _RayHandle:
+        """Ask the worker for :meth:`DiagonalWorker.forward` (with the claim desk for contests)."""
         w = self.broadcast.ref("weights", weights) if weights is not None else None
         b = self.broadcast.ref("biases", biases)
         rotations = list(rotations)  # nested: fetched by the worker, not awaited by Ray
@@ -263,10 +270,12 @@ class RemoteCompute:
         )
 
     def submit_residuals(self, published, biases, c, approx, share: Share, blocks) -> _RayHandle:
+        """Ask the worker for :meth:`DiagonalWorker.residuals` of ``blocks``."""
         b = self.broadcast.ref("biases", biases)
         return _RayHandle(self.actor.residuals.remote(b, c, approx, share, blocks, *published))
 
     def submit_backward(self, published, share: Share, blocks, last: bool) -> _RayHandle:
+        """Ask the worker for :meth:`DiagonalWorker.backward` of ``blocks``."""
         return _RayHandle(self.actor.backward.remote(share, blocks, last, *published))
 
 
@@ -324,6 +333,7 @@ def start_workers(
 
 
 def stop_workers(computes: Sequence) -> None:
+    """Kill the worker actors among ``computes`` and their pool's claim desk (local ones stay)."""
     import ray
 
     desks = {}

@@ -57,4 +57,5 @@ def predict(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
 
 
 def accuracy(weights: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of ``labels`` that :func:`predict` gets right with this head."""
     return float(np.mean(predict(weights, features) == np.asarray(labels).reshape(-1)))

@@ -96,9 +96,11 @@ class FeatureMap:
 
     @property
     def width(self) -> int:
+        """Features the head trains on (the projection's output width)."""
         return int(self.projection.shape[1])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Map raw embeddings ``(n, d)`` to trained features ``(n, width)``."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.mean):
             raise ValueError(f"features of shape {x.shape} do not have {len(self.mean)} columns")

@@ -26,6 +26,7 @@ class SigmoidApprox:
     coeffs: tuple[float, ...]  # a0, a1, a2, ... up to degree (even ones zero except a0)
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
+        """The polynomial evaluated at ``z`` (elementwise, on numpy values)."""
         return np.polynomial.polynomial.polyval(z, self.coeffs)
 
     @property
@@ -34,6 +35,7 @@ class SigmoidApprox:
         return 2 + math.ceil(math.log2(self.degree + 1))
 
     def max_error(self, n: int = 4001) -> float:
+        """Largest absolute error against the sigmoid on ``n`` points of ``[-radius, radius]``."""
         z = np.linspace(-self.radius, self.radius, n)
         return float(np.max(np.abs(self(z) - 1.0 / (1.0 + np.exp(-z)))))
 

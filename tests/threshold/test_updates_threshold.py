@@ -29,9 +29,10 @@ from medfed.crypto.threshold import (  # noqa: E402
 from medfed.experiments.updates_reference import fedavg_reference  # noqa: E402
 from medfed.fl import messages as M  # noqa: E402
 from medfed.fl.ciphers import _THRESHOLD_PARTIES, forget_threshold_parties, unframe  # noqa: E402
+from medfed.fl.faults import dropout_faults, fault_mods  # noqa: E402
 from medfed.fl.local_grid import LocalGrid  # noqa: E402
 from medfed.fl.updates import (  # noqa: E402
-    FedAvgUpdatesStrategy,
+    UpdatesAggregator,
     UpdatesSettings,
     make_updates_hospital_app,
 )
@@ -63,7 +64,8 @@ def make_hospitals(n_hospitals=N_HOSPITALS, n=523, d=8, n_classes=3, seed=0):
     ]
 
 
-def run_federation(ws, hospitals, n_classes=3, unresponsive=None, rounds=ROUNDS):
+def run_federation(ws, hospitals, n_classes=3, dropouts=None, rounds=ROUNDS):
+    """``dropouts``: hospital index -> FedAvg round from which it answers nothing."""
     meta = {"keys": "threshold", "n_classes": n_classes, "ckks": "fast", "feature_scale": 1.0}
     for i, h in enumerate(hospitals):
         provision(ws, i, h, None, meta)
@@ -77,8 +79,9 @@ def run_federation(ws, hospitals, n_classes=3, unresponsive=None, rounds=ROUNDS)
         expected_hospitals=len(hospitals),
         threshold_preset="test",
     )
-    grid = LocalGrid(make_updates_hospital_app(ws), len(hospitals), unresponsive=unresponsive)
-    strategy = FedAvgUpdatesStrategy(settings)
+    mods = fault_mods(dropout_faults(dropouts or {}))
+    grid = LocalGrid(make_updates_hospital_app(ws, mods=mods), len(hospitals))
+    strategy = UpdatesAggregator(settings)
     return strategy, grid, strategy.run(grid)
 
 
@@ -152,7 +155,7 @@ def test_five_hospitals_reach_plain_fedavg(run5):
 def test_one_hospital_dropping_out_mid_training_completes(tmp_path, dropped):
     hospitals = make_hospitals(seed=dropped)
     try:
-        strategy, _, result = run_federation(tmp_path, hospitals, unresponsive={dropped: 2})
+        strategy, _, result = run_federation(tmp_path, hospitals, dropouts={dropped: 2})
         assert [d["hospital"] for d in result["dropped"]] == [f"hospital-{dropped}"]
         assert [len(p) for p in result["participants"]] == [5, 5, 4, 4]
         (recovery,) = result["cipher"]["recoveries"]
@@ -165,7 +168,7 @@ def test_one_hospital_dropping_out_mid_training_completes(tmp_path, dropped):
 def test_two_dropouts_of_five_still_decrypt(tmp_path):
     hospitals = make_hospitals(seed=7)
     try:
-        _, _, result = run_federation(tmp_path, hospitals, unresponsive={0: 1, 3: 3})
+        _, _, result = run_federation(tmp_path, hospitals, dropouts={0: 1, 3: 3})
         assert {d["hospital"] for d in result["dropped"]} == {"hospital-0", "hospital-3"}
         assert len(result["cipher"]["recoveries"]) == 2
         assert_matches_plain_fedavg(tmp_path, hospitals, result)
@@ -180,7 +183,7 @@ def test_fewer_than_t_hospitals_stop_the_run(tmp_path):
     hospitals = make_hospitals(seed=3)
     try:
         with pytest.raises(M.FederationError, match="only 2 hospitals remain"):
-            run_federation(tmp_path, hospitals, unresponsive={0: 2, 1: 2, 2: 2})
+            run_federation(tmp_path, hospitals, dropouts={0: 2, 1: 2, 2: 2})
     finally:
         forget_threshold_parties(tmp_path)
 

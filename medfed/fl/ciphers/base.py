@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 #: ``exchange(stage, {node: values}, message_type) -> {node: reply record}``: one protocol
-#: round through the strategy (bytes and exclusions are recorded there).
+#: round through the aggregator (bytes and exclusions are recorded there).
 Exchange = Callable[[str, dict[int, dict], str], dict[int, Mapping]]
 
 

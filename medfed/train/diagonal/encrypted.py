@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.crypto.diagonal import DiagonalLayout, gradient_map, rotation_steps, weight_pattern
-from medfed.crypto.masking import draw_mask
+from medfed.crypto.masking import draw_mask, mask_rng
 from medfed.train.diagonal.backend import bias_products, group_products
 
 
@@ -18,8 +18,8 @@ class EncryptedDiagonalBackend:
     """The aggregator's CKKS backend: public key, relinearization and Galois keys (no secret)."""
 
     def __init__(self, engine, layout: DiagonalLayout, keyholder, mask_bits: int, rng=None):
-        from medfed.crypto.masking import mask_rng
-
+        """``rng``: the mask stream (:class:`~medfed.crypto.masking.MaskStream`); default a
+        fresh one keyed from the OS CSPRNG (pass a keyed one only to reproduce masks)."""
         if engine.private:
             raise ValueError("the aggregator's backend must be built on a public context")
         self.engine = engine
@@ -138,10 +138,19 @@ class EncryptedDiagonalBackend:
             got = loaded[k * per_head : (k + 1) * per_head]
             upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
             upd_b.append(got[-1] - bias)
+        n_weights = sum(len(v) for v in weight_masks.values())
         self.records.append(
             {
                 "step": step,
                 "hospital": who,
+                # what the key holder decrypted, masked (the refresh security's slot count)
+                "mask_bits": self.mask_bits,
+                "masked": {
+                    "products": L.n_heads * L.n_groups,
+                    "bias": L.n_heads,
+                    "weights": n_weights,
+                },
+                "masked_slots": len(masked) * S,
                 "bytes_to_hospital": sum(len(b) for b in masked),
                 "bytes_from_hospital": sum(len(b) for b in replies),
                 "seconds": time.perf_counter() - t0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.crypto.diagonal import DiagonalLayout, rot
+from medfed.crypto.masking import MASK_KINDS
 from medfed.train.diagonal.backend import bias_products, group_products
 from medfed.train.diagonal.keyholder import keyholder_sums
 
@@ -14,6 +15,7 @@ class PlainDiagonalBackend:
 
     def __init__(self, layout: DiagonalLayout) -> None:
         self.layout = layout
+        self.records: list[dict] = []  # per round: what the encrypted run would mask
 
     def zeros(self) -> np.ndarray:
         """A zero slot vector."""
@@ -44,13 +46,26 @@ class PlainDiagonalBackend:
         return {"q": q, "qb": qb}
 
     def sum_round(self, parts, step, weights=None, decay=0.0):
-        """The key holder's map (:func:`keyholder_sums`) of the summed products, unmasked."""
+        """The key holder's map (:func:`keyholder_sums`) of the summed products, unmasked.
+
+        Records, per round, the vectors the encrypted run masks (per head: one product vector
+        per group, the bias vector, with ``weights`` each group's weight pattern) and the sum
+        of ``|v|`` over their slots, per kind: the refresh security's numerator
+        (:func:`~medfed.crypto.masking.refresh_security`).
+        """
         L = self.layout
         upd_w, upd_b = [], []
+        total, count = dict.fromkeys(MASK_KINDS, 0.0), dict.fromkeys(MASK_KINDS, 0)
         for k in range(L.n_heads):
             q = np.stack([sum(group_products(parts, k, g)) for g in range(L.n_groups)])
+            qb = sum(bias_products(parts, k))
             wk = np.stack(weights[k]) if weights is not None else None
-            pattern, bias = keyholder_sums(q, sum(bias_products(parts, k)), L, wk, decay)
+            for kind, v in (("products", q), ("bias", qb), ("weights", wk)):
+                if v is not None:
+                    total[kind] += float(np.abs(v).sum())
+                    count[kind] += len(v) if v.ndim == 2 else 1
+            pattern, bias = keyholder_sums(q, qb, L, wk, decay)
             upd_w.append(list(pattern))
             upd_b.append(bias)
+        self.records.append({"step": step, "abs": total, "vectors": count})
         return upd_w, upd_b
