@@ -35,7 +35,8 @@ from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
 from medfed.fl import messages as M
-from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
+from medfed.fl.key_holders import FlowerKeyHolder
+from medfed.fl.server_app import Ledger, RoundExchange, make_aggregator_server_app
 from medfed.train.diagonal.backend import Block
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
@@ -366,44 +367,6 @@ class EmbeddingsAggregator(RoundExchange):
                 for stage, nodes in self.contributors.items()
             },
         }
-
-
-class FlowerKeyHolder:
-    """Round-robin over the member hospitals for the masked-sum round; skips one that fails.
-
-    A retry sends the next hospital the same masked bytes: the masks were never revealed, so a
-    second key holder learns nothing the first could not (fresh masks would instead give two
-    independently masked views of the same products to two hospitals).
-    """
-
-    def __init__(self, aggregator: EmbeddingsAggregator, grid: Grid) -> None:
-        self.aggregator = aggregator
-        self.grid = grid
-        self.failed: set[int] = set()
-
-    def sum_masked(
-        self, masked: list[bytes], step: int, decay: float = 0.0
-    ) -> tuple[list[bytes], str]:
-        """One masked-sum round, retried with the next hospital if one fails. ``decay``
-        (``lr * l2``) is provisioned to the hospitals with the schedule, not sent: no message
-        carries a float."""
-        nodes = [n for n in self.aggregator.members if n not in self.failed]
-        layout_json = json.dumps(self.aggregator.layout.to_dict())
-        for attempt in range(len(nodes)):
-            node = nodes[(step + attempt) % len(nodes)]
-            payload = {M.MASKED: masked, M.LAYOUT: layout_json, M.STEP: step}
-            replies = self.aggregator.exchange_round(
-                self.grid, f"sum-{step}", {node: payload}, M.MSG_SUM
-            )
-            if node in replies:  # the backend checks the count and every ciphertext
-                return list(replies[node][M.SUMS]), self.aggregator._name(node)
-            self.failed.add(node)
-        raise FederationError(f"no hospital could answer the masked-sum round of epoch {step}")
-
-    def reject(self, who: str, reason: str, step: int) -> None:
-        """The backend found ``who``'s reply unusable: record it, never ask that hospital again."""
-        self.aggregator.ledger.exclude(f"sum-{step}", who, log_safe(reason))
-        self.failed.update(n for n, name in self.aggregator.names.items() if name == who)
 
 
 def make_aggregator_app(
