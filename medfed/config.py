@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from medfed.errors import ConfigError  # re-exported: medfed.config.ConfigError is public
 
 SPLITS = ("iid", "dirichlet")
+MIN_BUCKET = 32  # the smallest bucket accepted without allow_small_bucket
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class SimulationConfig:
         sigmoid_degree: mode "embeddings": degree of the polynomial sigmoid (1, 3 or 5).
         sigmoid_radius: mode "embeddings": the sigmoid is fitted on ``[-radius, radius]``.
         bucket: mode "embeddings": sample-count padding granularity (hospitals announce
-            buckets, not sample counts).
+            buckets, not sample counts); below 32 only with ``allow_small_bucket``.
+        allow_small_bucket: accept a ``bucket`` below 32 (it reveals sample counts to within it).
         feature_scale: scale of the normalized features.
         backend: "flower" (Flower's Ray simulation engine) or "local" (in-process).
         client_cpus: CPUs per simulated hospital.
@@ -92,6 +95,7 @@ class SimulationConfig:
     sigmoid_degree: int = 3
     sigmoid_radius: float = 24.0
     bucket: int = 32
+    allow_small_bucket: bool = False  # bucket < MIN_BUCKET reveals near-exact sample counts
     feature_scale: float = 1.0
     backend: str = "flower"
     client_cpus: float = 1.0
@@ -183,6 +187,7 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("hospitals", c.hospitals)
     positive_int("epochs", c.epochs)
     positive_int("bucket", c.bucket)
+    _check_bucket(c)
     positive_int("seed", c.seed, low=0)
     positive_int("workers", c.workers, low=0)
     positive_int("rounds", c.rounds)
@@ -212,6 +217,19 @@ def _validate(c: SimulationConfig) -> None:
     if c.img_size is not None:
         positive_int("img_size", c.img_size, low=16)
     _check_inject(c, mode.fault_stages() if mode.fault_stages else ())
+
+
+def _check_bucket(c: SimulationConfig) -> None:
+    """A bucket below :data:`MIN_BUCKET` reveals (near-)exact sample counts: opt-in only."""
+    if not isinstance(c.allow_small_bucket, bool):
+        raise ConfigError(f"allow_small_bucket must be true or false, got {c.allow_small_bucket!r}")
+    if c.bucket < MIN_BUCKET and not c.allow_small_bucket:
+        raise ConfigError(
+            f"bucket={c.bucket} is below {MIN_BUCKET}: hospitals announce ceil(n / bucket), so the "
+            "aggregator (and, via the layout, every hospital) learns each hospital's sample count "
+            f"{'exactly' if c.bucket == 1 else f'to within {c.bucket}'}. Use --bucket {MIN_BUCKET} "
+            "or more, or accept that leak with --allow-small-bucket (allow_small_bucket: true)."
+        )
 
 
 def _check_mode(c: SimulationConfig) -> ModeSpec:
@@ -288,8 +306,6 @@ def _check_updates(c: SimulationConfig) -> None:
 def _check_embeddings(c: SimulationConfig) -> None:
     """Mode "embeddings": the preset has the CKKS levels one epoch needs (mode "updates" only
     adds ciphertexts: any preset has the depth)."""
-    import math
-
     from medfed.crypto.params import PRESETS, get_preset
 
     params = get_preset(c.ckks)

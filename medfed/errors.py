@@ -25,6 +25,8 @@ subclass :class:`MedfedError` (``lint-imports`` checks the layers; see pyproject
 
 from __future__ import annotations
 
+import re
+
 
 class MedfedError(Exception):
     """Base of every error medfed raises on purpose; its message names the fix.
@@ -45,6 +47,32 @@ class ConfigError(MedfedError, ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (MedfedError,)
 
 
+#: Words of third-party advice that would make a load unsafe: torch's "retry with
+#: weights_only=False", numpy's "load it unsafely using allow_pickle= or pickle.load()",
+#: Hugging Face's trust_remote_code.
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only|allow_pickle|trust_remote_code|safe_globals|pickle\.load|load it unsafely",
+    re.IGNORECASE,
+)
+
+
+def without_unsafe_advice(text: str) -> str:
+    """``text`` (an error message medfed relays) without the sentences that name an unsafe way
+    to load a file (e.g. ``weights_only=False``, ``allow_pickle=True``): medfed's errors say
+    what is wrong and the safe fix, never how to unpickle an untrusted file."""
+    text = str(text)
+    if not _UNSAFE_ADVICE.search(text):
+        return text
+    parts = re.split(r"(?<=[.!?])(\s+)", text)  # sentence, separator, sentence, ...
+    kept = []
+    for k in range(0, len(parts), 2):
+        if not _UNSAFE_ADVICE.search(parts[k]):
+            kept.append(parts[k] + (parts[k + 1] if k + 1 < len(parts) else ""))
+    return "".join(kept).strip()
+
+
 def format_user_error(e: BaseException) -> str:
-    """The line a command line prints for a :class:`MedfedError` (no traceback)."""
-    return f"medfed: error: {e}"
+    """The line a command line prints for a :class:`MedfedError` (no traceback); a sentence
+    relayed from a library that advises an unsafe load is left out (:func:`without_unsafe_advice`).
+    """
+    return f"medfed: error: {without_unsafe_advice(str(e))}"

@@ -5,8 +5,7 @@ nothing from medfed, so every layer can read a result.
 
 ``result.to_dict()`` is exactly what ``metrics.json`` holds (NaN/Inf as null, tuples as
 lists); ``result["accuracy"]``, ``"auc" in result``, ``result.get(...)`` and ``set(result)``
-read the run's metrics as they were computed (NaN stays NaN), like the dict runs returned
-before this type existed.
+read the run's metrics as they were computed (NaN stays NaN), as from a dict.
 """
 
 from __future__ import annotations

@@ -101,7 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
     p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (24)")
     p.add_argument("--feature-scale", type=float, default=S, help="feature norm scale (1.0)")
-    p.add_argument("--bucket", type=int, default=S, help="padding granularity in samples (32)")
+    p.add_argument(
+        "--bucket",
+        type=int,
+        default=S,
+        help="padding granularity in samples (32); hospitals announce ceil(n / bucket), so a "
+        "smaller bucket reveals sample counts more precisely",
+    )
+    p.add_argument(
+        "--allow-small-bucket",
+        action="store_true",
+        default=S,
+        help="accept --bucket below 32, which reveals each hospital's sample count to within "
+        "the bucket (exactly with --bucket 1); recorded in metrics.json and the summary",
+    )
     p.add_argument(
         "--backend",
         default=S,

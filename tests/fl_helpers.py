@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medfed.crypto.context import make_secret_context, secret_context_bytes
 from medfed.crypto.params import PRESETS
+from medfed.crypto.signing import SigningKey, provision_keys
 from medfed.fl import messages as M
 from medfed.fl.aggregator import AggregatorSettings, EmbeddingsAggregator
 from medfed.fl.faults import fault_mods
@@ -19,19 +20,40 @@ from tests.conftest import synthetic_hospitals
 
 PARAMS = PRESETS["fast"]
 
+#: The aggregator's signing key of each provisioned test workspace (the harness's role).
+AGGREGATOR_KEYS: dict[str, SigningKey] = {}
+
+
+def provision_signed(ws: Path, hospitals: list[HospitalData], secret, meta) -> SigningKey:
+    """Provision every hospital with ``secret`` (bytes, or a per-index list) and a fresh
+    signing key; returns the aggregator's key (also kept in :data:`AGGREGATOR_KEYS`)."""
+    ring = provision_keys([h.name for h in hospitals])
+    for i, h in enumerate(hospitals):
+        key = secret[i] if isinstance(secret, list) else secret
+        provision(ws, i, h, key, meta, signing=ring.hospitals[i])
+    AGGREGATOR_KEYS[str(ws)] = ring.aggregator
+    return ring.aggregator
+
 
 def provision_all(
     ws: Path, hospitals: list[HospitalData], n_classes: int = 2, secret=None, keys: dict = None
-) -> None:
-    """Each hospital's workspace; ``keys`` maps an index to another secret context."""
+) -> SigningKey:
+    """Each hospital's workspace; ``keys`` maps an index to another secret context. Returns
+    the aggregator's signing key."""
     secret = secret if secret is not None else make_secret_context(PARAMS)
     meta = HospitalProvision(bucket=32, n_classes=n_classes, ckks="fast", feature_scale=1.0)
-    for i, h in enumerate(hospitals):
-        ctx = (keys or {}).get(i, secret)
-        provision(ws, i, h, secret_context_bytes(ctx), meta)
+    contexts = [secret_context_bytes((keys or {}).get(i, secret)) for i in range(len(hospitals))]
+    return provision_signed(ws, hospitals, contexts, meta)
 
 
-def settings(n: int, d: int = 8, n_classes: int = 2, epochs: int = 3, min_hospitals: int = 2):
+def settings(
+    n: int,
+    d: int = 8,
+    n_classes: int = 2,
+    epochs: int = 3,
+    min_hospitals: int = 2,
+    signing: SigningKey | None = None,
+):
     return AggregatorSettings(
         params=PARAMS,
         schedule=HeadSchedule(epochs, 4.0, fit_sigmoid(3, 8.0)),
@@ -40,6 +62,7 @@ def settings(n: int, d: int = 8, n_classes: int = 2, epochs: int = 3, min_hospit
         bucket=32,
         expected_hospitals=n,
         min_hospitals=min_hospitals,
+        signing=signing,
     )
 
 
@@ -55,7 +78,7 @@ def run_local(
     """(strategy, grid, result) of one federation over provisioned workspaces."""
     app = make_hospital_app(ws, mods=fault_mods(faults, mods))
     grid = grid_cls(app, n)
-    strategy = EmbeddingsAggregator(settings(n, **kwargs))
+    strategy = EmbeddingsAggregator(settings(n, signing=AGGREGATOR_KEYS[str(ws)], **kwargs))
     return strategy, grid, strategy.run(grid)
 
 
@@ -67,7 +90,8 @@ def federation(tmp_path: Path, n: int = 3, d: int = 8, seed: int = 0, **kwargs):
 
 def rewrite_reply(stage: str, change: Callable[[dict, int], dict]):
     """A hospital-side mod that rewrites its own reply at ``stage`` and re-digests it (a buggy
-    or malicious hospital, as opposed to corruption in transit)."""
+    or malicious hospital, as opposed to corruption in transit); the hospital's authentication
+    mod, outside it, signs the result with the hospital's own key."""
 
     def mod(msg, context, call_next):
         reply = call_next(msg, context)
@@ -78,6 +102,7 @@ def rewrite_reply(stage: str, change: Callable[[dict, int], dict]):
         values = change(dict(reply.content.config_records[M.RECORD]), index)
         values.pop(M.DIGEST, None)
         values.pop(M.ROUND_ID, None)
+        values.pop(M.SIGNATURE, None)
         return M.make_reply(msg, **values)
 
     return mod

@@ -55,14 +55,29 @@ def test_an_exception_escaping_a_client_app_is_an_app_raised_reply():
 
 
 def test_a_failing_hospital_handler_replies_app_raised_and_keeps_the_details(tmp_path):
-    (tmp_path / "hospital_0").mkdir()  # no data: loading it fails
+    from tests.conftest import synthetic_hospitals
+    from tests.fl_helpers import provision_signed
+
+    meta = {"keys": "none", "n_classes": 2, "ckks": "fast", "feature_scale": 1.0}
+    aggregator = provision_signed(tmp_path, synthetic_hospitals(1, n=20, d=4), None, meta)
+    (tmp_path / "hospital_0" / "data.npz").unlink()  # no data: loading it fails
     grid = LocalGrid(make_updates_hospital_app(tmp_path), 1)
-    (reply,) = grid.send_and_receive([_message(M.MSG_UPDATE_STATS, grid)])
+    msg = _message(M.MSG_UPDATE_STATS, grid)
+    values = {**msg.content[M.RECORD], M.ROUND_ID: "stats/x"}  # signed, as the aggregator does
+    values[M.SIGNATURE] = M.sign_request(
+        aggregator, values, M.MSG_UPDATE_STATS, msg.metadata.dst_node_id
+    )
+    msg = Message(
+        M.make_content(**values),
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=M.MSG_UPDATE_STATS,
+    )
+    (reply,) = grid.send_and_receive([msg])
     assert reply.error.code == M.APP_RAISED
     assert reply.error.reason == (
-        "hospital-0: stats failed (FileNotFoundError); details are in the hospital's own errors.log"
-    )
-    assert "meta.json" in (tmp_path / "hospital_0" / "errors.log").read_text()
+        "hospital-0: stats failed; details are in the hospital's own errors.log"
+    )  # no error class: it would tell a failed decryption from any other failure
+    assert "data.npz" in (tmp_path / "hospital_0" / "errors.log").read_text()
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:

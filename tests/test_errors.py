@@ -26,6 +26,7 @@ ERRORS = [
     ("medfed.crypto.threshold.errors", "ThresholdUnavailableError", RuntimeError),
     ("medfed.crypto.threshold.errors", "ThresholdParamsError", ValueError),
     ("medfed.crypto.threshold.errors", "ThresholdError", ValueError),
+    ("medfed.crypto.threshold.errors", "ThresholdBudgetError", ValueError),
     ("medfed.fl.messages", "ProtocolError", ValueError),
     ("medfed.fl.messages", "FederationError", RuntimeError),
     ("medfed.fl.faults", "FaultSpecError", ValueError),

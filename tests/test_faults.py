@@ -162,9 +162,12 @@ def _ctx(index=0):
     )
 
 
-def _msg(stage):
+def _msg(stage, signed_by=None):
     LocalGrid(None, 1)  # sets Flower's task identity, which Messages need
-    content = M.make_content(**{M.STAGE: stage, M.ROUND_ID: f"{stage}/x"})
+    values = {M.STAGE: stage, M.ROUND_ID: f"{stage}/x"}
+    if signed_by is not None:  # the aggregator's key: signed for node 1, as _ctx() is
+        values[M.SIGNATURE] = M.sign_request(signed_by, values, M.MSG_SUM, 1)
+    content = M.make_content(**values)
     msg = Message(content, dst_node_id=1, message_type=M.MSG_SUM)
     msg.metadata.__dict__["_message_id"] = msg.object_id
     return msg
@@ -238,7 +241,10 @@ def test_mod_state_lives_in_the_context():
     assert isinstance(ctx.state.config_records["medfed.faults"], ConfigRecord)
 
 
-def test_fault_mods_are_the_outermost_mod_of_the_apps_own_mods_list():
+def test_fault_mods_are_the_outermost_mod_of_the_apps_own_mods_list(tmp_path):
+    from tests.conftest import synthetic_hospitals
+    from tests.fl_helpers import provision_all
+
     assert fault_mods(()) == [] and fault_mods((), [_echo]) == [_echo]
     seen = []
 
@@ -251,8 +257,12 @@ def test_fault_mods_are_the_outermost_mod_of_the_apps_own_mods_list():
     faults = [parse_fault("dropout:hospital=0,round=sum-1")]
     mods = fault_mods(faults, [inner_mod])
     assert len(mods) == 2 and mods[1] is inner_mod
-    app = make_hospital_app("/nonexistent", mods=mods)  # Flower's own mods= argument
+    aggregator = provision_all(tmp_path, synthetic_hospitals(n_hospitals=1, n=40, d=8))
+    app = make_hospital_app(tmp_path, mods=mods)  # Flower's own mods= argument
+    # inside the hospital's authentication, which refuses an unsigned request first
     reply = app(_msg("sum-1"), _ctx())
+    assert reply.error.code == M.APP_RAISED and "signature check" in reply.error.reason
+    reply = app(_msg("sum-1", signed_by=aggregator), _ctx())
     assert reply.error.code == ErrorCode.NODE_UNAVAILABLE and seen == []  # outermost
 
 

@@ -12,8 +12,10 @@ import tenseal.sealapi as sa
 from medfed.config import SimulationConfig
 from medfed.crypto.context import KeyMaterialError, secret_context_bytes
 from medfed.crypto.seal import SealEngine
+from medfed.crypto.signing import SIGNATURE_BYTES
 from medfed.fl import aggregator as agg
 from medfed.fl import messages as M
+from medfed.fl import public_keys
 from medfed.fl.local_grid import LocalGrid
 from medfed.fl.workspace import ERRORS, hospital_dir
 from medfed.runner import federate
@@ -94,7 +96,8 @@ def test_a_hospitals_error_text_stays_in_its_own_errors_log(tmp_path, debug_logs
     with pytest.raises(agg.FederationError):  # nobody could upload
         run_local(tmp_path, 3)
     text = " ".join(r.getMessage() for r in debug_logs.records)
-    assert "upload failed (ValueError)" in text
+    assert "upload failed; details are in the hospital's own errors.log" in text
+    assert "ValueError" not in text  # the reply names no error class
     assert _leaky(text) == []
     private = (hospital_dir(tmp_path, 0) / ERRORS).read_text()
     assert "1234.5678" in private  # the details stay with the hospital
@@ -104,7 +107,7 @@ def test_the_aggregator_deserializes_only_public_material(tmp_path, monkeypatch)
     loaded: list[tuple[str, bool]] = []  # (SEAL object type, loaded by a secret-key holder)
     contexts: list[bool] = []  # is_private() of every context the aggregator loads
     real_load = SealEngine._load
-    real_context = agg.load_public_context
+    real_context = public_keys.load_public_context
 
     def load(self, obj, data):
         loaded.append((type(obj).__name__, self.private))
@@ -116,19 +119,22 @@ def test_the_aggregator_deserializes_only_public_material(tmp_path, monkeypatch)
         return ctx
 
     monkeypatch.setattr(SealEngine, "_load", load)
-    monkeypatch.setattr(agg, "load_public_context", load_context)
+    monkeypatch.setattr(public_keys, "load_public_context", load_context)
     _, strategy, grid, result = federation(tmp_path, n=3)
     server = {kind for kind, private in loaded if not private}
     assert server == {"Ciphertext", "GaloisKeys"}
     assert contexts == [False]
     assert not strategy.ctx.is_private() and strategy.engine.decryptor is None
-    # every bytes value the aggregator received is public context, Galois keys or a ciphertext
+    # every bytes value the aggregator received is public context, Galois keys or a ciphertext,
+    # besides each reply's Ed25519 signature (64 bytes, checked by the aggregator)
     for reply in grid.received:
         for key, value in reply.content[M.RECORD].items():
             for item in value if isinstance(value, list) else [value]:
                 if not isinstance(item, bytes):
                     continue
-                if key == M.PUBLIC_CONTEXT:
+                if key == M.SIGNATURE:
+                    assert len(item) == SIGNATURE_BYTES
+                elif key == M.PUBLIC_CONTEXT:
                     assert not ts.context_from(item).is_private()
                 elif key == M.GALOIS_KEYS:
                     strategy.engine._load_galois(item)
@@ -136,11 +142,14 @@ def test_the_aggregator_deserializes_only_public_material(tmp_path, monkeypatch)
                     assert isinstance(
                         strategy.engine.from_bytes(item, sender="t", item=key).ct, sa.Ciphertext
                     )
-    # and every message it sent carries only ciphertexts, layouts, positions and steps
+    # and every message it sent carries only ciphertexts, layouts, positions and steps (and
+    # its own signature)
     for msg in grid.sent:
         for key, value in msg.content[M.RECORD].items():
             for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, bytes):
+                if key == M.SIGNATURE:
+                    assert isinstance(item, bytes) and len(item) == SIGNATURE_BYTES
+                elif isinstance(item, bytes):
                     strategy.engine.from_bytes(item, sender="aggregator", item=key)
                 else:
                     assert isinstance(item, str | int), key
@@ -214,7 +223,10 @@ def test_a_reply_claiming_another_hospitals_identity_is_rejected(tmp_path):
     assert result["contributors"]["upload"] == ["hospital-0", "hospital-2"]
 
 
-def test_two_nodes_claiming_one_name_at_stats_are_both_rejected(tmp_path):
+def test_a_node_claiming_another_name_at_stats_fails_that_hospitals_signature(tmp_path):
+    """Before signatures, both claimants of one name were rejected (nobody could tell which
+    was genuine); now the impostor's reply fails the pinned key of the name it claims."""
+
     def clone(values, index):
         if index == 2:
             values[M.HOSPITAL] = "hospital-0"
@@ -224,8 +236,26 @@ def test_two_nodes_claiming_one_name_at_stats_are_both_rejected(tmp_path):
     provision_all(tmp_path, hospitals)
     _, _, result = run_local(tmp_path, 4, mods=[rewrite_reply("stats", clone)])
     bad = excluded(result, "stats")
+    assert len(bad) == 1 and "does not verify under its pinned public key" in bad[0]["reason"]
+    assert "in the name of 'hospital-0'" in bad[0]["reason"]
+    assert result["contributors"]["stats"] == ["hospital-0", "hospital-1", "hospital-3"]
+
+
+def test_one_hospital_answering_from_two_nodes_is_rejected_on_both(tmp_path):
+    """Both nodes sign validly as hospital-0 (one workspace served twice): neither is kept."""
+
+    class TwinGrid(LocalGrid):
+        def __init__(self, app, n):
+            super().__init__(app, n)
+            twin = min(self.contexts)  # partition n-1 -> serves hospital 0 too
+            self.contexts[twin].node_config[M.PARTITION_ID] = 0
+
+    hospitals = synthetic_hospitals(n_hospitals=4, n=207, d=8)
+    provision_all(tmp_path, hospitals)
+    _, _, result = run_local(tmp_path, 4, grid_cls=TwinGrid)
+    bad = excluded(result, "stats")
     assert len(bad) == 2 and all("2 nodes claim the name 'hospital-0'" in e["reason"] for e in bad)
-    assert result["contributors"]["stats"] == ["hospital-1", "hospital-3"]
+    assert result["contributors"]["stats"] == ["hospital-1", "hospital-2"]
 
 
 def test_replies_from_nodes_that_were_not_asked_are_ignored(tmp_path, caplog):

@@ -9,9 +9,9 @@ from medfed.fl import messages as M
 from medfed.fl.aggregator import AggregatorSettings, EmbeddingsAggregator
 from medfed.fl.hospital import make_hospital_app
 from medfed.fl.local_grid import LocalGrid
-from medfed.fl.workspace import provision
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
+from tests.fl_helpers import provision_signed
 
 ALLOWED_REPLY_KEYS = {
     M.HOSPITAL,
@@ -29,6 +29,7 @@ ALLOWED_REPLY_KEYS = {
     M.N_FEATURES,  # the embedding dimension, public anyway
     M.ROUND_ID,  # the aggregator's nonce, echoed
     M.DIGEST,  # SHA-256 of the reply (integrity, no secret)
+    M.SIGNATURE,  # Ed25519 signature of the reply by the hospital's pinned key (64 bytes)
 }
 
 
@@ -39,8 +40,7 @@ def federation(tmp_path_factory, make_hospitals_module):
     secret = make_secret_context(params)
     ws = tmp_path_factory.mktemp("ws")
     meta = {"bucket": 32, "n_classes": 2, "ckks": "fast", "feature_scale": 1.0}
-    for i, h in enumerate(hospitals):
-        provision(ws, i, h, secret_context_bytes(secret), meta)
+    signing = provision_signed(ws, hospitals, secret_context_bytes(secret), meta)
     settings = AggregatorSettings(
         params=params,
         schedule=HeadSchedule(2, 2.0, fit_sigmoid(3, 8.0)),
@@ -48,6 +48,7 @@ def federation(tmp_path_factory, make_hospitals_module):
         n_features=8,
         bucket=32,
         expected_hospitals=3,
+        signing=signing,
     )
     grid = LocalGrid(make_hospital_app(ws), 3)
     strategy = EmbeddingsAggregator(settings)
@@ -85,7 +86,9 @@ def test_every_byte_payload_is_public_context_or_ciphertext(federation):
             assert not isinstance(item, float), key  # no plaintext numbers at all
             if isinstance(item, bytes):
                 n_bytes += 1
-                if key == M.PUBLIC_CONTEXT:
+                if key == M.SIGNATURE:  # Ed25519, verified in the run: no key, no data
+                    assert len(item) == 64
+                elif key == M.PUBLIC_CONTEXT:
                     assert not ts.context_from(item).is_private()
                 elif key == M.GALOIS_KEYS:
                     strategy.engine._load_galois(item)  # parses as Galois (public) keys
@@ -124,4 +127,10 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(federation):
     finals = [r for r in grid.received if M.OK in r.content[M.RECORD]]
     assert len(finals) == 3
     for r in finals:
-        assert set(r.content[M.RECORD].keys()) == {M.HOSPITAL, M.OK, M.ROUND_ID, M.DIGEST}
+        assert set(r.content[M.RECORD].keys()) == {
+            M.HOSPITAL,
+            M.OK,
+            M.ROUND_ID,
+            M.DIGEST,
+            M.SIGNATURE,
+        }

@@ -29,11 +29,12 @@ from medfed.fl.ciphers import UPDATE_CIPHERS, chunk_sizes, frame, unframe
 from medfed.fl.faults import dropout_faults, fault_mods
 from medfed.fl.local_grid import LocalGrid
 from medfed.fl.updates import UpdatesAggregator, UpdatesSettings, make_updates_hospital_app
-from medfed.fl.workspace import provision, read_evaluations
+from medfed.fl.workspace import read_evaluations
 from medfed.modes.updates import federate_updates
 from medfed.train.local import fedavg_from_sum, train_local, weighted_update
 from medfed.train.reference import train_exact_logreg
 from tests.conftest import synthetic_hospitals
+from tests.fl_helpers import provision_signed
 
 ROUNDS, LOCAL_EPOCHS, LR = 3, 2, 2.0
 DESCRIBED = {"dataset": "synthetic", "backbone": "none", "backbone_weights": "none"}
@@ -60,8 +61,7 @@ def federation(tmp_path, keys, hospitals, n_classes, dropouts=None, rounds=ROUND
     if keys == "shared":
         secret = secret_context_bytes(make_secret_context(PRESETS["fast"]))
     meta = {"keys": keys, "n_classes": n_classes, "ckks": "fast", "feature_scale": 1.0}
-    for i, h in enumerate(hospitals):
-        provision(tmp_path, i, h, secret, meta)
+    signing = provision_signed(tmp_path, hospitals, secret, meta)
     settings = UpdatesSettings(
         keys=keys,
         rounds=rounds,
@@ -70,6 +70,7 @@ def federation(tmp_path, keys, hospitals, n_classes, dropouts=None, rounds=ROUND
         n_classes=n_classes,
         n_features=d,
         expected_hospitals=len(hospitals),
+        signing=signing,
     )
     mods = fault_mods(dropout_faults(dropouts or {}))
     grid = LocalGrid(make_updates_hospital_app(tmp_path, mods=mods), len(hospitals))
@@ -219,6 +220,7 @@ ALLOWED_REPLY_KEYS = {
     M.OK,
     M.ROUND_ID,
     M.DIGEST,
+    M.SIGNATURE,  # Ed25519, 64 bytes (tests/test_signatures.py)
 }
 
 
@@ -237,6 +239,8 @@ def test_every_reply_is_public_material_or_ciphertext(shared_run):
                 assert item not in counts, f"{key}={item} equals a hospital's sample count"
             if key == M.PUBLIC_CONTEXT:
                 assert not ts.context_from(item).is_private()
+            elif key == M.SIGNATURE:  # checked against the hospital's pinned key in the run
+                assert isinstance(item, bytes) and len(item) == 64
             elif key == M.UPDATE:  # parses as CKKS ciphertexts under the run's parameters
                 length = s.stats_length if record[M.ROUND_ID].startswith("stats") else None
                 strategy.cipher.check(item, sender="test", length=length or s.update_length)
@@ -269,7 +273,13 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(shared_run):
     finals = [r for r in grid.received if M.OK in r.content[M.RECORD]]
     assert len(finals) == 3 and len(result["evaluated_by"]) == 3
     for r in finals:
-        assert set(r.content[M.RECORD].keys()) == {M.HOSPITAL, M.OK, M.ROUND_ID, M.DIGEST}
+        assert set(r.content[M.RECORD].keys()) == {
+            M.HOSPITAL,
+            M.OK,
+            M.ROUND_ID,
+            M.DIGEST,
+            M.SIGNATURE,
+        }
 
 
 # --- dropouts -----------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ the recipient and the purpose, so bytes replayed into another run, round, pair o
 purpose are refused. A replay of the same bytes under the same context is not detected here
 (the caller's round bookkeeping rejects duplicates).
 
-Authenticity of public bundles is assumed: they are exchanged through the aggregator in the key
-setup round, which is fine for an honest-but-curious aggregator (a malicious one could swap
-bundles; a PKI or out-of-band fingerprint check is the fix, as in SecAgg+).
+This module assumes the public bundles are authentic. In medfed they are exchanged through the
+aggregator in the key setup round, each signed by the hospital that made it under the Ed25519
+key pinned at provisioning (:mod:`medfed.crypto.signing`); every hospital checks those
+signatures before it seals to or opens from a bundle (``medfed.fl.ciphers.threshold.endorse``),
+so an aggregator that swaps a bundle is refused.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, without_unsafe_advice
 
 __all__ = [
     "DEFAULT_DATASET",
@@ -213,8 +213,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     )
     try:
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise DatasetError(bad.format(err=err)) from err
+    except ValueError as err:  # numpy's text for a pickle advises an unsafe load: not relayed
+        raise DatasetError(bad.format(err=without_unsafe_advice(str(err)))) from err
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
         raise DatasetError(bad.format(err=err)) from err
     if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -239,7 +239,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
                     f"{path}: contains object (pickled) arrays, which are not loaded for "
                     "safety; store images as uint8 and labels as integer arrays"
                 ) from err
-            raise DatasetError(bad.format(err=err)) from err
+            raise DatasetError(bad.format(err=without_unsafe_advice(str(err)))) from err
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error, KeyError) as err:
             raise DatasetError(bad.format(err=err)) from err
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, without_unsafe_advice
 
 if TYPE_CHECKING:
     import torch
@@ -146,10 +146,39 @@ def _replay(records: list[logging.LogRecord]) -> None:
 
 
 def _short_reason(exc: BaseException) -> str:
+    """``exc`` in one line of at most 300 characters, without advice to load unsafely."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    text = " ".join(lines[:2])
+    text = without_unsafe_advice(" ".join(lines[:2]))
     text = text if len(text) <= 300 else text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _file_problem(path: Path, exc: BaseException) -> str:
+    """Why ``path`` could not be loaded, in words that name the file's actual problem: torch's
+    own message for a non-checkpoint advises an unsafe retry (``weights_only=False``), which
+    medfed never relays."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
+    if path.suffix == ".safetensors":
+        return f"it is not a valid safetensors file ({_short_reason(exc)})"
+    if head.startswith(b"PK\x03\x04") and "weights_only" not in str(exc):
+        return _short_reason(exc)  # a torch.save zip whose tensors do not fit the model
+    decoded = head.decode("utf-8", errors="ignore")  # ignore: a character cut at 512 bytes
+    if len(decoded) >= len(head) - 3 and all(c.isprintable() or c.isspace() for c in decoded):
+        return "it is a text file, not a checkpoint"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy array, not a checkpoint"
+    if "weights_only" in str(exc) or "pickle" in type(exc).__name__.lower():
+        return (
+            "it is not a plain tensor state_dict (it may be a whole pickled model, a training "
+            "state with other objects, another format, or a damaged file); medfed loads "
+            "tensors only and never unpickles other objects, which can run code from the file"
+        )
+    return _short_reason(exc)
 
 
 def _finish(
@@ -183,17 +212,19 @@ def _load_weights_file(name: str, path: Path, kwargs: dict) -> torch.nn.Module:
             f".safetensors/.pth checkpoint for {name}."
         )
     expects = (
-        f"expected a timm checkpoint for {name!r} (e.g. {name}.safetensors from "
-        f"timm/{name} on the Hugging Face hub, or a state_dict saved from this model)"
+        f"expected a timm checkpoint for {name!r}: a .safetensors file (e.g. model.safetensors "
+        f"from timm/{name} on the Hugging Face hub) or a .pth holding only the state_dict, "
+        "written with torch.save(model.state_dict(), path)"
     )
     try:
         with _capture_timm_load_log() as records:
             model = timm.create_model(
                 name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
             )
-    except Exception as exc:  # shape mismatch, unreadable file, pickle error, ...
+    except Exception as exc:  # shape mismatch, unreadable file, pickled objects, ...
         raise BackboneError(
-            f"Weights file {str(path)!r} does not fit {name}: {_short_reason(exc)}. Fix: {expects}."
+            f"Weights file {str(path)!r} does not fit {name}: {_file_problem(path, exc)}. "
+            f"Fix: {expects}."
         ) from exc
     for record in records:
         message = record.getMessage()
@@ -255,7 +286,7 @@ def _cached_hub_file(name: str) -> Path | None:
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found)
     except Exception as exc:  # no huggingface_hub, odd cache layout, ...
-        logger.info("could not look up cached hub weights for %s: %s", name, exc)
+        logger.info("could not look up cached hub weights for %s: %s", name, _short_reason(exc))
     return None
 
 
@@ -267,7 +298,7 @@ def _try_hub(name: str, kwargs: dict) -> torch.nn.Module | None:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:  # hub error, missing repo, ...
-            logger.info("hub weights for %s unavailable (%s)", name, exc)
+            logger.info("hub weights for %s unavailable (%s)", name, _short_reason(exc))
     cached = _cached_hub_file(name)
     if cached is not None:
         try:

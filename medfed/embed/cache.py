@@ -30,6 +30,7 @@ from medfed.embed.backbones import (
     hub_enabled,
     resolve_backbone_name,
 )
+from medfed.errors import without_unsafe_advice
 
 __all__ = [
     "CACHE_FORMAT",
@@ -115,6 +116,7 @@ class FeatureCache:
                 path.unlink()
 
     def _corrupt(self, key: str, path: Path, reason: str) -> None:
+        reason = without_unsafe_advice(reason) or "not a plain array"  # never "allow_pickle=..."
         warnings.warn(
             f"feature cache file {str(path)!r} is unusable ({reason}); deleting it, the features "
             f"will be recomputed.",

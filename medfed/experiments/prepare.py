@@ -171,6 +171,11 @@ def load_features(path: str | Path) -> dict:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
+        if "pickle" in str(e):  # numpy's text advises an unsafe load (allow_pickle): not relayed
+            raise DatasetError(
+                f"{path} holds pickled (object) data, which medfed does not load; store the "
+                "features as float arrays and the labels as integer arrays (np.savez)"
+            ) from None
         raise DatasetError(f"{path} is not a readable .npz file ({e})") from None
     missing = [k for k in FEATURE_KEYS if k not in arrays]
     if missing:

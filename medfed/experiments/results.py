@@ -133,6 +133,8 @@ def run_table(
     t.add_column("value", justify="right")
     t.add_row("dataset", f"{m.get('dataset')} ({m.get('n_classes')} classes)")
     t.add_row("backbone", f"{m.get('backbone')} ({m.get('backbone_weights')})")
+    for row in small_bucket_rows(m):
+        t.add_row(*row)
     for row in before:
         t.add_row(*row)
     _yardstick_rows(t, m, row_head or head, same)
@@ -144,6 +146,23 @@ def run_table(
     for row in after:
         t.add_row(*row)
     return t
+
+
+def small_bucket_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The warning row of a run that opted in to a bucket below 32 (``--allow-small-bucket``):
+    each hospital's sample count leaked to within the bucket; no row otherwise."""
+    from medfed.config import MIN_BUCKET
+
+    bucket = metrics.get("bucket")
+    if not metrics.get("allow_small_bucket") or (bucket or 0) >= MIN_BUCKET:
+        return []
+    leak = "exactly" if bucket == 1 else f"to within {bucket or 'the bucket'}"
+    return [
+        (
+            "[bold red]WARNING: bucket below 32 (--allow-small-bucket)[/bold red]",
+            f"[bold red]{bucket}: sample counts revealed {leak}[/bold red]",
+        )
+    ]
 
 
 def summary_table(metrics: Mapping[str, Any]) -> Table:
@@ -182,6 +201,9 @@ def updates_summary_table(metrics: Mapping[str, Any]) -> Table:
     if m.get("dropouts"):
         gone = ", ".join(d["hospital"] for d in m.get("dropped", [])) or "none"
         between.append(("dropouts (from round)", f"{gone} ({m.get('dropout_round')})"))
+    if th and th.get("max_decryptions"):  # each hospital refuses beyond the budget
+        used = f"{th.get('decryptions')} / {th['max_decryptions']}"
+        between.append(("threshold decryptions (most-used key share / budget)", used))
     per = m["bytes_per_round"]
     return run_table(
         m,

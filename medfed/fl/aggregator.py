@@ -3,7 +3,8 @@
 It holds only the public context. Stages (each one Flower round):
 
 1. ``stats``: hospitals send encrypted feature sums and a bucket count; the lead hospital also
-   sends the public context. The aggregator adds the sums (it cannot read them).
+   sends the public context (if it fails, the next hospital is asked in a ``public-context``
+   round, and so on). The aggregator adds the sums (it cannot read them).
 2. ``upload``: hospitals receive the encrypted total (to normalize with a shared rule) and the
    slot layout, and send encrypted feature and label blocks.
 3. ``sum`` (one per epoch): masked gradient products go to one hospital in turn, which returns
@@ -13,9 +14,10 @@ It holds only the public context. Stages (each one Flower round):
 A hospital whose reply fails is excluded from that stage, recorded with the reason, and the run
 continues with the others where that is safe (at least ``min_hospitals`` contribute).
 
-Every message carries the stage name and a fresh round id; a reply must echo the round id, keep
-the hospital name its node announced at ``stats``, and match its digest. A corrupt, replayed or
-impersonating reply is excluded like a failed one (see :func:`medfed.fl.messages.check_reply`).
+Every message carries the stage name and a fresh round id, signed; a reply must echo the round
+id, keep the hospital name its node announced at ``stats``, match its digest and carry that
+hospital's signature. A corrupt, replayed, forged or impersonating reply is excluded like a
+failed one (see :func:`medfed.fl.messages.check_reply` and ``verify_reply``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from dataclasses import dataclass
 import tenseal as ts
 from flwr.serverapp import Grid, ServerApp
 
-from medfed.crypto.context import CiphertextError, context_fingerprint, load_public_context
+from medfed.crypto.context import CiphertextError
 from medfed.crypto.diagonal import DiagonalLayout, plan_diagonal
 from medfed.crypto.params import CKKSParams
 from medfed.crypto.seal import SealEngine, SealVec
+from medfed.crypto.signing import SigningKey
 from medfed.fl import messages as M
 from medfed.fl.key_holders import FlowerKeyHolder
+from medfed.fl.public_keys import load_public_keys
 from medfed.fl.server_app import Ledger, RoundExchange, make_aggregator_server_app
 from medfed.train.diagonal.backend import Block
 from medfed.train.diagonal.compute import DiagonalCompute
@@ -68,6 +72,7 @@ class AggregatorSettings:
     cpus_per_worker: float = 1.0
     components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
     samples_per_component: int = 0  # fewer components for fewer (padded) samples; 0: all
+    signing: SigningKey | None = None  # the aggregator's Ed25519 key, every party's pinned key
 
     @property
     def width(self) -> int:
@@ -127,19 +132,11 @@ class EmbeddingsAggregator(RoundExchange):
                     )
         for node, rec in replies.items():
             self.names[node] = str(rec[M.HOSPITAL])
-        lead = [rec for rec in replies.values() if M.PUBLIC_CONTEXT in rec]
-        if not lead and replies:  # the lead hospital failed: ask another one
-            node = sorted(replies)[0]
-            extra = self.exchange_round(grid, "public-context", {node: {}}, M.MSG_PUBLIC_CONTEXT)
-            lead = [rec for rec in extra.values() if M.PUBLIC_CONTEXT in rec]
-        if not lead:
-            raise FederationError("no hospital sent the public context")
-        sender = str(lead[0][M.HOSPITAL])
-        self.public_bytes = lead[0][M.PUBLIC_CONTEXT]
-        self.galois_bytes = lead[0][M.GALOIS_KEYS]
-        self.ctx = load_public_context(self.public_bytes, sender=sender)
-        self.engine = SealEngine(self.ctx, galois_keys=self.galois_bytes)
-        fingerprint = context_fingerprint(self.ctx)
+        if not replies:  # nobody to take the public keys from: stop with the reasons
+            self._check_quorum("stats", 0)
+        keys = load_public_keys(self, grid, replies)
+        self.ctx, self.engine, fingerprint = keys.ctx, keys.engine, keys.fingerprint
+        self.public_bytes, self.galois_bytes = keys.public_bytes, keys.galois_bytes
         total, buckets = None, {}
         for node, rec in replies.items():
             name = self.names[node]
@@ -147,8 +144,8 @@ class EmbeddingsAggregator(RoundExchange):
                 self.ledger.exclude(
                     "stats",
                     name,
-                    "encrypts under a different key set than the lead hospital's public key; "
-                    "re-provision this hospital with the consortium's key.",
+                    f"encrypts under a different key set than the public key (from "
+                    f"{keys.sender}); re-provision this hospital with the consortium's key.",
                 )
                 continue
             d = int(rec.get(M.N_FEATURES, self.s.n_features))

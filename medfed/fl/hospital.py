@@ -66,10 +66,11 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
     """A ClientApp whose node ``partition-id`` selects ``workspace/hospital_<id>``.
 
     ``mods`` are Flower client-side mods wrapped around every handler (e.g.
-    :func:`medfed.fl.faults.fault_mod`).
+    :func:`medfed.fl.faults.fault_mod`), inside :func:`medfed.fl.workspace.authenticate`,
+    which checks the aggregator's signature of every request first and signs every reply.
     """
     workspace = str(workspace)
-    app = ClientApp(mods=list(mods or []))
+    app = ClientApp(mods=[W.authenticate(workspace), *(mods or [])])
 
     @app.query("stats")
     @W.guarded(workspace, "stats")

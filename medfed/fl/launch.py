@@ -30,16 +30,30 @@ def _forward_actor_output() -> bool:
 
     What the hospitals' Ray actors print themselves is noise on this console: Flower's
     ``(ClientAppActor pid=...) WARNING: Manually terminating ClientAppActor``, once per actor
-    that Ray's log monitor forwards before ``ray.shutdown()`` at the end of every run. Failures
-    do not travel that way: a hospital's exception comes back to this process as its task's
-    error (Flower logs it, the aggregator excludes the hospital with the reason) and a dead
-    actor is reported by Ray's error listener, both with ``log_to_driver=False`` too. What a
-    dying worker writes itself (e.g. a crash dump) stays in Ray's session logs
-    (``/tmp/ray/session_latest/logs/worker-*.err``); ``-v`` forwards it. This is Flower's own
+    that Ray's log monitor forwards before ``ray.shutdown()`` at the end of every run, and
+    the native backtrace a crashing actor writes (``*** SIGSEGV received ... PC: @ ...``).
+    Failures do not need that way: a hospital's exception comes back to this process as its
+    task's error (the aggregator excludes the hospital with the reason) and a dead actor is
+    reported by Ray's error listener, both with ``log_to_driver=False`` too, and both go to
+    the reports file of :func:`medfed.scale.cluster.ray_reports_to_file`, whose path the
+    first one prints. What a dying worker writes itself stays in Ray's session logs
+    (``worker-*.err`` beside that file); ``-v`` forwards it. This is Flower's own
     ``init_args.log_to_driver`` setting (default True), as
     :func:`medfed.scale.cluster.ray_session` does for medfed's own Ray sessions.
     """
     return log.isEnabledFor(logging.DEBUG)
+
+
+#: Ray options of the hospitals' actors, beside their resources (Flower's simulation engine
+#: passes ``client_resources`` to ``ClientAppActor.options``). Flower's actor pool keeps an
+#: actor whose process died (killed under memory pressure, where Ray's memory monitor and the
+#: kernel both pick Ray workers first, or a native crash) and hands it the next messages, of
+#: any hospital, which then fail at once: one dead process used to fail most hospitals of a
+#: round, the lead's public-context fallback included. Ray restarts such an actor instead (up
+#: to 3 times) and runs the interrupted message again once; a hospital whose process dies
+#: twice on one message is excluded from that round, and only that hospital. The bounds keep a
+#: machine that stays out of memory from restarting actors forever: the run stops instead.
+ACTOR_RECOVERY = {"max_restarts": 3, "max_task_retries": 1}
 
 
 class FederationApps(NamedTuple):
@@ -119,7 +133,7 @@ def run_federation(
 
     results: dict = {}
     server_app = make_aggregator_app(settings, results, on_step=on_step)
-    from medfed.scale.cluster import resolve_address
+    from medfed.scale.cluster import ray_reports_to_file, resolve_address
 
     # "local": a private instance, never a cluster that `ray start` left on this machine
     init_args = {"address": "local", "num_cpus": os.cpu_count() or 2, "include_dashboard": False}
@@ -128,15 +142,16 @@ def run_federation(
         init_args = {"address": address}
     init_args["log_to_driver"] = _forward_actor_output()
     backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0, **ACTOR_RECOVERY},
         "init_args": init_args,
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=n_hospitals,
-        backend_config=backend_config,
-    )
+    with ray_reports_to_file(console=init_args["log_to_driver"]):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=n_hospitals,
+            backend_config=backend_config,
+        )
     if "error" in results or "bytes_up" not in results:
         raise FederationError(
             f"the federation failed: {results.get('error', 'the ServerApp returned no result')}"

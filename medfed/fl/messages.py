@@ -8,6 +8,12 @@ A reply that carries no record carries one of Flower's error codes, named here o
 (:data:`NODE_UNAVAILABLE`, :data:`APP_RAISED`, :data:`APP_CRASHED`) and built with
 :func:`error_reply`: by the hospitals' failure guard (:func:`medfed.fl.workspace.guarded`),
 the fault mod (:mod:`medfed.fl.faults`) and the in-process grid (:mod:`medfed.fl.local_grid`).
+
+Every record is signed (:data:`SIGNATURE`, Ed25519 under keys pinned at provisioning,
+:mod:`medfed.crypto.signing`): requests by the aggregator (:func:`sign_request`, checked by
+the hospital with :func:`verify_request`), replies by the hospital (:func:`sign_reply`,
+checked by the aggregator with :func:`verify_reply`). Error replies carry no record and no
+signature.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from medfed.crypto.signing import AGGREGATOR, PinnedKeys, SignatureError, SigningKey, statement
 from medfed.errors import MedfedError
 
 # Message types ("<category>.<action>", routed by Flower's ClientApp)
@@ -75,6 +82,10 @@ RECIPIENTS = "recipients"  # threshold: party index of each SEALED item's recipi
 DROPPED = "dropped"  # threshold: key share to recover
 RECOVERER = "recoverer"  # threshold: the party that recovers it
 SESSION = "session"  # threshold: run id bound into every sealed hospital-to-hospital message
+ENDORSEMENT = "endorsement"  # threshold: a hospital's signature over an item it made for peers
+ENDORSEMENTS = "endorsements"  # threshold: the endorsement of each PEERS bundle, by party index
+SIGNER = "signer"  # threshold: the hospital whose ENDORSEMENT a request relays
+SIGNERS = "signers"  # threshold: the hospital name of each party index 1..n
 
 # Envelope keys (every stage, every mode): the aggregator names the stage and sends a fresh
 # round id with each message; the hospital echoes the round id and adds a digest of its reply.
@@ -82,6 +93,8 @@ N_FEATURES = "n_features"  # hospital -> aggregator at stats: embedding dimensio
 STAGE = "stage"  # aggregator -> hospital: "stats", "upload", "sum-<epoch>", "final", ...
 ROUND_ID = "round_id"  # aggregator -> hospital: a nonce for this message; echoed in the reply
 DIGEST = "digest"  # hospital -> aggregator: SHA-256 over the reply's values (round id included)
+SIGNATURE = "signature"  # both ways: Ed25519 over run id, type, stage, round id, parties, digest
+_UNDIGESTED = (DIGEST, SIGNATURE)  # the digest covers every other value of a record
 
 #: Node config key of a hospital's index (Flower's simulation engine and LocalGrid set it).
 PARTITION_ID = "partition-id"
@@ -89,7 +102,7 @@ PARTITION_ID = "partition-id"
 # Error replies: Flower's own codes, one name per case medfed produces
 #: The hospital answers nothing (a dropout, or a crashed hospital asked again): no reply.
 NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE
-#: The hospital's handler raised; the reason names the stage and the error class only.
+#: The hospital's handler raised; the reason names the hospital and the stage only.
 APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 #: The hospital died mid-round, after doing the round's work (an injected crash).
 APP_CRASHED = ErrorCode.CLIENT_APP_CRASHED
@@ -158,13 +171,15 @@ class FederationError(MedfedError, RuntimeError):
 
 
 def reply_digest(values: Mapping) -> str:
-    """SHA-256 over a record's keys and values (``DIGEST`` itself excluded), in key order.
+    """SHA-256 over a record's keys and values (``DIGEST`` and ``SIGNATURE`` excluded), in key
+    order.
 
-    Not a signature (there is no key): it detects replies corrupted after the hospital built
-    them, and binds the echoed round id and hospital name to the payload.
+    Unkeyed, it detects replies corrupted after the hospital built them; the signature
+    (:func:`sign_reply`, :func:`sign_request`) covers it, which is what authenticates the
+    payload, the echoed round id and the hospital name.
     """
     h = hashlib.sha256()
-    for key in sorted(k for k in values if k != DIGEST):
+    for key in sorted(k for k in values if k not in _UNDIGESTED):
         value = values[key]
         items = value if isinstance(value, list) else [value]
         h.update(f"{key}:{len(items)}:".encode())
@@ -223,3 +238,81 @@ def check_reply(record: Mapping, *, round_id: str, hospital: str | None, party: 
             "hospital's identity; rejected (each node must answer under the name it announced "
             "at stats)."
         )
+
+
+# ------------------------------------------------------------------------------ signatures
+
+
+def node_party(node_id: int) -> str:
+    """How a signed request names its recipient: the Flower node it is addressed to."""
+    return f"node-{int(node_id)}"
+
+
+def _statement(
+    kind: str, record: Mapping, key_run: str, message_type: str, stage: str, sender: str, to: str
+) -> bytes:
+    return statement(
+        kind,
+        run_id=key_run,
+        message_type=message_type,
+        stage=stage,
+        round_id=str(record.get(ROUND_ID, "")),
+        sender=sender,
+        recipient=to,
+        digest=reply_digest(record),
+    )
+
+
+def sign_request(key: SigningKey, values: Mapping, message_type: str, node: int) -> bytes:
+    """The aggregator's signature of a request's ``values`` (stage and round id included) to
+    ``node``: over the run id, ``message_type``, stage, round id, both parties and the digest."""
+    stage = str(values[STAGE])
+    run = key.pinned.run_id
+    return key.sign(
+        _statement("request", values, run, message_type, stage, AGGREGATOR, node_party(node))
+    )
+
+
+def verify_request(msg: Message, pinned: PinnedKeys, node_id: int) -> None:
+    """The hospital's check that ``msg`` is the aggregator's, for this run and this node;
+    :class:`~medfed.crypto.signing.SignatureError` (or :class:`ProtocolError`) if not."""
+    record = msg.content.config_records.get(RECORD)
+    if record is None:
+        raise ProtocolError("the request carries no medfed record; rejected")
+    message = _statement(
+        "request",
+        record,
+        pinned.run_id,
+        msg.metadata.message_type,
+        str(record.get(STAGE, "")),
+        AGGREGATOR,
+        node_party(node_id),
+    )
+    pinned.verify(AGGREGATOR, record.get(SIGNATURE), message)
+
+
+def sign_reply(msg: Message, reply: Message, key: SigningKey) -> Message:
+    """``reply`` (to request ``msg``) with the hospital's :data:`SIGNATURE` added: over the run
+    id, the request's type and stage, the echoed round id, both parties and the digest."""
+    values = dict(reply.content[RECORD])
+    values.pop(SIGNATURE, None)
+    stage = str(msg.content[RECORD].get(STAGE, ""))
+    run = key.pinned.run_id
+    values[SIGNATURE] = key.sign(
+        _statement("reply", values, run, msg.metadata.message_type, stage, key.name, AGGREGATOR)
+    )
+    return Message(make_content(**values), reply_to=msg)
+
+
+def verify_reply(
+    record: Mapping, pinned: PinnedKeys, *, message_type: str, stage: str, sender: str | None
+) -> None:
+    """The aggregator's check that ``sender`` (the node's known name, else the name the reply
+    claims) signed this reply for this run, message and stage; raises :class:`ProtocolError`."""
+    if sender is None:
+        raise ProtocolError("the reply names no hospital, so no key can check it; rejected")
+    message = _statement("reply", record, pinned.run_id, message_type, stage, sender, AGGREGATOR)
+    try:
+        pinned.verify(sender, record.get(SIGNATURE), message)
+    except SignatureError as e:
+        raise ProtocolError(f"{e} (reply in the name of {sender[:40]!r})") from None

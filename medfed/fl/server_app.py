@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from medfed.crypto.signing import SigningKey
 from medfed.fl import messages as M
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,20 @@ def log_safe(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Ray's exceptions for a hospital process that died, which Flower's simulation engine relays
+#: as the reply's error reason (``<class 'ray.exceptions.X'>:<'...'>``).
+_PROCESS_DIED = ("ActorDiedError", "ActorUnavailableError", "OutOfMemoryError", "RayActorError")
+
+
+def error_reason(reason: str) -> str:
+    """An error reply's reason for the ledger: a dead hospital process in one sentence."""
+    died = [e for e in _PROCESS_DIED if f"ray.exceptions.{e}" in str(reason)]
+    if not died:
+        return log_safe(reason)
+    memory = ", killed for lack of memory" if "OutOfMemoryError" in died else ""
+    return f"the hospital's process died mid-round{memory} (Ray: {died[0]}; see Ray's logs)"
+
+
 @dataclass
 class Ledger:
     """Bytes and seconds per party and per round, as the aggregator observes them."""
@@ -63,8 +78,9 @@ class RoundExchange:
     """The round loop both modes' strategies share: one Flower message per node, checked replies.
 
     Subclasses provide ``self.s`` (``reply_timeout``, ``node_wait_seconds``,
-    ``expected_hospitals``, ``min_hospitals``), ``self.ledger`` (:class:`Ledger`) and
-    ``self.names`` (node id -> hospital name).
+    ``expected_hospitals``, ``min_hospitals``, and ``signing``: the aggregator's
+    :class:`~medfed.crypto.signing.SigningKey` with every party's pinned public key),
+    ``self.ledger`` (:class:`Ledger`) and ``self.names`` (node id -> hospital name).
     """
 
     s: object
@@ -85,17 +101,23 @@ class RoundExchange:
     ) -> dict[int, Mapping]:
         """Send one message per node; return the accepted replies' records by node.
 
-        Each message names the stage and carries a fresh round id. A reply is accepted only
-        if it comes from a node this round addressed, is not an error, echoes that node's
-        round id, keeps the node's announced name and matches its digest; every other node
-        is excluded from the stage with the reason (no reply, error, or envelope violation).
-        With ``learn_names`` a node's first accepted reply tells its hospital name.
+        Each message names the stage, carries a fresh round id and is signed by the
+        aggregator (:func:`~medfed.fl.messages.sign_request`). A reply is accepted only if it
+        comes from a node this round addressed, is not an error, echoes that node's round id,
+        keeps the node's announced name, matches its digest and is signed by that hospital's
+        pinned key for this run, message type, stage and round
+        (:func:`~medfed.fl.messages.verify_reply`); every other node is excluded from the
+        stage with the reason (no reply, error, or envelope violation). With ``learn_names`` a
+        node's first accepted reply tells its hospital name.
         """
+        key = self._signing_key()
         t0 = time.perf_counter()
         msgs, sent, down, up = [], {}, 0, 0
         for node, values in payloads.items():
             sent[node] = f"{stage}/{secrets.token_hex(8)}"
-            content = M.make_content(**values, **{M.STAGE: stage, M.ROUND_ID: sent[node]})
+            values = {**values, M.STAGE: stage, M.ROUND_ID: sent[node]}
+            values[M.SIGNATURE] = M.sign_request(key, values, message_type, node)
+            content = M.make_content(**values)
             size = M.payload_bytes(content)
             self.ledger.down[node] += size
             down += size
@@ -114,7 +136,7 @@ class RoundExchange:
                     gone.add(node)  # the node is gone: handled below, like a timeout
                     continue
                 failed.add(node)
-                self.ledger.exclude(stage, self._name(node), log_safe(reply.error.reason))
+                self.ledger.exclude(stage, self._name(node), error_reason(reply.error.reason))
                 continue
             size = M.payload_bytes(reply.content)
             self.ledger.up[node] += size
@@ -126,6 +148,14 @@ class RoundExchange:
                     round_id=sent[node],
                     hospital=self.names.get(node),
                     party=self._name(node),
+                )
+                claimed = record.get(M.HOSPITAL)
+                M.verify_reply(
+                    record,
+                    key.pinned,
+                    message_type=message_type,
+                    stage=stage,
+                    sender=self.names.get(node, None if claimed is None else str(claimed)),
                 )
             except (M.ProtocolError, KeyError) as e:
                 failed.add(node)
@@ -154,6 +184,16 @@ class RoundExchange:
             }
         )
         return out
+
+    def _signing_key(self) -> SigningKey:
+        key = getattr(self.s, "signing", None)
+        if key is None:
+            raise M.FederationError(
+                "the aggregator has no signing key, so no hospital would accept its requests: "
+                "provision the run's keys with medfed.crypto.signing.provision_keys and give "
+                "the aggregator's key as its settings' `signing` (run_in_workspace does)"
+            )
+        return key
 
     def named_rounds(self) -> list[dict]:
         """The ledger's rounds with hospital names (known by the end of the run)."""

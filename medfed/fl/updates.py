@@ -44,6 +44,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.crypto.errors import CiphertextError
+from medfed.crypto.signing import SigningKey
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
@@ -88,6 +89,7 @@ class UpdatesSettings:
     workers: int = 0  # no Ray batch workers in this mode (launch.py asks)
     components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
     l2: float = 0.0  # L2 penalty of the hospitals' local training
+    signing: SigningKey | None = None  # the aggregator's Ed25519 key, every party's pinned key
 
     @property
     def width(self) -> int:
@@ -244,9 +246,13 @@ def _head_from(total: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -> ClientApp:
-    """The hospitals' ClientApp for mode "updates" (node ``partition-id`` selects the data)."""
+    """The hospitals' ClientApp for mode "updates" (node ``partition-id`` selects the data).
+
+    ``mods`` run inside :func:`medfed.fl.workspace.authenticate`, which checks the
+    aggregator's signature of every request first and signs every reply.
+    """
     workspace = str(workspace)
-    app = ClientApp(mods=list(mods or []))
+    app = ClientApp(mods=[W.authenticate(workspace), *(mods or [])])
 
     def cipher(meta: dict, i: int):
         return hospital_cipher(meta["keys"], workspace, i)

@@ -3,7 +3,10 @@
 In the shared-key setup the secret key is provisioned out of band to every hospital (as in
 NVIDIA FLARE's provisioning); the aggregator never reads these directories. A hospital's
 failures are written to its own ``errors.log`` (:func:`guarded`); the aggregator learns only
-the stage and the error class.
+the stage (the same text for every failure of it). Each hospital is also provisioned an
+Ed25519 signing key (``signing_key.bin``, 0600) and every party's pinned public key
+(``meta.json`` ``pinned``): :func:`authenticate` checks every request and signs every reply
+with them.
 
 Imports no Flower at module level (``import medfed`` exposes :class:`HospitalData`).
 """
@@ -25,7 +28,10 @@ from medfed.train.head import accuracy, head_scores
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
+    from medfed.crypto.signing import SigningKey
+
 SECRET_CONTEXT = "secret_context.bin"
+SIGNING_KEY = "signing_key.bin"  # the hospital's Ed25519 private key (raw, 32 bytes)
 DATA = "data.npz"
 META = "meta.json"
 EVAL = "eval.json"
@@ -50,7 +56,8 @@ class HospitalProvision:
 
     Fields left None are not written (they belong to the other mode): ``bucket`` and
     ``decay`` are mode "embeddings"' padding granularity and per-epoch L2 shrink (lr * l2),
-    ``keys`` mode "updates"'.
+    ``keys`` mode "updates"'. ``pinned``: the run id and every party's Ed25519 public key
+    (:meth:`medfed.crypto.signing.PinnedKeys.to_dict`), set by :func:`provision`.
     """
 
     n_classes: int
@@ -61,6 +68,7 @@ class HospitalProvision:
     keys: str | None = None
     bucket: int | None = None
     decay: float | None = None
+    pinned: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``meta.json`` mapping (without the hospital's name), None fields left out."""
@@ -145,9 +153,11 @@ def guarded(workspace: str | Path, stage: str) -> Callable[[_Handler], _Handler]
     sample counts) stay inside the hospital.
 
     The full error goes to the hospital's private ``errors.log``; the error reply
-    (:data:`medfed.fl.messages.APP_RAISED`) names only the hospital, the stage and the error
-    class. It is returned, not raised, so that Flower logs no traceback and keeps the node's
-    context.
+    (:data:`medfed.fl.messages.APP_RAISED`) is the same for every failure of a stage: it names
+    the hospital and the stage, not the error class, which would tell the aggregator whether
+    a decryption failed (a ``CiphertextError`` after a range check) or something else did, one
+    bit about the decrypted values. It is returned, not raised, so that Flower logs no
+    traceback and keeps the node's context.
     """
 
     def wrap(fn: _Handler) -> _Handler:
@@ -161,15 +171,65 @@ def guarded(workspace: str | Path, stage: str) -> Callable[[_Handler], _Handler]
                 i = M.node_index(context)
                 with open(hospital_dir(Path(workspace), i) / ERRORS, "a") as f:
                     f.write(f"{stage}: {type(e).__name__}: {e}\n")
-                reason = (
-                    f"hospital-{i}: {stage} failed ({type(e).__name__}); details are in the "
-                    "hospital's own errors.log"
+                reason = (  # the same for every failure of this stage: no error class
+                    f"hospital-{i}: {stage} failed; details are in the hospital's own errors.log"
                 )
                 return M.error_reply(msg, M.APP_RAISED, reason)
 
         return handler
 
     return wrap
+
+
+_ANSWERED = "medfed.answered"  # ConfigRecord in the node's Context.state: round ids answered
+
+
+def authenticate(workspace: str | Path) -> Callable:
+    """The hospital's authentication, a Flower client mod that both app factories put first
+    (outermost) in their ClientApp's ``mods=``: every request passes through it.
+
+    Before anything else runs (other mods included), the request must carry the aggregator's
+    signature under the key pinned at provisioning, for this run and this node
+    (:func:`medfed.fl.messages.verify_request`), and a round id this hospital has not answered
+    yet; otherwise the reply is an :data:`~medfed.fl.messages.APP_RAISED` error and the
+    details go to the hospital's ``errors.log``. Every reply with a record leaves signed by
+    this hospital's key (:func:`medfed.fl.messages.sign_reply`).
+    """
+    workspace = str(workspace)
+
+    def mod(msg: Message, context: Context, call_next: _Handler) -> Message:
+        from flwr.app import ConfigRecord
+
+        from medfed.crypto.signing import SignatureError
+        from medfed.fl import messages as M
+
+        i = M.node_index(context)
+        seen = context.state.config_records.get(_ANSWERED)
+        answered = list(seen["ids"]) if seen is not None else []
+        try:
+            key = load_signing_key(workspace, i)
+            M.verify_request(msg, key.pinned, context.node_id)
+            round_id = str(msg.content[M.RECORD][M.ROUND_ID])
+            if round_id in answered:
+                raise M.ProtocolError(f"round id {round_id[:40]!r} was answered before: a replay")
+        except (SignatureError, M.ProtocolError, KeyError, ValueError) as e:
+            try:
+                with open(hospital_dir(Path(workspace), i) / ERRORS, "a") as f:
+                    f.write(f"refused a request: {type(e).__name__}: {e}\n")
+            except OSError:
+                pass  # no workspace to log to: the reply still refuses
+            reason = (
+                f"hospital-{i}: refused a request that fails the aggregator's signature check; "
+                "details are in the hospital's own errors.log"
+            )
+            return M.error_reply(msg, M.APP_RAISED, reason)
+        context.state[_ANSWERED] = ConfigRecord({"ids": [*answered, round_id]})
+        reply = call_next(msg, context)
+        if reply.has_error() or M.RECORD not in reply.content.config_records:
+            return reply
+        return M.sign_reply(msg, reply, key)
+
+    return mod
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -184,12 +244,16 @@ def provision(
     data: HospitalData,
     secret_context: bytes | None,
     meta: HospitalProvision | dict[str, Any],
+    signing: SigningKey | None = None,
 ) -> Path:
-    """Write one hospital's private directory (mode 0700, secret key 0600).
+    """Write one hospital's private directory (mode 0700, secret and signing keys 0600).
 
     ``secret_context`` None: no provisioned key (mode "updates" with keys "none" or
     "threshold", where the hospitals make their key shares themselves). ``meta`` (a plain
-    dict is written as given) becomes ``meta.json``, with the hospital's name.
+    dict is written as given) becomes ``meta.json``, with the hospital's name. ``signing``:
+    this hospital's key (:func:`medfed.crypto.signing.provision_keys`), written to
+    ``signing_key.bin``, its pinned keys to ``meta.json``; without one the hospital refuses
+    every request.
     """
     if isinstance(meta, HospitalProvision):
         meta = meta.to_dict()
@@ -197,6 +261,11 @@ def provision(
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     if secret_context is not None:
         _write_private(d / SECRET_CONTEXT, secret_context)
+    if signing is not None:
+        if signing.name != data.name:
+            raise ValueError(f"the signing key of {signing.name!r} given to {data.name!r}")
+        _write_private(d / SIGNING_KEY, signing.private)
+        meta = {**meta, "pinned": signing.pinned.to_dict()}
     np.savez(
         d / DATA,
         train_features=data.train_features.astype(np.float32),
@@ -227,6 +296,34 @@ def load_provision(workspace: Path, index: int) -> HospitalProvision:
     """The typed provisioning of one hospital (its ``meta.json``)."""
     meta = json.loads((hospital_dir(workspace, index) / META).read_text())
     return HospitalProvision.from_dict(meta)
+
+
+def load_signing_key(workspace: str | Path, index: int) -> SigningKey:
+    """Hospital ``index``'s signing key with its pinned keys (loaded once per file version).
+
+    Raises :class:`~medfed.crypto.signing.SignatureError` when it was provisioned none.
+    """
+    path = hospital_dir(Path(workspace), index) / SIGNING_KEY
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        from medfed.crypto.signing import SignatureError
+
+        raise SignatureError(
+            f"hospital-{index} has no signing key ({SIGNING_KEY}): provision it with its key "
+            "from medfed.crypto.signing.provision_keys"
+        ) from None
+    return _signing_key(str(workspace), int(index), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(workspace: str, index: int, stamp: int) -> SigningKey:
+    from medfed.crypto.signing import PinnedKeys, SigningKey
+
+    d = hospital_dir(Path(workspace), index)
+    meta = json.loads((d / META).read_text())
+    pinned = PinnedKeys.from_dict(meta.get("pinned") or {})
+    return SigningKey(str(meta["name"]), (d / SIGNING_KEY).read_bytes(), pinned)
 
 
 def read_secret_context(workspace: Path, index: int) -> bytes:

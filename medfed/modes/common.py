@@ -7,6 +7,7 @@ Like the mode modules, nothing here imports torch, TenSEAL or Flower at module l
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,17 +65,25 @@ def run_in_workspace(
     hospitals' evaluations and delete the workspace. ``faults`` are injected besides
     ``cfg.inject`` (mode "updates"' ``--dropouts``). ``on_exit(workspace)`` runs after the
     federation, even on failure.
+
+    The harness is also the run's signing authority: it makes a random run id and an Ed25519
+    key pair per party (:func:`~medfed.crypto.signing.provision_keys`), writes each hospital's
+    private key into its workspace and every public key into each hospital's provisioning,
+    and gives the aggregator's key (with the same public keys) to ``settings.signing`` only.
     """
+    from medfed.crypto.signing import provision_keys
     from medfed.experiments.results import progress_bar
     from medfed.fl.faults import parse_faults
     from medfed.fl.launch import run_federation
     from medfed.fl.workspace import provision, read_evaluations
 
+    keys = provision_keys([h.name for h in hospitals])
+    settings = dataclasses.replace(settings, signing=keys.aggregator)
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
         for i, (h, meta) in enumerate(zip(hospitals, provisions, strict=True)):
-            provision(workspace, i, h, secret, meta)
-        del secret  # the hospitals hold the key now; the harness keeps no copy
+            provision(workspace, i, h, secret, meta, signing=keys.hospitals[i])
+        del secret, keys  # the hospitals hold their keys now; the harness keeps no copy
         t_fed = time.perf_counter()
         try:
             with progress_bar(label, cfg.progress) as progress:

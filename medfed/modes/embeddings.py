@@ -133,6 +133,8 @@ class EmbeddingsMode(Mode):
             "l2": cfg.l2,
             "components": cfg.components,
             "samples_per_component": cfg.samples_per_component,
+            "bucket": cfg.bucket,  # hospitals announce ceil(n / bucket)
+            "allow_small_bucket": cfg.allow_small_bucket,  # bucket < 32 opted into (a leak)
             "trained_features": fed["layout"]["n_features"],
             # accuracy, auc, the tuned reference (on the hospitals that passed upload), ...
             **yardsticks(

@@ -155,7 +155,13 @@ class UpdatesMode(Mode):
         cipher = fed["cipher"]
         threshold = None
         if cfg.keys == "threshold":
-            threshold = {"t": cipher["t"], "n": cipher["n"], "tolerates": cipher["n"] - cipher["t"]}
+            threshold = {
+                "t": cipher["t"],
+                "n": cipher["n"],
+                "tolerates": cipher["n"] - cipher["t"],
+                "decryptions": cipher["decryptions"],  # made under the most-used key share
+                "max_decryptions": cipher["max_decryptions"],  # the budget flooding is sized for
+            }
         metrics = {
             **described_run(cfg, described, n_classes, d),
             "backend": backend,

@@ -21,6 +21,7 @@ import pytest
 openfhe = pytest.importorskip("openfhe")
 
 from medfed.crypto.channel import ChannelError, Identity, open_sealed  # noqa: E402
+from medfed.crypto.signing import provision_keys  # noqa: E402
 from medfed.crypto.threshold import (  # noqa: E402
     ThresholdError,
     ThresholdParty,
@@ -64,11 +65,13 @@ def make_hospitals(n_hospitals=N_HOSPITALS, n=523, d=8, n_classes=3, seed=0):
     ]
 
 
-def run_federation(ws, hospitals, n_classes=3, dropouts=None, rounds=ROUNDS):
-    """``dropouts``: hospital index -> FedAvg round from which it answers nothing."""
+def run_federation(ws, hospitals, n_classes=3, dropouts=None, rounds=ROUNDS, aggregator=None):
+    """``dropouts``: hospital index -> FedAvg round from which it answers nothing;
+    ``aggregator``: the aggregator class (default :class:`UpdatesAggregator`)."""
     meta = {"keys": "threshold", "n_classes": n_classes, "ckks": "fast", "feature_scale": 1.0}
+    ring = provision_keys([h.name for h in hospitals])
     for i, h in enumerate(hospitals):
-        provision(ws, i, h, None, meta)
+        provision(ws, i, h, None, meta, signing=ring.hospitals[i])
     settings = UpdatesSettings(
         keys="threshold",
         rounds=rounds,
@@ -78,10 +81,11 @@ def run_federation(ws, hospitals, n_classes=3, dropouts=None, rounds=ROUNDS):
         n_features=hospitals[0].train_features.shape[1],
         expected_hospitals=len(hospitals),
         threshold_preset="test",
+        signing=ring.aggregator,
     )
     mods = fault_mods(dropout_faults(dropouts or {}))
     grid = LocalGrid(make_updates_hospital_app(ws, mods=mods), len(hospitals))
-    strategy = UpdatesAggregator(settings)
+    strategy = (aggregator or UpdatesAggregator)(settings)
     return strategy, grid, strategy.run(grid)
 
 
@@ -151,6 +155,15 @@ def test_five_hospitals_reach_plain_fedavg(run5):
     assert_matches_plain_fedavg(ws, hospitals, result)
 
 
+def test_the_run_reports_the_partial_decryptions_each_key_share_made(run5):
+    _, _, result, _, ws = run5
+    parties = {c.party.index: c.party for (w, _), c in _THRESHOLD_PARTIES.items() if w == str(ws)}
+    made = {str(share): p.decryptions[share] for share, p in sorted(parties.items())}
+    assert result["cipher"]["decryptions_by_share"] == made  # what the hospitals counted
+    assert result["cipher"]["decryptions"] == 1 + ROUNDS  # stats, ROUNDS - 1 sums, final
+    assert result["cipher"]["max_decryptions"] == 1024
+
+
 @pytest.mark.parametrize("dropped", [1, 4])  # partition 4 holds key share 1 (the "lead" share)
 def test_one_hospital_dropping_out_mid_training_completes(tmp_path, dropped):
     hospitals = make_hospitals(seed=dropped)
@@ -160,6 +173,12 @@ def test_one_hospital_dropping_out_mid_training_completes(tmp_path, dropped):
         assert [len(p) for p in result["participants"]] == [5, 5, 4, 4]
         (recovery,) = result["cipher"]["recoveries"]
         assert recovery["round"] == 2
+        counts: dict[int, list[int]] = {}  # key share -> the count of each party holding it
+        for (w, _), c in _THRESHOLD_PARTIES.items():
+            for share, made in c.party.decryptions.items() if w == str(tmp_path) else ():
+                counts.setdefault(share, []).append(made)
+        for share, made in result["cipher"]["decryptions_by_share"].items():
+            assert made <= max(counts[int(share)])  # a recovered share's count never falls short
         assert_matches_plain_fedavg(tmp_path, hospitals, result)
     finally:
         forget_threshold_parties(tmp_path)
@@ -256,6 +275,8 @@ ALLOWED_REPLY_KEYS = {
     M.OK,
     M.ROUND_ID,
     M.DIGEST,
+    M.SIGNATURE,  # the hospital's Ed25519 signature of its reply (64 bytes)
+    M.ENDORSEMENT,  # its signature of its bundle / key-chain link, for its peers (64 bytes)
 }
 
 
@@ -304,8 +325,16 @@ def test_cli_threshold_run_from_a_features_file_with_a_dropout(tmp_path):
     )
     status = json.loads(done.stdout.strip().splitlines()[-1])
     assert status == {"code": 0, "heavy": []}, done.stderr[-2000:]
+    assert "threshold decryptions" in done.stdout  # the summary row: used / budget
     m = json.loads((out / "metrics.json").read_text())
-    assert m["threshold"] == {"t": 3, "n": 5, "tolerates": 2}
+    # decryptions: 3 rounds + final, and the partial round redone after the dropout
+    assert m["threshold"] == {
+        "t": 3,
+        "n": 5,
+        "tolerates": 2,
+        "decryptions": 5,
+        "max_decryptions": 1024,
+    }
     assert m["dropouts"] == 1 and len(m["dropped"]) == 1 and m["backend"] == "local"
     assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.005
     assert m["bytes_per_round"]["sent"] > 0 and m["rounds"] == 3

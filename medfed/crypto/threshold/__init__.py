@@ -23,6 +23,7 @@ from medfed.crypto.threshold.context import (
 )
 from medfed.crypto.threshold.context import ThresholdContext
 from medfed.crypto.threshold.errors import (
+    ThresholdBudgetError,
     ThresholdError,
     ThresholdParamsError,
     ThresholdUnavailableError,
@@ -37,6 +38,7 @@ from medfed.crypto.threshold.wire import _unpack_partials as _unpack_partials
 __all__ = [
     "THRESHOLD_PRESETS",
     "ThresholdAggregator",
+    "ThresholdBudgetError",
     "ThresholdContext",
     "ThresholdError",
     "ThresholdParams",

@@ -15,3 +15,8 @@ class ThresholdParamsError(MedfedError, ValueError):
 
 class ThresholdError(MedfedError, ValueError):
     """A protocol step that cannot proceed: malformed bytes, missing shares or partials."""
+
+
+class ThresholdBudgetError(ThresholdError):
+    """A partial decryption beyond ``max_decryptions`` under one key share: the noise flooding
+    was sized for that many, so the party refuses the next one."""

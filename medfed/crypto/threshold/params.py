@@ -37,8 +37,10 @@ class ThresholdParams:
             HYBRID's extra modulus P against the security bound: BV is what lets N = 8192 pass.
         noise_flooding: NOISE_FLOODING_DECRYPT for partial decryptions (see "Noise flooding"
             in docs/threshold-protocol.md).
-        max_decryptions: decryptions expected under one joint key (tau in OpenFHE's flooding
-            formula); each doubling costs half a bit of precision.
+        max_decryptions: the decryption budget: partial decryptions each key share may make
+            (tau in OpenFHE's flooding formula); each doubling costs half a bit of precision.
+            Every party counts the partial decryptions it makes and refuses the one beyond
+            (:class:`~medfed.crypto.threshold.ThresholdBudgetError`).
     """
 
     parties: int = 3

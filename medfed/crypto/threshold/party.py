@@ -15,7 +15,7 @@ import numpy as np
 from medfed.crypto.channel import Identity, channel_context, open_sealed, seal
 from medfed.crypto.threshold.backend import _require_openfhe
 from medfed.crypto.threshold.context import ThresholdContext
-from medfed.crypto.threshold.errors import ThresholdError
+from medfed.crypto.threshold.errors import ThresholdBudgetError, ThresholdError
 from medfed.crypto.threshold.wire import (
     PURPOSE_KEY_SHARE,
     PURPOSE_PARTIAL,
@@ -34,6 +34,11 @@ class ThresholdParty:
 
     The key share never leaves this object except as OpenFHE ``ShareKeys`` outputs sealed to
     one recipient each. The object refuses to be pickled.
+
+    The decryption budget: the flooding noise is sized for ``params.max_decryptions`` partial
+    decryptions under one key share (OpenFHE's tau). The party counts every partial
+    decryption it actually makes, per key share it holds (:attr:`decryptions`), and refuses
+    the one beyond the budget (:class:`ThresholdBudgetError`), whatever the aggregator asks.
 
     Args:
         context: the shared :class:`ThresholdContext`.
@@ -65,6 +70,7 @@ class ThresholdParty:
         self._joint_bytes: bytes | None = None
         self._held: dict[int, Any] = {}  # owner j -> Shamir share f_j(self.index) (DCRTPoly)
         self._recovered: dict[int, Any] = {}  # owner d -> recovered key share s_d
+        self._decryptions: dict[int, int] = {}  # key share -> partial decryptions made with it
 
     # --- identity / directory -----------------------------------------------------------------
 
@@ -221,6 +227,9 @@ class ThresholdParty:
         except RuntimeError as e:
             raise ThresholdError(f"RecoverSharedKey failed: {e}") from None
         self._recovered[dropped] = key
+        # the dropped party's own count is not visible here; every decryption needs all n
+        # shares, so it took part in at most the decryptions this party made with its own
+        self._decryptions[dropped] = self._decryptions.get(self.index, 0)
 
     # --- data -----------------------------------------------------------------------------
 
@@ -256,14 +265,44 @@ class ThresholdParty:
             raise ThresholdError("aggregate is not encrypted under the joint public key")
         cc = self.context._cc
         keys = {self.index: self._secret, **self._recovered}
+        self._check_budget(keys)
         items = []
         for share in sorted(keys):
             if share == 1:
                 part = cc.MultipartyDecryptLead([ct], keys[share])[0]
             else:
                 part = cc.MultipartyDecryptMain([ct], keys[share])[0]
+            self._decryptions[share] = self._decryptions.get(share, 0) + 1  # made: it counts
             items.append((share, self.context._serialize(part)))
         return _pack_partials(_digest(aggregate), items)
+
+    def _check_budget(self, shares: Iterable[int]) -> None:
+        """:class:`ThresholdBudgetError` if a partial decryption with any of ``shares`` would
+        go beyond ``max_decryptions``."""
+        budget = self.context.params.max_decryptions
+        spent = {s: self._decryptions.get(s, 0) for s in shares}
+        over = sorted(s for s, used in spent.items() if used >= budget)
+        if over:
+            raise ThresholdBudgetError(
+                f"party {self.index}: key share {over[0]} has made {spent[over[0]]} partial "
+                f"decryptions, the {budget} the noise flooding was sized for (max_decryptions, "
+                "OpenFHE's tau); one more would weaken its statistical hiding of the key, so it "
+                "is refused. Make fresh keys (a new key setup), or a context with a larger "
+                "max_decryptions (each doubling costs half a bit of precision)."
+            )
+
+    @property
+    def decryptions(self) -> dict[int, int]:
+        """Partial decryptions made so far, per key share this party holds (a recovered share
+        starts at this party's own count when it is recovered)."""
+        return {s: self._decryptions.get(s, 0) for s in self.key_shares}
+
+    @property
+    def decryptions_left(self) -> int:
+        """Partial decryptions this party can still make before :class:`ThresholdBudgetError`:
+        ``max_decryptions`` minus the count of its most-used key share."""
+        used = max(self.decryptions.values(), default=0)
+        return self.context.params.max_decryptions - used
 
     def fuse(self, aggregate: bytes, partials: Iterable[bytes], *, length: int | None = None):
         """Fuse partial decryptions of ``aggregate`` (this party's own included).

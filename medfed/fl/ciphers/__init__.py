@@ -22,7 +22,8 @@ Key setups, one module each, each registering its pair with
   "embeddings"); the aggregator holds the public context only.
 * ``threshold`` (:mod:`.threshold`): OpenFHE multiparty CKKS (:mod:`medfed.crypto.threshold`):
   a joint public key, key shares made by the hospitals, Shamir t-of-n recovery; partial
-  decryptions travel sealed hospital-to-hospital. The hospitals' ThresholdParty objects
+  decryptions travel sealed hospital-to-hospital, between channel bundles that each hospital
+  signs with its pinned key (:mod:`.threshold.endorse`). The hospitals' ThresholdParty objects
   refuse serialization, so they live in this process (:data:`_THRESHOLD_PARTIES`, keyed by
   workspace and hospital index): threshold runs use the in-process ``local`` backend.
 

@@ -1,7 +1,8 @@
 """Key setup ``threshold``, the aggregator's side: :class:`ThresholdAggregatorCipher` runs
 the key-setup chain (joint public key, sealed Shamir shares relayed unopened), adds
 contributions with public keys only, and runs the partial-decryption rounds, recovering the
-key shares of hospitals that dropped out (t-of-n)."""
+key shares of hospitals that dropped out (t-of-n). It relays each hospital's channel bundle and
+key-chain link with that hospital's endorsement (:mod:`.endorse`), which it cannot forge."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class ThresholdAggregatorCipher(AggregatorCipher):
         self.holders: dict[int, int] = {}
         self.seal_round = 0
         self.recoveries: list[dict] = []
+        self.decryptions: dict[int, int] = {}  # key share -> partial decryptions made with it
 
     @property
     def t(self) -> int:
@@ -104,19 +106,24 @@ class ThresholdAggregatorCipher(AggregatorCipher):
             },
         )
         bundles = [bytes(joined[n][M.BUNDLE]) for n in nodes]
-        running = None
+        endorsements = [bytes(joined[n][M.ENDORSEMENT]) for n in nodes]
+        signers = [names[n] for n in nodes]  # each party's hospital, as its replies are signed
+        running, endorsed, previous = None, None, None
         for n in nodes:  # the key chain: party k extends party k-1's public key
             payload = {M.SETUP_STEP: "keygen"}
             if running is not None:
-                payload[M.PUBLIC_KEY] = running
-            running = self._all(exchange, f"key-chain-{self.party[n]}", {n: payload})[n][
-                M.PUBLIC_KEY
-            ]
-        shared = self._all(
-            exchange,
-            "key-share",
-            {n: {M.SETUP_STEP: "share", M.PEERS: bundles, M.PUBLIC_KEY: running} for n in nodes},
-        )
+                payload.update({M.PUBLIC_KEY: running, M.ENDORSEMENT: endorsed, M.SIGNER: previous})
+            link = self._all(exchange, f"key-chain-{self.party[n]}", {n: payload})[n]
+            running, endorsed, previous = link[M.PUBLIC_KEY], link[M.ENDORSEMENT], names[n]
+        share = {
+            M.SETUP_STEP: "share",
+            M.PEERS: bundles,
+            M.ENDORSEMENTS: endorsements,
+            M.SIGNERS: signers,
+            M.PUBLIC_KEY: running,
+            M.ENDORSEMENT: endorsed,  # the last link's: the joint public key
+        }
+        shared = self._all(exchange, "key-share", {n: dict(share) for n in nodes})
         inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in nodes}
         for n in nodes:  # relay each sealed Shamir share to its recipient, unopened
             for r, blob in zip(shared[n][M.RECIPIENTS], shared[n][M.SEALED], strict=True):
@@ -214,6 +221,7 @@ class ThresholdAggregatorCipher(AggregatorCipher):
     ) -> tuple[dict[int, dict], list[int]]:
         """A partial-decryption round (redone after recovering leavers' key shares); each live
         hospital's material is the sealed partials addressed to it, relayed unopened."""
+        per_share = len(unframe(aggregate))  # one partial decryption per ciphertext and share
         while True:
             live = self._recover(exchange, list(live), fl_round)
             self.seal_round += 1
@@ -231,6 +239,9 @@ class ThresholdAggregatorCipher(AggregatorCipher):
                 },
                 M.MSG_PARTIAL,
             )
+            for n in replies:  # a hospital that answered decrypted with every share it holds
+                for share in (s for s, h in self.holders.items() if h == self.party[n]):
+                    self.decryptions[share] = self.decryptions.get(share, 0) + per_share
             if set(replies) == set(live):
                 break
             live = [n for n in live if n in replies]  # recover the leavers' shares, redo
@@ -252,4 +263,9 @@ class ThresholdAggregatorCipher(AggregatorCipher):
             "n": self.params.parties,
             "params": self.params.to_dict(),
             "recoveries": self.recoveries,
+            # the decryption budget: partial decryptions made per key share (each hospital
+            # counts its own and refuses beyond max_decryptions); "decryptions": the most-used
+            "decryptions": max(self.decryptions.values(), default=0),
+            "decryptions_by_share": {str(s): k for s, k in sorted(self.decryptions.items())},
+            "max_decryptions": self.params.max_decryptions,
         }

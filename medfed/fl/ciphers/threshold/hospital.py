@@ -1,7 +1,9 @@
 """Key setup ``threshold``, the hospital's side: a :class:`ThresholdHospital` wraps this
 hospital's :class:`~medfed.crypto.threshold.ThresholdParty` (its key share), answers the
 key-setup chain and the partial-decryption rounds, and insists on flooded partial
-decryptions whatever the aggregator asks.
+decryptions whatever the aggregator asks. It signs its channel bundle and its link of the key
+chain, and accepts the other hospitals' only with their signatures under the keys pinned at
+provisioning (:mod:`.endorse`), so an aggregator that swaps one is caught.
 
 A ThresholdParty refuses serialization, so hospitals' ciphers live in this process
 (:data:`_THRESHOLD_PARTIES`, keyed by workspace and hospital index): threshold runs use the
@@ -21,6 +23,13 @@ from medfed.crypto.errors import CiphertextError, KeyMaterialError
 from medfed.fl import messages as M
 from medfed.fl.ciphers.base import HospitalCipher
 from medfed.fl.ciphers.framing import chunk_sizes, chunks, frame, unframe
+from medfed.fl.ciphers.threshold.endorse import (
+    BUNDLE,
+    KEY_CHAIN,
+    check_endorsement,
+    check_peers,
+    endorse,
+)
 
 #: Hospitals' threshold state in this process, by (workspace, hospital index). A
 #: ThresholdParty holds a secret key share and refuses to be pickled or written to disk.
@@ -43,6 +52,8 @@ class ThresholdHospital(HospitalCipher):
     def __init__(self, workspace: str, index: int) -> None:
         self.workspace, self.index = workspace, index
         self.party = None
+        self.session = ""
+        self._previous: str | None = None  # the hospital whose key-chain link this one extends
         self._pending: tuple[bytes, list[bytes]] | None = None  # last aggregate, own partials
 
     @classmethod
@@ -62,6 +73,11 @@ class ThresholdHospital(HospitalCipher):
             )
         return self.party
 
+    def _signing_key(self):
+        from medfed.fl.workspace import load_signing_key
+
+        return load_signing_key(self.workspace, self.index)
+
     def setup(self, step: str, record: Mapping) -> dict:
         """Steps context (lead only), join, keygen, share, accept, recovery_share, recover."""
         from medfed.crypto.threshold import ThresholdContext, ThresholdParams, ThresholdParty
@@ -77,17 +93,46 @@ class ThresholdHospital(HospitalCipher):
             context = lead if lead is not None and lead.to_bytes() == raw else None
             context = context or ThresholdContext.from_bytes(raw)
             _hospital_policy(context.params)
-            self.party = ThresholdParty(
-                context, int(record[M.PARTY]), run_id=str(record[M.SESSION])
-            )
-            return {M.BUNDLE: self.party.public_bundle, M.PARTY: self.party.index}
+            key = self._signing_key()
+            self.session = str(record[M.SESSION])
+            self.party = ThresholdParty(context, int(record[M.PARTY]), run_id=self.session)
+            bundle = self.party.public_bundle
+            return {
+                M.BUNDLE: bundle,
+                M.PARTY: self.party.index,
+                M.ENDORSEMENT: endorse(key, BUNDLE, self.session, self.party.index, bundle),
+            }
         party = self._need_party()
+        key = self._signing_key()
         if step == "keygen":
             previous = record.get(M.PUBLIC_KEY)
-            return {M.PUBLIC_KEY: party.keygen(bytes(previous) if previous else None)}
+            if previous:  # party k extends party k-1's link, endorsed by its holder
+                self._previous = str(record[M.SIGNER])
+                endorsed = bytes(record[M.ENDORSEMENT])
+                args = (KEY_CHAIN, self.session, party.index - 1, bytes(previous))
+                check_endorsement(key.pinned, self._previous, endorsed, *args)
+            out = party.keygen(bytes(previous) if previous else None)
+            signature = endorse(key, KEY_CHAIN, self.session, party.index, out)
+            return {M.PUBLIC_KEY: out, M.ENDORSEMENT: signature}
         if step == "share":
-            party.set_peers({k + 1: bytes(b) for k, b in enumerate(record[M.PEERS])})
-            party.set_joint_public_key(bytes(record[M.PUBLIC_KEY]))
+            signers = [str(s) for s in record[M.SIGNERS]]
+            peers = check_peers(
+                key.pinned,
+                own=key.name,
+                party=party.index,
+                session=self.session,
+                bundles=[bytes(b) for b in record[M.PEERS]],
+                endorsements=[bytes(e) for e in record[M.ENDORSEMENTS]],
+                signers=signers,
+            )
+            if party.index > 1 and signers[party.index - 2] != self._previous:
+                raise KeyMaterialError("the key chain and the bundles name other hospitals")
+            joint = bytes(record[M.PUBLIC_KEY])  # the last link, endorsed by party n's holder
+            n = len(signers)
+            args = (KEY_CHAIN, self.session, n, joint)
+            check_endorsement(key.pinned, signers[-1], bytes(record[M.ENDORSEMENT]), *args)
+            party.set_peers(peers)
+            party.set_joint_public_key(joint)
             sealed = party.share_key()
             recipients = sorted(sealed)
             return {M.RECIPIENTS: recipients, M.SEALED: [sealed[r] for r in recipients]}
