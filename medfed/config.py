@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from medfed.errors import ConfigError  # re-exported: medfed.config.ConfigError is public
+from medfed.errors import ConfigError, unknown_keys  # ConfigError: re-exported (public)
 
 SPLITS = ("iid", "dirichlet")
 MIN_BUCKET = 32  # the smallest bucket accepted without allow_small_bucket
@@ -143,12 +142,9 @@ class SimulationConfig:
         names = cls.field_names()
         unknown = [k for k in data if k not in names]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, names, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(names)}."
+                f"{source}: unknown key(s) {unknown_keys(unknown, names)}; valid keys: "
+                f"{', '.join(names)}."
             )
         try:
             return cls(**data)

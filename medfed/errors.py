@@ -76,3 +76,14 @@ def format_user_error(e: BaseException) -> str:
     relayed from a library that advises an unsafe load is left out (:func:`without_unsafe_advice`).
     """
     return f"medfed: error: {without_unsafe_advice(str(e))}"
+
+
+def unknown_keys(keys: list[str], valid: list[str]) -> str:
+    """``'k' (did you mean 'key'?), ...`` for each of ``keys``, the closest of ``valid`` named."""
+    import difflib
+
+    hints = []
+    for k in keys:
+        close = difflib.get_close_matches(k, valid, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(hints)

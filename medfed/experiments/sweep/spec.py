@@ -19,7 +19,6 @@ anything runs. A cell's id is a stable hash of its resolved config (without ``ou
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -31,6 +30,7 @@ from typing import Any
 import yaml
 
 from medfed.config import ConfigError, SimulationConfig
+from medfed.errors import unknown_keys
 
 Runner = Callable[[SimulationConfig], dict]
 
@@ -106,12 +106,8 @@ def _unknown(keys: Iterable[str], valid: list[str], where: str, hint: str = "") 
     bad = [k for k in keys if k not in valid]
     if not bad:
         return
-    parts = []
-    for k in bad:
-        close = difflib.get_close_matches(k, valid, n=1)
-        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise SweepError(
-        f"{where}: unknown key(s) {', '.join(parts)}; valid keys: {', '.join(valid)}.{hint}"
+        f"{where}: unknown key(s) {unknown_keys(bad, valid)}; valid keys: {', '.join(valid)}.{hint}"
     )
 
 
