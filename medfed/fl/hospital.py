@@ -84,10 +84,10 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
                 "feature cache) before joining the federation."
             )
-        components = int(meta.get("components", 0))
+        components = meta.components
         values = {
             M.HOSPITAL: data.name,
-            M.BUCKETS: n_buckets(len(features), int(meta["bucket"])),
+            M.BUCKETS: n_buckets(len(features), int(meta.bucket)),
             M.STATS: [
                 engine.encrypt_bytes(v)
                 for v in stats_chunks(stats_vector(features, components), engine.slots)
@@ -117,7 +117,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         rec = msg.content[M.RECORD]
         layout = _layout(rec)
         d = data.train_features.shape[1]
-        components = int(meta.get("components", 0))
+        components = meta.components
         blobs = list(rec[M.STATS_TOTAL])
         if len(blobs) != stats_ciphertexts(d, components, engine.slots):
             raise CiphertextError(f"the statistics total has {len(blobs)} ciphertexts")
@@ -125,14 +125,14 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
             [engine.decrypt(engine.from_bytes(b, sender="aggregator", item="stats")) for b in blobs]
         )
         padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
-        width = public_width(d, components, padded, int(meta.get("samples_per_component", 0)))
+        width = public_width(d, components, padded, meta.samples_per_component)
         if width != layout.n_features:
             raise ValueError(
                 f"the layout trains {layout.n_features} features, not {width} (the run's "
                 "components for its padded sample count); every party must run one medfed "
                 "version with one --components and --samples-per-component"
             )
-        fmap = feature_map_from_stats(total, d, components and width, float(meta["feature_scale"]))
+        fmap = feature_map_from_stats(total, d, components and width, meta.feature_scale)
         np.savez(
             W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
         )
@@ -164,13 +164,13 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         i = M.node_index(context)
         data, meta, _ = _load(workspace, i)
         rec = msg.content[M.RECORD]
-        params = get_preset(meta["ckks"])
+        params = get_preset(meta.ckks)
         out = hospital_sums(
             _engine(workspace, i),
             list(rec[M.MASKED]),
             _layout(rec),
             params.mask_bits,
-            float(meta.get("decay", 0.0)),  # lr * l2, provisioned with the schedule
+            float(meta.decay or 0.0),  # lr * l2, provisioned with the schedule
         )
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
@@ -209,10 +209,10 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
     return app
 
 
-def _width(d: int, meta: dict) -> int:
+def _width(d: int, meta: W.HospitalProvision) -> int:
     """The widest the head can train on (the run's ``components``); a narrower
     :func:`public_width` of at least ``MIN_ACTIVE`` uses the same group and Galois steps."""
-    return trained_width(d, int(meta.get("components", 0)))
+    return trained_width(d, meta.components)
 
 
 def stats_chunks(vector: np.ndarray, slots: int) -> list[np.ndarray]:

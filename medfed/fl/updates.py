@@ -237,7 +237,7 @@ def make_updates_server_app(
 
 
 @functools.lru_cache(maxsize=64)
-def _load(workspace: str, index: int) -> tuple[W.HospitalData, dict]:
+def _load(workspace: str, index: int) -> tuple[W.HospitalData, W.HospitalProvision]:
     return W.load_hospital(Path(workspace), index)
 
 
@@ -254,8 +254,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     workspace = str(workspace)
     app = ClientApp(mods=[W.authenticate(workspace), *(mods or [])])
 
-    def cipher(meta: dict, i: int):
-        return hospital_cipher(meta["keys"], workspace, i)
+    def cipher(meta: W.HospitalProvision, i: int):
+        return hospital_cipher(str(meta.keys), workspace, i)
 
     def reply(msg: Message, data: W.HospitalData, **values) -> Message:
         return M.make_reply(msg, **{M.HOSPITAL: data.name, **values})
@@ -276,7 +276,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
-        stats = stats_vector(x, int(meta.get("components", 0)))
+        stats = stats_vector(x, meta.components)
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
 
     @app.query("partial")
@@ -293,8 +293,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     def global_head(rec, data, meta, i) -> tuple[np.ndarray, FeatureMap]:
         """Decrypt this request's aggregate: (global head, the shared feature map)."""
         d = data.train_features.shape[1]
-        components = int(meta.get("components", 0))
-        shape = head_shape(trained_width(d, components), int(meta["n_classes"]))
+        components = meta.components
+        shape = head_shape(trained_width(d, components), meta.n_classes)
         aggregate = bytes(rec[M.AGGREGATE]) if M.AGGREGATE in rec else None
         hdir = W.hospital_dir(Path(workspace), i)
         if int(rec[M.FL_ROUND]) == 0:  # the aggregate is the stats sum
@@ -305,8 +305,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
                 total,
                 d,
                 components,
-                float(meta["feature_scale"]),
-                int(meta.get("samples_per_component", 0)),
+                meta.feature_scale,
+                meta.samples_per_component,
             )
             np.savez(hdir / W.NORM, mean=fmap.mean, projection=fmap.projection)
             w = np.zeros(shape)
@@ -329,7 +329,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
             w,
             x,
             data.train_labels,
-            int(meta["n_classes"]),
+            meta.n_classes,
             int(rec[M.LOCAL_EPOCHS]),
             float(rec[M.LR]),
             float(rec.get(M.L2, 0.0)),

@@ -277,8 +277,8 @@ def provision(
     return d
 
 
-def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, dict]:
-    """Hospital ``index``'s data and its ``meta.json`` mapping (name and provisioning)."""
+def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, HospitalProvision]:
+    """Hospital ``index``'s data and its typed provisioning (``meta.json``)."""
     d = hospital_dir(workspace, index)
     meta = json.loads((d / META).read_text())
     with np.load(d / DATA) as f:
@@ -289,7 +289,7 @@ def load_hospital(workspace: Path, index: int) -> tuple[HospitalData, dict]:
             f["test_features"].astype(np.float64),
             f["test_labels"],
         )
-    return data, meta
+    return data, HospitalProvision.from_dict(meta)
 
 
 def load_provision(workspace: Path, index: int) -> HospitalProvision:
