@@ -13,8 +13,10 @@ from medfed.scale import cluster
 
 
 @pytest.fixture
-def console(caplog):
-    """The medfed logger's records (what the CLI's console handler prints)."""
+def console(caplog, tmp_path, monkeypatch):
+    """The medfed logger's records (what the CLI's console handler prints); the reports go to
+    ``tmp_path`` (Ray's session log directory when Ray runs)."""
+    monkeypatch.setattr(cluster, "ray_logs_dir", lambda: tmp_path)
     caplog.set_level(logging.INFO, logger="medfed")
     return caplog
 
@@ -50,6 +52,7 @@ def test_flower_errors_go_to_the_file_and_one_line_says_where(tmp_path, console,
         flwr.error("a second report")
         flwr.warning("below ERROR: not a report")
     assert flwr.propagate  # restored
+    assert reports.path == tmp_path / cluster.REPORTS_FILE
     text = reports.path.read_text()
     assert "ActorDiedError" in text and "a second report" in text and "below" not in text
     lines = [r.getMessage() for r in console.records if r.name.startswith("medfed")]
