@@ -43,10 +43,6 @@ class ConfigError(MedfedError, ValueError):
     """
 
 
-#: Kept for scripts written against the former tuple of user errors: now just MedfedError.
-USER_ERRORS: tuple[type[BaseException], ...] = (MedfedError,)
-
-
 #: Words of third-party advice that would make a load unsafe: torch's "retry with
 #: weights_only=False", numpy's "load it unsafely using allow_pickle= or pickle.load()",
 #: Hugging Face's trust_remote_code.

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from medfed.config import SimulationConfig
     from medfed.embed import UntrainedBackboneWarning
-    from medfed.errors import USER_ERRORS, format_user_error
+    from medfed.errors import MedfedError, format_user_error
     from medfed.experiments.prepare import prepare
 
     p = argparse.ArgumentParser(
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             # so, as in medfed.simulate, only the logged message is shown
             warnings.simplefilter("ignore", UntrainedBackboneWarning)
             data = prepare(cfg)
-    except USER_ERRORS as e:
+    except MedfedError as e:
         print(format_user_error(e), file=sys.stderr)
         return 2
     _, train_labels = data.dataset.split("train")

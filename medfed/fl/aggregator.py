@@ -46,7 +46,7 @@ from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
 from medfed.train.diagonal.epoch import train_diagonal
 from medfed.train.head import HeadSchedule
-from medfed.train.normalization import public_width, stats_ciphertexts, trained_width
+from medfed.train.normalization import public_width, stats_ciphertexts
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,6 @@ class AggregatorSettings:
     components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
     samples_per_component: int = 0  # fewer components for fewer (padded) samples; 0: all
     signing: SigningKey | None = None  # the aggregator's Ed25519 key, every party's pinned key
-
-    @property
-    def width(self) -> int:
-        """Features the head trains on."""
-        return trained_width(self.n_features, self.components)
 
     @property
     def stats_ciphertexts(self) -> int:
