@@ -172,14 +172,11 @@ def spectrum_summary(x: np.ndarray) -> dict:
 class LocalKeyHolder:
     """The key-holding hospital, in-process: decrypts masked products, sums, re-encrypts."""
 
-    def __init__(self, engine: SealEngine, layout, mask_bits: int) -> None:
-        self.engine, self.layout, self.mask_bits = engine, layout, mask_bits
+    def __init__(self, engine: SealEngine, layout) -> None:
+        self.engine, self.layout = engine, layout
 
-    def sum_masked(self, masked, step, decay=0.0):
-        return (
-            hospital_sums(self.engine, masked, self.layout, self.mask_bits, decay),
-            "hospital-0",
-        )
+    def sum_masked(self, masked, step):
+        return hospital_sums(self.engine, masked, self.layout), "hospital-0"
 
 
 def encrypted_blocks(raw, hospital: SealEngine, aggregator: SealEngine, layout):
@@ -469,8 +466,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     blocks = encrypted_blocks(raw, hospital, aggregator, layout)
     upload_seconds = time.perf_counter() - t0
-    keyholder = LocalKeyHolder(hospital, layout, params.mask_bits)
-    backend = EncryptedDiagonalBackend(aggregator, layout, keyholder, params.mask_bits)
+    keyholder = LocalKeyHolder(hospital, layout)
+    backend = EncryptedDiagonalBackend(aggregator, layout, keyholder)
     compute = DiagonalCompute(backend, layout)
     compute.blocks = blocks
 
@@ -516,9 +513,7 @@ def main(argv=None) -> int:
 
         with ray_session(None, num_cpus=max(2, *worker_counts)):
             for k in worker_counts:
-                remotes = start_workers(
-                    k, aggregator, public, galois, layout, params.mask_bits, blocks
-                )
+                remotes = start_workers(k, aggregator, public, galois, layout, blocks)
                 pids = ray.get(  # the actors' processes, to see them exit below
                     [c.actor.__ray_call__.remote(lambda _: os.getpid()) for c in remotes]
                 )

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ckks",
         default=S,
-        metavar="{fast,standard,deep,fast-shallow}",
-        help="CKKS preset: fast (default), standard, deep, fast-shallow",
+        metavar="{fast,standard,deep}",
+        help="CKKS preset: fast (default), standard, deep",
     )
     p.add_argument("--epochs", type=int, default=S, help="full-batch epochs (20)")
     p.add_argument("--lr", type=float, default=S, help="learning rate (1.0)")

@@ -22,6 +22,7 @@ from medfed.crypto.packing import LayoutError
 from medfed.crypto.params import (
     MAX_LOG_Q_128,
     PRESETS,
+    REFRESH_HEADROOM_BITS,
     CKKSParams,
     UnsafeParametersError,
     params_from_dict,
@@ -84,7 +85,7 @@ def test_malformed_public_contexts_are_rejected(engines, data, cut):
             load_public_context(blob, sender="hospital-0")
 
 
-@pytest.mark.parametrize("preset", ["standard", "fast-shallow"])
+@pytest.mark.parametrize("preset", ["standard", "deep"])
 def test_ciphertexts_under_other_parameters_are_rejected(engines, preset):
     _, aggregator, _ = engines
     other = SealEngine(make_secret_context(PRESETS[preset]))
@@ -116,7 +117,7 @@ def test_wrong_vector_lengths_and_counts_are_rejected(engines):
         hospital.encrypt(np.ones(PARAMS.slots - 1))
     layout = plan_diagonal([1], slots=PARAMS.slots, n_classes=2, bucket=32, n_features=4)
     with pytest.raises(CiphertextError, match="the aggregator sent 1 masked vectors; expected"):
-        hospital_sums(hospital, [good], layout, PARAMS.mask_bits)
+        hospital_sums(hospital, [good], layout)
     with pytest.raises(LayoutError, match="columns"):
         pack_diagonal(np.zeros((3, 5)), np.zeros(3, int), layout, 0)
 
@@ -324,7 +325,10 @@ def test_ckks_params_are_safe_or_rejected_with_a_fix(n, chain, scale, security):
         assert names_fix(str(e)), str(e)
         return
     assert p.security_bits == 128 and p.log_q <= MAX_LOG_Q_128[p.poly_modulus_degree]
-    assert all(b == scale for b in p.coeff_mod_bit_sizes[1:-1]) and p.headroom_bits >= 10
+    data = p.coeff_mod_bit_sizes[:-1]
+    assert p.depth >= 1 and all(b == scale for b in data[len(data) - p.depth :])
+    assert all(b >= scale for b in p.refresh_primes)
+    assert p.refresh_headroom_bits >= REFRESH_HEADROOM_BITS
 
 
 def test_params_from_dict_names_missing_and_unknown_keys():

@@ -115,9 +115,9 @@ def test_benchmark_runs_small_and_prints_one_json_line(tmp_path):
     assert result["refreshes_per_epoch"] == 1 and result["refresh_bytes"] > 0
     # the refresh masks' union bound over the 3-epoch accuracy run, from the plaintext twin
     by_kind = result["refresh_security_bits_by_kind"]
-    assert set(by_kind) == {"products", "bias", "weights"}
-    assert result["refresh_security_bits"] <= min(by_kind.values())
-    assert result["refresh_mask_bits"] == 14  # fast
+    assert set(by_kind) == {"products", "bias"}
+    assert 40 <= result["refresh_security_bits"] <= min(by_kind.values())
+    assert result["refresh_mask_bits"] >= 100  # fast: 120 bits left at the refresh
     assert result["refresh_masked_vectors"]["bias"] == 3  # one head, one per epoch
     assert 0 < result["floor_seconds"] and 0 < result["seconds_per_epoch"]
     assert result["op_counts_per_epoch"]["rotate@0"] > 0

@@ -88,7 +88,7 @@ def test_no_new_error_class_bypasses_the_hierarchy():
 
 
 def test_a_preset_too_shallow_for_the_sigmoid_exits_2_naming_one_that_fits(capsys):
-    argv = ["--hospitals", "3", "--ckks", "fast-shallow", "--sigmoid-degree", "5"]
+    argv = ["--hospitals", "3", "--ckks", "fast", "--sigmoid-degree", "5"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("medfed: error: ") and "--ckks standard" in err

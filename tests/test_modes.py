@@ -171,7 +171,6 @@ def test_provisioning_is_typed_and_writes_the_meta_json_it_always_did(tmp_path):
         feature_scale=1.0,
         components=96,
         samples_per_component=64,
-        decay=0.02,
     )
     assert list(meta.to_dict()) == [
         "bucket",
@@ -180,11 +179,10 @@ def test_provisioning_is_typed_and_writes_the_meta_json_it_always_did(tmp_path):
         "feature_scale",
         "components",
         "samples_per_component",
-        "decay",
     ]
     updates = HospitalProvision(keys="none", n_classes=2, ckks="fast")
     assert list(updates.to_dict())[:2] == ["keys", "n_classes"]
-    assert "bucket" not in updates.to_dict() and "decay" not in updates.to_dict()
+    assert "bucket" not in updates.to_dict()
     hospital = synthetic_hospitals(n_hospitals=1, n=40, d=3)[0]
     provision(tmp_path, 0, hospital, None, meta)
     on_disk = json.loads((tmp_path / "hospital_0" / "meta.json").read_text())

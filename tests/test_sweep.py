@@ -36,14 +36,14 @@ HERE = Path(__file__).resolve().parent
 SPEC = {
     "name": "t",
     "base": {"epochs": 2, "backend": "local", "dataset": "breastmnist"},
-    "grid": {"hospitals": [2, 3], "ckks": ["fast-shallow", "fast"], "sigmoid_degree": [1, 3]},
-    "exclude": [{"ckks": "fast-shallow", "sigmoid_degree": 3}],
+    "grid": {"hospitals": [2, 3], "ckks": ["standard", "fast"], "sigmoid_degree": [1, 3]},
+    "exclude": [{"ckks": "standard", "sigmoid_degree": 3}],
 }
 
 
 def fake_runner(cfg: SimulationConfig) -> dict:
     """Deterministic metrics shaped like medfed.runner.run's, plus a rounds.jsonl."""
-    gap = -0.5 * (cfg.sigmoid_degree == 1) - 0.1 * (cfg.ckks == "fast-shallow") - 0.01 * cfg.seed
+    gap = -0.5 * (cfg.sigmoid_degree == 1) - 0.1 * (cfg.ckks == "standard") - 0.01 * cfg.seed
     metrics = {
         "mode": cfg.mode,
         "keys": cfg.keys,
@@ -117,10 +117,10 @@ def test_grid_expands_in_file_order_with_exclusions_and_validated_configs():
     cells = SweepSpec.from_dict(SPEC).cells()
     got = [(c.knobs["hospitals"], c.knobs["ckks"], c.knobs["sigmoid_degree"]) for c in cells]
     assert got == [
-        (2, "fast-shallow", 1),
+        (2, "standard", 1),
         (2, "fast", 1),
         (2, "fast", 3),
-        (3, "fast-shallow", 1),
+        (3, "standard", 1),
         (3, "fast", 1),
         (3, "fast", 3),
     ]
@@ -187,8 +187,8 @@ def test_every_cell_is_validated_before_anything_runs(tmp_path):
     with pytest.raises(SweepError, match=r"3 invalid cell\(s\)") as e:
         _run(bad_value, tmp_path, runner)
     assert "cell hospitals=0 split=iid" in str(e.value) and "'zipf'" in str(e.value)
-    too_deep = SweepSpec.from_dict({"grid": {"ckks": ["fast-shallow"], "sigmoid_degree": [1, 3]}})
-    with pytest.raises(SweepError, match=r"cell ckks=fast-shallow sigmoid_degree=3: .*\n.*exclude"):
+    too_deep = SweepSpec.from_dict({"grid": {"ckks": ["fast"], "sigmoid_degree": [1, 5]}})
+    with pytest.raises(SweepError, match=r"cell ckks=fast sigmoid_degree=5: .*\n.*exclude"):
         _run(too_deep, tmp_path, runner)
     no_preset = SweepSpec.from_dict({"grid": {"ckks": ["fast", "fastest"]}})
     with pytest.raises(SweepError, match=r"unknown CKKS preset 'fastest'"):

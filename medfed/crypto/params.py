@@ -4,6 +4,11 @@ Every number that decides security or precision lives in :class:`CKKSParams`. Va
 follows the Homomorphic Encryption Standard (Albrecht et al., 2018, table for 128-bit classical
 security, ternary secrets): the total coefficient-modulus bit count ``log Q`` must not exceed
 the bound for the ring size. SEAL enforces the same bound again when a context is built.
+
+The chain is ``[q0, refresh primes.., scale primes.., special]``: the training circuit rescales
+the scale primes away one per level; ``q0`` and the refresh primes are what is left when the
+products reach the masked refresh (:mod:`medfed.crypto.refresh`), and their product bounds the
+masks' width, so it must exceed the scale by :data:`REFRESH_HEADROOM_BITS`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ MAX_LOG_Q_128: dict[int, int] = {
     32768: 881,
 }
 
-#: Bits of room kept between a decrypted value's magnitude and the first prime's capacity.
-PRECISION_MARGIN_BITS = 4
+#: Bits the modulus left at the refresh must hold above the scale, even after every rescale:
+#: 40 bits of statistical security for the run, room for the message, up to 2^15 of summed
+#: |values| and 64 masks (:func:`medfed.crypto.masking.mask_bits_for`).
+REFRESH_HEADROOM_BITS = 64
 
 
 class UnsafeParametersError(MedfedError, ValueError):
@@ -38,8 +45,10 @@ class CKKSParams:
 
     Args:
         poly_modulus_degree: ring dimension N (slots = N / 2).
-        coeff_mod_bit_sizes: bit sizes of the modulus chain ``[q0, q1..qL, special]``. Inner
-            primes equal ``scale_bits`` so that each rescale keeps the scale stable.
+        coeff_mod_bit_sizes: bit sizes of the modulus chain ``[q0, refresh.., scale.., special]``:
+            the trailing data primes equal ``scale_bits`` (each rescale keeps the scale stable);
+            the primes between ``q0`` and them (at least ``scale_bits`` each) are never rescaled
+            away and give the refresh its room.
         scale_bits: log2 of the encoding scale.
         security_bits: target security level; only 128 is supported.
         name: the preset name, for records.
@@ -64,8 +73,17 @@ class CKKSParams:
 
     @property
     def depth(self) -> int:
-        """Multiplicative depth: rescales available between q0 and the special prime."""
-        return len(self.coeff_mod_bit_sizes) - 2
+        """Multiplicative depth: the trailing data primes of the scale's size (rescales)."""
+        data = self.coeff_mod_bit_sizes[1:-1]
+        n = 0
+        while n < len(data) and data[len(data) - 1 - n] == self.scale_bits:
+            n += 1
+        return n
+
+    @property
+    def refresh_primes(self) -> tuple[int, ...]:
+        """Bit sizes of the primes between ``q0`` and the scale primes."""
+        return self.coeff_mod_bit_sizes[1 : len(self.coeff_mod_bit_sizes) - 1 - self.depth]
 
     @property
     def log_q(self) -> int:
@@ -77,15 +95,17 @@ class CKKSParams:
         """The CKKS encoding scale, ``2 ** scale_bits``."""
         return float(2**self.scale_bits)
 
-    @property
-    def headroom_bits(self) -> int:
-        """log2 of the largest magnitude a fully rescaled ciphertext can hold, minus a margin."""
-        return self.coeff_mod_bit_sizes[0] - self.scale_bits - PRECISION_MARGIN_BITS
+    def refresh_modulus_bits(self, rescales: int | None = None) -> int:
+        """A lower bound on ``log2`` of the modulus left after ``rescales`` rescales (default:
+        all of them): a prime of ``b`` bits is at least ``2**(b - 1)``."""
+        rescales = self.depth if rescales is None else rescales
+        data = self.coeff_mod_bit_sizes[:-1]
+        return sum(b - 1 for b in data[: len(data) - rescales])
 
     @property
-    def mask_bits(self) -> int:
-        """log2 bound of the additive masks used when a hospital refreshes masked values."""
-        return self.headroom_bits - 1
+    def refresh_headroom_bits(self) -> int:
+        """Bits the modulus left after every rescale holds above the scale."""
+        return self.refresh_modulus_bits() - self.scale_bits
 
     def to_dict(self) -> dict:
         """The parameters as a JSON-able dict (without the free-text ``notes``)."""
@@ -130,16 +150,25 @@ def validate(p: CKKSParams) -> None:
             "inner primes to the same size)."
         )
     inner = chain[1:-1]
-    if any(b != p.scale_bits for b in inner):
+    if p.depth < 1:
         raise UnsafeParametersError(
-            f"inner primes {list(inner)} must all equal scale_bits={p.scale_bits}, or every "
-            "rescale drifts the scale; set them to the scale."
+            f"coeff_mod_bit_sizes={list(chain)} ends in no prime of scale_bits={p.scale_bits}; "
+            "the last data primes must equal the scale (one per rescale)."
         )
-    if p.headroom_bits < 10:
+    if any(b < p.scale_bits for b in p.refresh_primes):
         raise UnsafeParametersError(
-            f"q0={chain[0]} bits leaves {p.headroom_bits} bits above the scale "
-            f"({p.scale_bits}); masked refresh values would overflow. Make q0 at least "
-            f"{p.scale_bits + PRECISION_MARGIN_BITS + 10} bits."
+            f"inner primes {list(inner)}: those before the {p.depth} scale primes are refresh "
+            f"primes and must be at least scale_bits={p.scale_bits}, or every rescale drifts "
+            "the scale; set them to the scale or larger."
+        )
+    if p.refresh_headroom_bits < REFRESH_HEADROOM_BITS:
+        need = p.scale_bits + REFRESH_HEADROOM_BITS - p.refresh_modulus_bits()
+        raise UnsafeParametersError(
+            f"after {p.depth} rescales the chain keeps {p.refresh_modulus_bits()} bits (q0 and "
+            f"the refresh primes), {p.refresh_headroom_bits} above the scale; the masked "
+            f"refresh needs {REFRESH_HEADROOM_BITS} for 40 bits of statistical security. Add "
+            f"a refresh prime of at least {need + 1} bits after q0 (e.g. "
+            f"[{chain[0]}, 60, ...]), or make q0 larger."
         )
     if chain[-1] < max(inner, default=0):
         raise UnsafeParametersError(
@@ -151,34 +180,28 @@ def validate(p: CKKSParams) -> None:
 
 
 #: Named presets. ``fast`` is the simulator's default; ``standard`` trades speed for precision.
+#: Each keeps one 60-bit refresh prime after q0 (120 bits left after every rescale).
 PRESETS: dict[str, CKKSParams] = {
     "fast": CKKSParams(
-        8192,
-        (49, 30, 30, 30, 30, 49),
+        16384,
+        (60, 60, 30, 30, 30, 30, 60),
         30,
         name="fast",
-        notes="N=8192, 4 levels, scale 2^30: ~1e-5 absolute slot error; default.",
+        notes="N=16384, 4 levels, scale 2^30: ~1e-5 absolute slot error; default.",
     ),
     "standard": CKKSParams(
         16384,
-        (60, 40, 40, 40, 40, 40, 60),
+        (60, 60, 40, 40, 40, 40, 40, 60),
         40,
         name="standard",
-        notes="N=16384, 5 levels, scale 2^40: ~1e-8 slot error, ~4x slower than fast.",
+        notes="N=16384, 5 levels, scale 2^40: ~1e-8 slot error.",
     ),
     "deep": CKKSParams(
         16384,
-        (60, 40, 40, 40, 40, 40, 40, 40, 58),
+        (60, 60, 40, 40, 40, 40, 40, 40, 60),
         40,
         name="deep",
-        notes="N=16384, 7 levels: headroom for deeper circuits (e.g. several epochs per refresh).",
-    ),
-    "fast-shallow": CKKSParams(
-        8192,
-        (52, 35, 35, 35, 52),
-        35,
-        name="fast-shallow",
-        notes="N=8192, 3 levels: enough for the degree-1 approximation only.",
+        notes="N=16384, 6 levels: room for a degree-7 sigmoid or deeper circuits.",
     ),
 }
 

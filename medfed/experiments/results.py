@@ -181,7 +181,7 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
 
 def refresh_security_row(metrics: Mapping[str, Any]) -> str:
     """``-log2`` of the refresh masks' union bound over the run, then per kind of masked
-    vector (products, bias, weights); "n/a" where the run reports none."""
+    vector (products, bias); "n/a" where the run reports none."""
     by_kind = metrics.get("refresh_security_bits_by_kind") or {}
 
     def bits(value: Any) -> str:  # inf: nothing nonzero was masked

@@ -286,9 +286,7 @@ class EmbeddingsAggregator(RoundExchange):
         Returns the encrypted weights and biases, per head.
         """
         keyholder = FlowerKeyHolder(self, grid)
-        backend = EncryptedDiagonalBackend(
-            self.engine, self.layout, keyholder, self.s.params.mask_bits
-        )
+        backend = EncryptedDiagonalBackend(self.engine, self.layout, keyholder)
         if self.s.workers > 0:
             from medfed.scale.workers import start_workers, stop_workers
 
@@ -298,7 +296,6 @@ class EmbeddingsAggregator(RoundExchange):
                 self.public_bytes,
                 self.galois_bytes,
                 self.layout,
-                self.s.params.mask_bits,
                 blocks,
                 cpus_per_worker=self.s.cpus_per_worker,
             )

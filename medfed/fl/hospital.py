@@ -23,7 +23,6 @@ from medfed.crypto.context import (
 )
 from medfed.crypto.diagonal import DiagonalLayout, choose_group, pack_diagonal, rotation_steps
 from medfed.crypto.packing import n_buckets
-from medfed.crypto.params import get_preset
 from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
@@ -164,14 +163,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         i = M.node_index(context)
         data, meta, _ = _load(workspace, i)
         rec = msg.content[M.RECORD]
-        params = get_preset(meta.ckks)
-        out = hospital_sums(
-            _engine(workspace, i),
-            list(rec[M.MASKED]),
-            _layout(rec),
-            params.mask_bits,
-            float(meta.decay or 0.0),  # lr * l2, provisioned with the schedule
-        )
+        out = hospital_sums(_engine(workspace, i), list(rec[M.MASKED]), _layout(rec))
         return _reply(msg, **{M.HOSPITAL: data.name, M.SUMS: out})
 
     @app.evaluate("final")

@@ -45,12 +45,8 @@ class FlowerKeyHolder:
         self.grid = grid
         self.failed: set[int] = set()
 
-    def sum_masked(
-        self, masked: list[bytes], step: int, decay: float = 0.0
-    ) -> tuple[list[bytes], str]:
-        """One masked-sum round, retried with the next hospital if one fails. ``decay``
-        (``lr * l2``) is provisioned to the hospitals with the schedule, not sent: no message
-        carries a float."""
+    def sum_masked(self, masked: list[bytes], step: int) -> tuple[list[bytes], str]:
+        """One masked-sum round, retried with the next hospital if one fails."""
         nodes = [n for n in self.aggregator.members if n not in self.failed]
         layout_json = json.dumps(self.aggregator.layout.to_dict())
         for attempt in range(len(nodes)):

@@ -54,10 +54,10 @@ class HospitalData:
 class HospitalProvision:
     """What a hospital is provisioned with besides its data and key (its ``meta.json``).
 
-    Fields left None are not written (they belong to the other mode): ``bucket`` and
-    ``decay`` are mode "embeddings"' padding granularity and per-epoch L2 shrink (lr * l2),
-    ``keys`` mode "updates"'. ``pinned``: the run id and every party's Ed25519 public key
-    (:meth:`medfed.crypto.signing.PinnedKeys.to_dict`), set by :func:`provision`.
+    Fields left None are not written (they belong to the other mode): ``bucket`` is mode
+    "embeddings"' padding granularity, ``keys`` mode "updates"'. ``pinned``: the run id and
+    every party's Ed25519 public key (:meth:`medfed.crypto.signing.PinnedKeys.to_dict`), set
+    by :func:`provision`.
     """
 
     n_classes: int
@@ -67,7 +67,6 @@ class HospitalProvision:
     samples_per_component: int = 0
     keys: str | None = None
     bucket: int | None = None
-    decay: float | None = None
     pinned: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

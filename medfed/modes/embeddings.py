@@ -88,7 +88,6 @@ class EmbeddingsMode(Mode):
             feature_scale=cfg.feature_scale,
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
-            decay=schedule.decay,  # the L2 penalty's shrink per epoch, lr * l2 (public)
         )
         settings = AggregatorSettings(
             params=params,

@@ -37,11 +37,11 @@ def block_to_bytes(engine: SealEngine, block: Block) -> dict:
 class DiagonalWorker:
     """The worker's state and methods (wrapped by ``ray.remote`` in :func:`start_workers`)."""
 
-    def __init__(self, public_context: bytes, galois_keys: bytes, layout: dict, mask_bits: int):
+    def __init__(self, public_context: bytes, galois_keys: bytes, layout: dict):
         ctx = load_public_context(public_context, sender="aggregator")
         self.engine = SealEngine(ctx, galois_keys=galois_keys)
         self.layout = DiagonalLayout.from_dict(layout)
-        self.backend = EncryptedDiagonalBackend(self.engine, self.layout, None, mask_bits)
+        self.backend = EncryptedDiagonalBackend(self.engine, self.layout, None)
         self.compute = DiagonalCompute(self.backend, self.layout)
         self.biases: tuple | None = None  # (the epoch's bias bytes, loaded biases)
         self.claims: NodeClaimBoard | None = None  # the node's claim file, shared by the pool
@@ -285,7 +285,6 @@ def start_workers(
     public_context: bytes,
     galois_keys: bytes,
     layout: DiagonalLayout,
-    mask_bits: int,
     blocks: Sequence[Block],
     cpus_per_worker: float = 1.0,
     claims: str = "auto",
@@ -301,9 +300,7 @@ def start_workers(
     import ray
 
     actor_cls = ray.remote(num_cpus=cpus_per_worker)(DiagonalWorker)
-    actors = [
-        actor_cls.remote(public_context, galois_keys, layout.to_dict(), mask_bits) for _ in range(n)
-    ]
+    actors = [actor_cls.remote(public_context, galois_keys, layout.to_dict()) for _ in range(n)]
     try:
         payload = ray.put([block_to_bytes(engine, b) for b in blocks])
         ray.get([a.load_blocks.remote(payload) for a in actors])

@@ -5,8 +5,8 @@ A sweep file (YAML) holds::
     name: smoke                     # optional; default: the file's stem
     description: ...                # optional, copied into the report
     base: {epochs: 2, backend: local}      # SimulationConfig keys shared by every cell
-    grid: {hospitals: [2, 3], ckks: [fast-shallow, fast]}   # key -> list of values
-    exclude: [{ckks: fast-shallow, sigmoid_degree: 3}]      # optional: drop combinations
+    grid: {hospitals: [2, 3], ckks: [fast, standard]}        # key -> list of values
+    exclude: [{ckks: fast, sigmoid_degree: 5}]              # optional: drop combinations
     max_concurrency: 2              # optional (alias: parallel): cells in flight at once
     cpus_per_cell: 1                # optional: Ray CPUs reserved per cell
     isolate: auto                   # optional: each cell in a child process with a private

@@ -2,31 +2,34 @@
 
 :class:`EncryptedDiagonalBackend` holds the public key, relinearization and Galois keys (no
 secret key); its :meth:`~EncryptedDiagonalBackend.sum_round` is the aggregator's side of the
-masked-sum round (the key holder's side is :mod:`~medfed.train.diagonal.keyholder`).
+masked refresh (:mod:`medfed.crypto.refresh`; the key holder's side is
+:mod:`~medfed.train.diagonal.keyholder`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from medfed.crypto.diagonal import DiagonalLayout, gradient_map, rotation_steps, weight_pattern
-from medfed.crypto.masking import draw_mask, mask_rng
+from medfed.crypto.diagonal import DiagonalLayout, rotation_steps
+from medfed.crypto.masking import MAX_MASK_PARTS, mask_key
+from medfed.crypto.refresh import Refresh
 from medfed.train.diagonal.backend import bias_products, group_products
+from medfed.train.diagonal.keyholder import bias_map, pattern_map
 
 
 class EncryptedDiagonalBackend:
     """The aggregator's CKKS backend: public key, relinearization and Galois keys (no secret)."""
 
-    def __init__(self, engine, layout: DiagonalLayout, keyholder, mask_bits: int, rng=None):
-        """``rng``: the mask stream (:class:`~medfed.crypto.masking.MaskStream`); default a
-        fresh one keyed from the OS CSPRNG (pass a keyed one only to reproduce masks)."""
+    def __init__(self, engine, layout: DiagonalLayout, keyholder, new_key=mask_key):
+        """``new_key``: where mask keys come from (default: fresh from the OS CSPRNG; a test
+        may pass its own to see the masks)."""
         if engine.private:
             raise ValueError("the aggregator's backend must be built on a public context")
         self.engine = engine
         self.layout = layout
         self.keyholder = keyholder
-        self.mask_bits = mask_bits
-        self.rng = rng if rng is not None else mask_rng()
+        self.refresh = Refresh(engine)
+        self.new_key = new_key
         self.records: list[dict] = []
 
     def zeros(self):
@@ -59,98 +62,108 @@ class EncryptedDiagonalBackend:
         """Mask and serialize products where they were computed (a worker, or in-process).
 
         Returns the masked bytes (``{head: {group: bytes}}``, bias ``{head: bytes}``) and the
-        masks' images under the key holder's linear map, so no unmasked product leaves the
-        compute.
+        key and width of each mask (``keys``, ``bias_keys``), so no unmasked product leaves the
+        compute and the aggregator can subtract the masks' images.
         """
-        L, S, e = self.layout, self.layout.slots, self.engine
-        out = {"q": {}, "qb": {}, "mask_pattern": {}, "mask_bias": {}}
+        e = self.engine
+        out = {"q": {}, "qb": {}, "keys": {}, "bias_keys": {}}
         for k, per_group in q.items():
-            masks = np.zeros((L.n_groups, S))
-            for g in per_group:
-                masks[g] = draw_mask(self.rng, S, self.mask_bits)
-            out["q"][k] = {g: e.to_bytes(v + masks[g]) for g, v in per_group.items()}
-            out["mask_pattern"][k] = weight_pattern(gradient_map(masks, L), L)
+            out["q"][k], out["keys"][k] = {}, {}
+            for g, v in per_group.items():
+                key = self.new_key()
+                masked, bits = self.refresh.mask(v, key)
+                out["q"][k][g], out["keys"][k][g] = e.to_bytes(masked), (key, bits)
         for k, v in qb.items():
-            m = draw_mask(self.rng, S, self.mask_bits)
-            out["qb"][k] = e.to_bytes(v + m)
-            out["mask_bias"][k] = float(m.sum())
+            key = self.new_key()
+            masked, bits = self.refresh.mask(v, key)
+            out["qb"][k], out["bias_keys"][k] = e.to_bytes(masked), (key, bits)
         return out
 
-    def _group_sum(self, parts: list, k: int, g: int) -> bytes:
-        """One masked vector per group: computes that share a group are added here."""
-        return self._masked_sum(group_products(parts, k, g), f"masked products {k}/{g}")
-
-    def _masked_sum(self, blobs: list, item: str) -> bytes:
-        if len(blobs) == 1:
+    def _masked_sum(self, blobs: list, item: str, extra=None) -> bytes:
+        """The sum of masked ciphertexts (and ``extra``, an unmasked term), serialized."""
+        if len(blobs) == 1 and extra is None:
             return blobs[0]
         e = self.engine
         total = None
         for b in blobs:
             v = e.from_bytes(b, sender="worker", item=item)
             total = v if total is None else total + v
+        if extra is not None:
+            total = total + self.lower(extra, total)
         return e.to_bytes(total)
 
     def sum_round(self, parts, step, weights=None, decay=0.0):
-        """The masked-sum round: masked products (and, with an L2 penalty, masked weights) go
-        to a key-holding hospital, whose encrypted linear map of them, less the masks' images,
-        is the update."""
+        """The masked refresh: masked products go to a key-holding hospital, whose top-level
+        encryption of their per-feature sums, less the masks' images, is the update.
+
+        With an L2 penalty, ``decay * g / S`` times each weight pattern joins its group's
+        masked products (the key holder's sum over the ``S / g`` repeats makes it
+        ``decay * w``), so weights are never sent to a hospital.
+        """
         import time
 
         from medfed.crypto.context import CiphertextError
 
         t0 = time.perf_counter()
-        L, e, S = self.layout, self.engine, self.layout.slots
-        masked, weight_masks = [], {}
+        L, e = self.layout, self.engine
+        G, S = L.n_groups, L.slots
+        if len(parts) > MAX_MASK_PARTS:
+            raise ValueError(f"{len(parts)} computes returned products; at most {MAX_MASK_PARTS}")
+        shrink = decay * L.group / S if weights is not None and decay else 0.0
+        masked = []
         for k in range(L.n_heads):
-            masked.extend(self._group_sum(parts, k, g) for g in range(L.n_groups))
-            masked.append(self._masked_sum(bias_products(parts, k), f"masked bias {k}"))
-        if weights is not None:  # after every product vector: the key holder's layout
-            for k in range(L.n_heads):
-                weight_masks[k] = [draw_mask(self.rng, S, self.mask_bits) for _ in weights[k]]
-                masked.extend(
-                    e.to_bytes(w + m) for w, m in zip(weights[k], weight_masks[k], strict=True)
+            for g in range(G):
+                extra = weights[k][g] * shrink if shrink else None
+                masked.append(
+                    self._masked_sum(group_products(parts, k, g), f"masked products {k}/{g}", extra)
                 )
-        per_head = L.n_groups + 1
+            masked.append(self._masked_sum(bias_products(parts, k), f"masked bias {k}"))
+        per_head = G + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
-            replies, who = self.keyholder.sum_masked(masked, step, decay if weights else 0.0)
+            replies, who = self.keyholder.sum_masked(masked, step)
             try:
                 if len(replies) != per_head * L.n_heads:
                     raise CiphertextError(
                         f"{who} returned {len(replies)} sums in the masked-sum round, expected "
-                        f"{per_head * L.n_heads}; it must answer with one per masked vector group"
+                        f"{per_head * L.n_heads}; it must answer with one per masked vector"
                     )
                 loaded = [
                     e.from_bytes(r, sender=who, item=f"sum {j // per_head}/{j % per_head}")
                     for j, r in enumerate(replies)
                 ]
+                if any(v.level != 0 for v in loaded):
+                    raise CiphertextError(f"{who} answered below the top level of the chain")
                 break
             except CiphertextError as err:
                 reject = getattr(self.keyholder, "reject", None)
                 if reject is None:
                     raise
                 reject(who, str(err), step)
-        upd_w, upd_b = [], []
+        unit, count = pattern_map(L)
+        upd_w, upd_b, bits = [], [], set()
         for k in range(L.n_heads):
-            pattern = sum(p["mask_pattern"][k] for p in parts if k in p["mask_pattern"])
-            if k in weight_masks:
-                pattern = pattern + decay * np.stack(weight_masks[k])
-            bias = np.full(L.slots, sum(p["mask_bias"][k] for p in parts if k in p["mask_bias"]))
             got = loaded[k * per_head : (k + 1) * per_head]
-            upd_w.append([gv - p for gv, p in zip(got[:-1], pattern, strict=True)])
-            upd_b.append(got[-1] - bias)
-        n_weights = sum(len(v) for v in weight_masks.values())
+            row = []
+            for g in range(G):
+                keys = [p["keys"][k][g] for p in parts if g in p["keys"].get(k, {})]
+                bits.update(b for _, b in keys)
+                row.append(self.refresh.unmask(got[g], keys, unit, count))
+            upd_w.append(row)
+            keys = [p["bias_keys"][k] for p in parts if k in p["bias_keys"]]
+            bits.update(b for _, b in keys)
+            upd_b.append(self.refresh.unmask(got[-1], keys, *bias_map(L)))
+        if len(bits) != 1:
+            raise ValueError(f"the computes masked with several widths: {sorted(bits)}")
         self.records.append(
             {
                 "step": step,
                 "hospital": who,
-                # what the key holder decrypted, masked (the refresh security's slot count)
-                "mask_bits": self.mask_bits,
-                "masked": {
-                    "products": L.n_heads * L.n_groups,
-                    "bias": L.n_heads,
-                    "weights": n_weights,
-                },
-                "masked_slots": len(masked) * S,
+                # what the key holder decrypted, masked (the refresh security's inputs)
+                "mask_bits": bits.pop(),
+                "scale": e.scale,
+                "ring": self.refresh.n,
+                "masked": {"products": L.n_heads * G, "bias": L.n_heads},
+                "masked_coefficients": len(masked) * self.refresh.n,
                 "bytes_to_hospital": sum(len(b) for b in masked),
                 "bytes_from_hospital": sum(len(b) for b in replies),
                 "seconds": time.perf_counter() - t0,

@@ -48,23 +48,25 @@ class PlainDiagonalBackend:
     def sum_round(self, parts, step, weights=None, decay=0.0):
         """The key holder's map (:func:`keyholder_sums`) of the summed products, unmasked.
 
-        Records, per round, the vectors the encrypted run masks (per head: one product vector
-        per group, the bias vector, with ``weights`` each group's weight pattern) and the sum
-        of ``|v|`` over their slots, per kind: the refresh security's numerator
+        With ``weights``, ``decay * g / S`` times each weight pattern joins its group's
+        products, as in the encrypted round. Records, per round, the vectors the encrypted run
+        masks (per head: one product vector per group and the bias vector) and the sum of
+        ``|z|`` over their slots, per kind: the refresh security's numerator
         (:func:`~medfed.crypto.masking.refresh_security`).
         """
         L = self.layout
+        shrink = decay * L.group / L.slots if weights is not None and decay else 0.0
         upd_w, upd_b = [], []
         total, count = dict.fromkeys(MASK_KINDS, 0.0), dict.fromkeys(MASK_KINDS, 0)
         for k in range(L.n_heads):
             q = np.stack([sum(group_products(parts, k, g)) for g in range(L.n_groups)])
+            if shrink:
+                q = q + shrink * np.stack(weights[k])
             qb = sum(bias_products(parts, k))
-            wk = np.stack(weights[k]) if weights is not None else None
-            for kind, v in (("products", q), ("bias", qb), ("weights", wk)):
-                if v is not None:
-                    total[kind] += float(np.abs(v).sum())
-                    count[kind] += len(v) if v.ndim == 2 else 1
-            pattern, bias = keyholder_sums(q, qb, L, wk, decay)
+            for kind, v in (("products", q), ("bias", qb)):
+                total[kind] += float(np.abs(v).sum())
+                count[kind] += len(v) if v.ndim == 2 else 1
+            pattern, bias = keyholder_sums(q, qb, L)
             upd_w.append(list(pattern))
             upd_b.append(bias)
         self.records.append({"step": step, "abs": total, "vectors": count})
