@@ -2,7 +2,7 @@
 
 Tolerances: keys "none" is plain FedAvg through the protocol, so the federated head equals the
 in-process reference up to float64 summation order (1e-9). With the shared CKKS key ("fast"
-preset, scale 2^30) each encrypted sum carries ~1e-6 absolute error per value, divided by the
+preset, scale 2^40) each encrypted sum carries ~1e-9 absolute error per value, divided by the
 total sample count when averaging; over a few rounds the head stays within 1e-4 of plain
 FedAvg, and the test predictions are identical. Threshold keys: tests/threshold/. Features
 files (``--features``): test_features_file.py.

@@ -30,7 +30,7 @@ MASK_KINDS = ("products", "bias")
 MAX_MASK_PARTS = 64
 
 #: Allowance, in bits, for ``|e|`` per coefficient: the CKKS noise and any difference between
-#: the encrypted values and the plaintext twin's (tests measure it on real runs: below 2^12).
+#: the encrypted values and the plaintext twin's (tests measure it on a training run: 2^9).
 NOISE_ALLOWANCE_BITS = 16
 
 

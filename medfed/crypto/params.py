@@ -184,10 +184,10 @@ def validate(p: CKKSParams) -> None:
 PRESETS: dict[str, CKKSParams] = {
     "fast": CKKSParams(
         16384,
-        (60, 60, 30, 30, 30, 30, 60),
-        30,
+        (60, 60, 40, 40, 40, 40, 60),
+        40,
         name="fast",
-        notes="N=16384, 4 levels, scale 2^30: ~1e-5 absolute slot error; default.",
+        notes="N=16384, 4 levels, scale 2^40: ~1e-8 absolute slot error; default.",
     ),
     "standard": CKKSParams(
         16384,
