@@ -26,7 +26,8 @@ import struct
 import numpy as np
 import tenseal.sealapi as sa
 
-from medfed.crypto.uncompressed import _HEADER, _NONE, _seal_version, save_uncompressed
+from medfed.crypto.errors import KeyMaterialError
+from medfed.crypto.uncompressed import COMPR_NONE, HEADER, save_uncompressed, seal_version
 
 
 class Coefficients:
@@ -71,15 +72,15 @@ class Coefficients:
         return parms + bytes([int(ntt)]) + struct.pack("<3QdQ", size, self.n, moduli, scale, 1)
 
     def _framed(self, members: bytes, words: np.ndarray) -> bytes:
-        magic, major, minor = _seal_version()
+        magic, major, minor = seal_version()
         payload = np.ascontiguousarray(words, dtype=np.uint64).tobytes()
-        inner = _HEADER.size + 8 + len(payload)
-        total = _HEADER.size + len(members) + inner
+        inner = HEADER.size + 8 + len(payload)
+        total = HEADER.size + len(members) + inner
         return b"".join(
             (
-                _HEADER.pack(magic, _HEADER.size, major, minor, _NONE, 0, total),
+                HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, total),
                 members,
-                _HEADER.pack(magic, _HEADER.size, major, minor, _NONE, 0, inner),
+                HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, inner),
                 struct.pack("<Q", words.size),
                 payload,
             )
@@ -95,7 +96,7 @@ class Coefficients:
         polys[0] = residues
         polys[1] = second
         ct = sa.Ciphertext()
-        self.engine._load(ct, self._framed(self._members(level, ntt, 2, scale), polys))
+        self.engine.load_serialized(ct, self._framed(self._members(level, ntt, 2, scale), polys))
         return ct
 
     def plaintext(self, ntt_residues: np.ndarray, level: int, scale: float) -> sa.Plaintext:
@@ -103,7 +104,7 @@ class Coefficients:
         parms = struct.pack("<4Q", *self.engine.parms_ids[level])
         members = parms + struct.pack("<Qd", ntt_residues.size, scale)
         pt = sa.Plaintext()
-        self.engine._load(pt, self._framed(members, ntt_residues))
+        self.engine.load_serialized(pt, self._framed(members, ntt_residues))
         return pt
 
     # -- transforms ---------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class Coefficients:
         ``scale * message + noise``, with no rounding anywhere (needs the secret key)."""
         engine = self.engine
         if engine.decryptor is None:
-            raise PermissionError("decryption needs a hospital's secret key")
+            raise KeyMaterialError("decryption needs a hospital's secret key")
         level = engine.level(ct)
         pt = sa.Plaintext()
         engine.counts["decrypt", level] += 1

@@ -97,8 +97,7 @@ class Refresh:
         ints = self.open(v)
         mapped = self.replicate(reduce(ints, self.top), unit, count)
         plain = self.coeffs.plaintext(self.coeffs.to_ntt(mapped, 0), 0, v.ct.scale)
-        self.engine.counts["encrypt", 0] += 1
-        return self.engine._dump(self.engine.sym_encryptor.encrypt_symmetric(plain))
+        return self.engine.encrypt_plaintext_bytes(plain)
 
     # -- the public linear map ----------------------------------------------------------------
     def replicate(self, residues: np.ndarray, unit: int, count: int) -> np.ndarray:

@@ -105,6 +105,12 @@ class SealEngine:
         scratch.write(data)
         obj.load(self.sc, scratch.path)
 
+    def load_serialized(self, obj, data: bytes) -> None:
+        """Load a SEAL object (ciphertext, plaintext, keys) this party built as bytes itself;
+        SEAL checks it against the context. Bytes from another party go through
+        :meth:`from_bytes`."""
+        self._load(obj, data)
+
     def to_bytes(self, v: SealVec) -> bytes:
         """``v`` serialized in SEAL's (compressed) format, for sending."""
         return self._dump(v.ct)
@@ -189,6 +195,13 @@ class SealEngine:
     def encrypt_bytes(self, values) -> bytes:
         """``values`` encrypted by :meth:`encrypt_seeded`, serialized for sending."""
         return self._dump(self.encrypt_seeded(values))
+
+    def encrypt_plaintext_bytes(self, pt: sa.Plaintext) -> bytes:
+        """A prepared plaintext, encrypted like :meth:`encrypt_seeded` and serialized."""
+        if self.sym_encryptor is None:
+            raise KeyMaterialError("secret-key encryption needs a hospital's secret key")
+        self.counts["encrypt", 0] += 1
+        return self._dump(self.sym_encryptor.encrypt_symmetric(pt))
 
     def decrypt(self, v: SealVec) -> np.ndarray:
         """Decrypt ``v`` to one float64 value per slot (needs the secret key)."""
