@@ -56,6 +56,20 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
     # the run's union bound over every coefficient a key holder decrypted
     bits = m["refresh_security_bits"]
     assert 40 <= bits <= min(m["refresh_security_bits_by_kind"].values())
+    # the per-party audit: every field that carries data arrives as binary (ciphertexts, keys)
+    audit = m["received_by_party"]
+    assert set(audit) == set(m["bytes_per_party"])
+    for party, kinds in audit.items():
+        assert sum(k["bytes"] for k in kinds.values()) == m["bytes_per_party"][party]["received"]
+    server = audit["aggregator"]
+    assert {server["upload"]["fields"][f] for f in ("x", "y", "masks")} == {"binary"}
+    assert server["stats"]["fields"]["stats"] == server["sum"]["fields"]["sums"] == "binary"
+    for name, kinds in audit.items():
+        if name != "aggregator":
+            assert kinds["upload"]["fields"]["stats_total"] == "binary"
+            assert kinds["final"]["fields"]["weights"] == "binary"
+            if "sum" in kinds:  # the hospitals that held a masked-sum round
+                assert kinds["sum"]["fields"]["masked"] == "binary"
 
 
 def test_depth_check_names_a_preset_that_fits_before_any_work():

@@ -185,6 +185,7 @@ def test_federate_updates_metrics(tmp_path):
         "bytes_up",
         "bytes_down",
         "bytes_per_party",
+        "received_by_party",
         "bytes_per_round",
         "excluded",
     ):
@@ -196,6 +197,11 @@ def test_federate_updates_metrics(tmp_path):
     assert abs(m["auc"] - m["plaintext_auc"]) <= 0.01
     assert m["bytes_per_round"]["sent"] > 100_000  # ciphertexts, not floats
     assert set(m["bytes_per_party"]) == {"hospital-0", "hospital-1", "hospital-2", "aggregator"}
+    # the per-party audit: updates reach the aggregator, and the aggregate the hospitals, as
+    # binary (framed ciphertexts) only
+    audit = m["received_by_party"]
+    assert audit["aggregator"]["train"]["fields"]["update"] == "binary"
+    assert {audit[f"hospital-{i}"]["train"]["fields"]["aggregate"] for i in range(3)} == {"binary"}
     stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "rounds.jsonl").open()]
     assert stages[:3] == ["key-setup", "public-context", "stats"]
     assert stages[-1] == "final" and "train-1" in stages

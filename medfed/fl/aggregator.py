@@ -347,6 +347,7 @@ class EmbeddingsAggregator(RoundExchange):
             "evaluated_by": evaluated,
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
+            "received_by_party": self.ledger.audit(self._name),
             "rounds": self.named_rounds(),
             "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -142,6 +143,25 @@ def payload_bytes(content: RecordDict) -> int:
                 else:
                     total += 8
     return total
+
+
+def inventory(content: RecordDict) -> dict[str, Any]:
+    """What a message carries, for the per-party audit: ``binary`` items (ciphertexts, keys,
+    sealed or signed bytes), ``plain`` values (strings, numbers), ``bytes`` (as
+    :func:`payload_bytes`) and each field's kind (``binary``, ``plain`` or ``empty``)."""
+    binary = plain = 0
+    fields: dict[str, str] = {}
+    for record in content.config_records.values():
+        for key, value in record.items():
+            items = value if isinstance(value, list) else [value]
+            n_binary = sum(isinstance(item, bytes) for item in items)
+            binary += n_binary
+            plain += len(items) - n_binary
+            if not items:
+                fields[key] = "empty"
+            else:
+                fields[key] = "binary" if n_binary == len(items) else "plain"
+    return {"binary": binary, "plain": plain, "bytes": payload_bytes(content), "fields": fields}
 
 
 def describe(content: RecordDict) -> str:

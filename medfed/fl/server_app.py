@@ -66,6 +66,29 @@ class Ledger:
     down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     rounds: list[dict] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+    received: dict[int | str, dict[str, dict]] = field(default_factory=dict)
+
+    def note(self, party: int | str, stage: str, content) -> None:
+        """Add one message that ``party`` (a node id, or ``"aggregator"``) received in
+        ``stage`` to the per-party audit, by message kind (the stage without its epoch)."""
+        kind = stage.rstrip("0123456789").rstrip("-") or stage
+        got = M.inventory(content)
+        entry = self.received.setdefault(party, {}).setdefault(
+            kind, {"messages": 0, "binary": 0, "plain": 0, "bytes": 0, "fields": {}}
+        )
+        entry["messages"] += 1
+        for key in ("binary", "plain", "bytes"):
+            entry[key] += got[key]
+        for name, how in got["fields"].items():
+            before = entry["fields"].get(name, how)
+            entry["fields"][name] = how if before == how else "mixed"
+
+    def audit(self, name: Callable[[int], str]) -> dict[str, dict[str, dict]]:
+        """The per-party audit with hospital names: what each party received, by kind."""
+        return {
+            (party if isinstance(party, str) else name(party)): kinds
+            for party, kinds in self.received.items()
+        }
 
     def exclude(self, stage: str, hospital: str, reason: str) -> None:
         """Record (and log) that ``hospital`` was left out of ``stage``, with a log-safe reason."""
@@ -119,6 +142,7 @@ class RoundExchange:
             values[M.SIGNATURE] = M.sign_request(key, values, message_type, node)
             content = M.make_content(**values)
             size = M.payload_bytes(content)
+            self.ledger.note(node, stage, content)
             self.ledger.down[node] += size
             down += size
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
@@ -139,6 +163,7 @@ class RoundExchange:
                 self.ledger.exclude(stage, self._name(node), error_reason(reply.error.reason))
                 continue
             size = M.payload_bytes(reply.content)
+            self.ledger.note("aggregator", stage, reply.content)
             self.ledger.up[node] += size
             up += size
             try:

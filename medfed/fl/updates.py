@@ -217,6 +217,7 @@ class UpdatesAggregator(RoundExchange):
             "dropped": self.dropped,
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
+            "received_by_party": self.ledger.audit(self._name),
             "rounds": self.named_rounds(),
             "excluded": self.ledger.excluded,
         }

@@ -159,11 +159,15 @@ def described_run(
 
 
 def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
-    """``bytes_up``, ``bytes_down`` and ``bytes_per_party`` from the aggregator's ledger."""
+    """``bytes_up``, ``bytes_down``, ``bytes_per_party`` and ``received_by_party`` (the
+    per-party audit: what each party received, by message kind) from the aggregator's ledger."""
     from medfed.experiments.results import byte_tally
 
     up, down, parties = byte_tally(fed)
-    return {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
+    out = {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
+    if "received_by_party" in fed:
+        out["received_by_party"] = fed["received_by_party"]
+    return out
 
 
 def finish(
