@@ -18,6 +18,10 @@ from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
 from tests.conftest import synthetic_hospitals
 
+#: The only fields of a hospital's final reply (both modes): its name, the ack, the envelope.
+ACK_REPLY_FIELDS = {M.HOSPITAL, M.OK, M.ROUND_ID, M.DIGEST, M.SIGNATURE}
+
+
 PARAMS = PRESETS["fast"]
 
 #: The aggregator's signing key of each provisioned test workspace (the harness's role).

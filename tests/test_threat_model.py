@@ -11,7 +11,7 @@ from medfed.fl.hospital import make_hospital_app
 from medfed.fl.local_grid import LocalGrid
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
-from tests.fl_helpers import provision_signed
+from tests.fl_helpers import ACK_REPLY_FIELDS, provision_signed
 
 ALLOWED_REPLY_KEYS = {
     M.HOSPITAL,
@@ -127,10 +127,4 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(federation):
     finals = [r for r in grid.received if M.OK in r.content[M.RECORD]]
     assert len(finals) == 3
     for r in finals:
-        assert set(r.content[M.RECORD].keys()) == {
-            M.HOSPITAL,
-            M.OK,
-            M.ROUND_ID,
-            M.DIGEST,
-            M.SIGNATURE,
-        }
+        assert set(r.content[M.RECORD].keys()) == ACK_REPLY_FIELDS

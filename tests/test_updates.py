@@ -34,7 +34,7 @@ from medfed.modes.updates import federate_updates
 from medfed.train.local import fedavg_from_sum, train_local, weighted_update
 from medfed.train.reference import train_exact_logreg
 from tests.conftest import synthetic_hospitals
-from tests.fl_helpers import provision_signed
+from tests.fl_helpers import ACK_REPLY_FIELDS, provision_signed
 
 ROUNDS, LOCAL_EPOCHS, LR = 3, 2, 2.0
 DESCRIBED = {"dataset": "synthetic", "backbone": "none", "backbone_weights": "none"}
@@ -279,13 +279,7 @@ def test_hospitals_evaluate_privately_and_reply_only_an_ack(shared_run):
     finals = [r for r in grid.received if M.OK in r.content[M.RECORD]]
     assert len(finals) == 3 and len(result["evaluated_by"]) == 3
     for r in finals:
-        assert set(r.content[M.RECORD].keys()) == {
-            M.HOSPITAL,
-            M.OK,
-            M.ROUND_ID,
-            M.DIGEST,
-            M.SIGNATURE,
-        }
+        assert set(r.content[M.RECORD].keys()) == ACK_REPLY_FIELDS
 
 
 # --- dropouts -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import tenseal.sealapi as sa
 
 from medfed.crypto.errors import KeyMaterialError
-from medfed.crypto.uncompressed import COMPR_NONE, HEADER, save_uncompressed, seal_version
+from medfed.crypto.uncompressed import frame, save_uncompressed
 
 
 class Coefficients:
@@ -36,11 +36,7 @@ class Coefficients:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.n = engine.slots * 2
-        self.primes: list[list[int]] = []  # per level (0 = top): that level's primes
-        data = engine.sc.first_context_data()
-        while data is not None:
-            self.primes.append([int(m.value()) for m in data.parms().coeff_modulus()])
-            data = data.next_context_data()
+        self.primes = engine.primes  # per level (0 = top): that level's primes
 
     def modulus_bits(self, level: int) -> float:
         """``log2 q_l``: the bits of the level's coefficient modulus."""
@@ -71,20 +67,9 @@ class Coefficients:
         moduli = len(self.primes[level])
         return parms + bytes([int(ntt)]) + struct.pack("<3QdQ", size, self.n, moduli, scale, 1)
 
-    def _framed(self, members: bytes, words: np.ndarray) -> bytes:
-        magic, major, minor = seal_version()
-        payload = np.ascontiguousarray(words, dtype=np.uint64).tobytes()
-        inner = HEADER.size + 8 + len(payload)
-        total = HEADER.size + len(members) + inner
-        return b"".join(
-            (
-                HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, total),
-                members,
-                HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, inner),
-                struct.pack("<Q", words.size),
-                payload,
-            )
-        )
+    @staticmethod
+    def _framed(members: bytes, words: np.ndarray) -> bytes:
+        return frame(members, np.ascontiguousarray(words, dtype=np.uint64).tobytes(), words.size)
 
     def trivial_ciphertext(
         self, residues: np.ndarray, level: int, *, ntt: bool, scale: float, second: int = 0

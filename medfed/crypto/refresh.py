@@ -28,6 +28,7 @@ import tenseal.sealapi as sa
 from medfed.crypto.coefficients import Coefficients, add_mod, automorphism, reduce
 from medfed.crypto.errors import CiphertextError
 from medfed.crypto.masking import draw_mask, mask_bits_for
+from medfed.crypto.seal import SealVec
 
 
 class RefreshRangeError(CiphertextError):
@@ -51,8 +52,6 @@ class Refresh:
     def mask(self, v, key: bytes):
         """``v`` plus the mask polynomial of ``key`` (a new :class:`SealVec`); returns it and
         the mask width used."""
-        from medfed.crypto.seal import SealVec
-
         level = self.engine.level(v.ct)
         bits = self.mask_bits(level)
         primes = self.coeffs.primes[level]
@@ -65,16 +64,12 @@ class Refresh:
     def unmask(self, reply, keys: list[tuple[bytes, int]], unit: int, count: int):
         """``reply`` (the hospital's top-level ciphertext) less the map of the masks
         ``keys`` (``(key, bits)`` per part) summed over ``count`` rotations by ``unit``."""
-        from medfed.crypto.seal import SealVec
-
         total = None
         for key, bits in keys:
             part = reduce(draw_mask(key, bits, self.n), self.top)
             total = part if total is None else add_mod(total, part, self.top)
-        image = self.coeffs.to_ntt(self.replicate(total, unit, count), 0)
-        plain = self.coeffs.plaintext(image, 0, reply.ct.scale)
         out = sa.Ciphertext()
-        self.engine.ev.sub_plain(reply.ct, plain, out)
+        self.engine.ev.sub_plain(reply.ct, self._mapped(total, unit, count, reply.ct.scale), out)
         return SealVec(self.engine, out)
 
     # -- the key holder's side ----------------------------------------------------------------
@@ -94,12 +89,15 @@ class Refresh:
     def open_and_map(self, v, unit: int, count: int) -> bytes:
         """The key holder's reply for one masked vector: decrypt exactly, sum ``count``
         rotations by ``unit`` in the top level's residues, encrypt (seeded) at ``v``'s scale."""
-        ints = self.open(v)
-        mapped = self.replicate(reduce(ints, self.top), unit, count)
-        plain = self.coeffs.plaintext(self.coeffs.to_ntt(mapped, 0), 0, v.ct.scale)
-        return self.engine.encrypt_plaintext_bytes(plain)
+        mapped = self._mapped(reduce(self.open(v), self.top), unit, count, v.ct.scale)
+        return self.engine.encrypt_plaintext_bytes(mapped)
 
     # -- the public linear map ----------------------------------------------------------------
+    def _mapped(self, residues: np.ndarray, unit: int, count: int, scale: float) -> sa.Plaintext:
+        """The map of top-level coefficient residues, as a top-level plaintext at ``scale``."""
+        image = self.coeffs.to_ntt(self.replicate(residues, unit, count), 0)
+        return self.coeffs.plaintext(image, 0, scale)
+
     def replicate(self, residues: np.ndarray, unit: int, count: int) -> np.ndarray:
         """``sum_{j < count} rot(x, j * unit)`` on top-level coefficient residues (``count`` a
         power of two: one automorphism and one addition per doubling)."""

@@ -44,9 +44,11 @@ class SealEngine:
         self._scratch: dict[str, Scratch] = {}  # "in" (loads), "out" (saves): this process's
         self.galois = self._load_galois(galois_keys) if galois_keys is not None else None
         self.parms_ids = []
+        self.primes: list[list[int]] = []  # per level (0 = top): that level's primes
         data = self.sc.first_context_data()
         while data is not None:
             self.parms_ids.append(tuple(data.parms_id()))
+            self.primes.append([int(m.value()) for m in data.parms().coeff_modulus()])
             data = data.next_context_data()
 
     # -- keys -------------------------------------------------------------------------------

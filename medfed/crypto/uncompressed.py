@@ -28,8 +28,8 @@ from medfed.crypto.scratch import Scratch
 _WORD = 8
 _META = 80  # bytes of the ciphertext object before its coefficient array (SEAL 4.x layout)
 _ARRAY = 96  # DynArray: capacity, size, data pointer
-HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compr, -, size
-COMPR_NONE = 0  # compr_mode_type::none
+_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compr, -, size
+_NONE = 0  # compr_mode_type::none
 
 
 class _Memory:
@@ -63,14 +63,13 @@ def _mem() -> _Memory:
     return _memory
 
 
-def seal_version() -> tuple[int, int, int]:
-    """This SEAL build's serialization magic and version (major, minor), probed once."""
+def _seal_version() -> tuple[int, int, int]:
     global _version
     if _version is None:
         probe = Scratch("probe")
         try:
             sa.Ciphertext().save(probe.path)
-            magic, _, major, minor, *_ = HEADER.unpack(probe.read()[: HEADER.size])
+            magic, _, major, minor, *_ = _HEADER.unpack(probe.read()[: _HEADER.size])
         finally:
             probe.close()
         _version = (magic, major, minor)
@@ -104,16 +103,23 @@ def save_uncompressed(ct: sa.Ciphertext) -> bytes | None:
     coeffs = mem.read(data, n * _WORD)
     if coeffs is None or int.from_bytes(coeffs[:_WORD], "little") != ct.data():
         return None
-    magic, major, minor = seal_version()
-    inner_size = HEADER.size + _WORD + n * _WORD
     members = raw[:33] + raw[40:_META]  # parms id, is_ntt byte, size, degree, moduli, scale, cf
-    total = HEADER.size + len(members) + inner_size
+    return frame(members, coeffs, n)
+
+
+def frame(members: bytes, words: bytes, count: int) -> bytes:
+    """A SEAL object in its serialization format without compression: the header, the
+    object's ``members``, then its array of ``count`` 64-bit ``words`` with the array's own
+    header (what SEAL's ``save`` writes with ``compr_mode_type::none``)."""
+    magic, major, minor = _seal_version()
+    inner_size = _HEADER.size + _WORD + len(words)
+    total = _HEADER.size + len(members) + inner_size
     return b"".join(
         (
-            HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, total),
+            _HEADER.pack(magic, _HEADER.size, major, minor, _NONE, 0, total),
             members,
-            HEADER.pack(magic, HEADER.size, major, minor, COMPR_NONE, 0, inner_size),
-            struct.pack("<Q", n),
-            coeffs,
+            _HEADER.pack(magic, _HEADER.size, major, minor, _NONE, 0, inner_size),
+            struct.pack("<Q", count),
+            words,
         )
     )

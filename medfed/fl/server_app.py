@@ -68,9 +68,10 @@ class Ledger:
     excluded: list[dict] = field(default_factory=list)
     received: dict[int | str, dict[str, dict]] = field(default_factory=dict)
 
-    def note(self, party: int | str, stage: str, content) -> None:
+    def note(self, party: int | str, stage: str, content) -> int:
         """Add one message that ``party`` (a node id, or ``"aggregator"``) received in
-        ``stage`` to the per-party audit, by message kind (the stage without its epoch)."""
+        ``stage`` to the per-party audit, by message kind (the stage without its epoch);
+        returns its size (:func:`~medfed.fl.messages.payload_bytes`)."""
         kind = stage.rstrip("0123456789").rstrip("-") or stage
         got = M.inventory(content)
         entry = self.received.setdefault(party, {}).setdefault(
@@ -82,6 +83,7 @@ class Ledger:
         for name, how in got["fields"].items():
             before = entry["fields"].get(name, how)
             entry["fields"][name] = how if before == how else "mixed"
+        return got["bytes"]
 
     def audit(self, name: Callable[[int], str]) -> dict[str, dict[str, dict]]:
         """The per-party audit with hospital names: what each party received, by kind."""
@@ -141,8 +143,7 @@ class RoundExchange:
             values = {**values, M.STAGE: stage, M.ROUND_ID: sent[node]}
             values[M.SIGNATURE] = M.sign_request(key, values, message_type, node)
             content = M.make_content(**values)
-            size = M.payload_bytes(content)
-            self.ledger.note(node, stage, content)
+            size = self.ledger.note(node, stage, content)
             self.ledger.down[node] += size
             down += size
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
@@ -162,8 +163,7 @@ class RoundExchange:
                 failed.add(node)
                 self.ledger.exclude(stage, self._name(node), error_reason(reply.error.reason))
                 continue
-            size = M.payload_bytes(reply.content)
-            self.ledger.note("aggregator", stage, reply.content)
+            size = self.ledger.note("aggregator", stage, reply.content)
             self.ledger.up[node] += size
             up += size
             try:

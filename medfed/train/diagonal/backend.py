@@ -76,6 +76,13 @@ def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Bloc
     ]
 
 
+def decay_share(layout: DiagonalLayout, weights, decay: float) -> float:
+    """The multiple of a group's weight pattern that joins its products for the L2 penalty:
+    ``decay * g / S``, which the key holder's sum over the ``S / g`` repeats turns into
+    ``decay * w`` (0 without weights or decay). Both backends use it, so they agree."""
+    return decay * layout.group / layout.slots if weights is not None and decay else 0.0
+
+
 def group_products(parts: list[dict], k: int, g: int) -> list:
     """Every compute's (masked) folded product of head ``k``, group ``g``."""
     found = [p["q"][k][g] for p in parts if g in p["q"].get(k, {})]

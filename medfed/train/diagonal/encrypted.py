@@ -13,7 +13,7 @@ import numpy as np
 from medfed.crypto.diagonal import DiagonalLayout, rotation_steps
 from medfed.crypto.masking import MAX_MASK_PARTS, mask_key
 from medfed.crypto.refresh import Refresh
-from medfed.train.diagonal.backend import bias_products, group_products
+from medfed.train.diagonal.backend import bias_products, decay_share, group_products
 from medfed.train.diagonal.keyholder import bias_map, pattern_map
 
 
@@ -106,10 +106,10 @@ class EncryptedDiagonalBackend:
 
         t0 = time.perf_counter()
         L, e = self.layout, self.engine
-        G, S = L.n_groups, L.slots
+        G = L.n_groups
         if len(parts) > MAX_MASK_PARTS:
             raise ValueError(f"{len(parts)} computes returned products; at most {MAX_MASK_PARTS}")
-        shrink = decay * L.group / S if weights is not None and decay else 0.0
+        shrink = decay_share(L, weights, decay)
         masked = []
         for k in range(L.n_heads):
             for g in range(G):

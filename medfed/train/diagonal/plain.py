@@ -6,7 +6,7 @@ import numpy as np
 
 from medfed.crypto.diagonal import DiagonalLayout, rot
 from medfed.crypto.masking import MASK_KINDS
-from medfed.train.diagonal.backend import bias_products, group_products
+from medfed.train.diagonal.backend import bias_products, decay_share, group_products
 from medfed.train.diagonal.keyholder import keyholder_sums
 
 
@@ -55,7 +55,7 @@ class PlainDiagonalBackend:
         (:func:`~medfed.crypto.masking.refresh_security`).
         """
         L = self.layout
-        shrink = decay * L.group / L.slots if weights is not None and decay else 0.0
+        shrink = decay_share(L, weights, decay)
         upd_w, upd_b = [], []
         total, count = dict.fromkeys(MASK_KINDS, 0.0), dict.fromkeys(MASK_KINDS, 0)
         for k in range(L.n_heads):
