@@ -17,6 +17,10 @@ SPLITS = ("iid", "dirichlet")
 MIN_BUCKET = 32  # the smallest bucket accepted without allow_small_bucket
 
 
+#: Where a federation runs: Flower's simulation engine, in-process, or a local deployment.
+BACKENDS = ("flower", "local", "deploy")
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Every knob of one federation run (CLI flags and YAML keys share these names).
@@ -58,7 +62,11 @@ class SimulationConfig:
             buckets, not sample counts); below 32 only with ``allow_small_bucket``.
         allow_small_bucket: accept a ``bucket`` below 32 (it reveals sample counts to within it).
         feature_scale: scale of the normalized features.
-        backend: "flower" (Flower's Ray simulation engine) or "local" (in-process).
+        backend: "flower" (Flower's Ray simulation engine), "local" (in-process) or "deploy"
+            (a local Flower deployment: SuperLink, SuperNodes and ServerApp as separate
+            processes, TLS, SuperNode authentication; ``python -m medfed.deploy``).
+        audit: backend "deploy": also list the files the aggregator's process opened and scan
+            its memory for the hospitals' secrets at the end (``metrics.json`` ``deployment``).
         client_cpus: CPUs per simulated hospital.
         workers: mode "embeddings": Ray encrypted batch workers (0: in-process).
         ray_address: GCS address of a running Ray cluster (default: ``$RAY_ADDRESS``).
@@ -97,6 +105,7 @@ class SimulationConfig:
     allow_small_bucket: bool = False  # bucket < MIN_BUCKET reveals near-exact sample counts
     feature_scale: float = 1.0
     backend: str = "flower"
+    audit: bool = False  # backend "deploy": the aggregator's opened files and memory, checked
     client_cpus: float = 1.0
     workers: int = 0
     ray_address: str | None = None
@@ -193,7 +202,13 @@ def _validate(c: SimulationConfig) -> None:
     positive_int("samples_per_component", c.samples_per_component, low=0)
     mode = _check_mode(c)
     _choice("split", c.split, SPLITS)
-    _choice("backend", c.backend, ("flower", "local"))
+    _choice("backend", c.backend, BACKENDS)
+    if not isinstance(c.audit, bool):
+        raise ConfigError(f"audit must be true or false, got {c.audit!r}")
+    if c.audit and c.backend != "deploy":
+        raise ConfigError("audit checks a deployment's processes: use it with --backend deploy")
+    if c.backend == "deploy" and c.workers:
+        raise ConfigError("workers (Ray batch workers) are not part of a deployment: use 0")
     for name in ("alpha", "lr", "sigmoid_radius", "feature_scale", "client_cpus"):
         value = getattr(c, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
@@ -283,6 +298,11 @@ def _check_updates(c: SimulationConfig) -> None:
         raise ConfigError("workers (Ray encrypted batch workers) apply to mode 'embeddings' only")
     if c.keys == "threshold" and c.hospitals < 2:
         raise ConfigError("keys='threshold' needs at least 2 hospitals; use --keys shared")
+    if c.keys == "threshold" and c.backend == "deploy":
+        raise ConfigError(
+            "keys='threshold' runs on the local backend only (a hospital's OpenFHE key share "
+            "stays in its process); deploy with --keys shared, or use --backend local"
+        )
     if c.dropouts:
         if c.rounds < 2:
             raise ConfigError("dropouts happen mid-training: use --rounds 2 or more")

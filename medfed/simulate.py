@@ -15,11 +15,11 @@ import warnings
 from medfed.config import SimulationConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentParser:
     """The command line: every :class:`~medfed.config.SimulationConfig` field, ``--config``
     and ``-v``; options not given are left out (the config file's or the default apply)."""
     p = argparse.ArgumentParser(
-        prog="python -m medfed.simulate",
+        prog=prog,
         description="Federated fine-tuning of a classification head on CKKS-encrypted DeiT "
         "embeddings (MedBlindTuner-style), with Flower hospitals and an untrusted aggregator.",
     )
@@ -118,8 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default=S,
-        metavar="{flower,local}",
-        help="flower (Ray simulation, default) or local",
+        metavar="{flower,local,deploy}",
+        help="flower (Ray simulation, default), local (in-process) or deploy (a local Flower "
+        "deployment: separate processes, TLS, SuperNode auth; python -m medfed.deploy)",
+    )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        default=S,
+        help="with --backend deploy: record the files the aggregator's process opened and "
+        "scan its memory for the hospitals' secrets (metrics.json 'deployment')",
     )
     p.add_argument("--workers", type=int, default=S, help="Ray encrypted batch workers (0)")
     p.add_argument(
@@ -147,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[SimulationConfig, bool]:
-    """(the run's config: defaults, then ``--config`` file, then flags; ``-v`` given)."""
-    args = vars(build_parser().parse_args(argv))
+def config_from_args(
+    argv: list[str] | None = None, prog: str = "python -m medfed.simulate", **fixed: object
+) -> tuple[SimulationConfig, bool]:
+    """(the run's config: defaults, then ``--config`` file, then flags, then ``fixed``
+    fields; ``-v`` given)."""
+    args = vars(build_parser(prog).parse_args(argv)) | fixed
     verbose = args.pop("verbose")
     path = args.pop("config", None)
     base = SimulationConfig.from_yaml(path) if path else SimulationConfig()
@@ -191,14 +202,19 @@ def _drop_flower_console_handler() -> None:
             flwr.removeHandler(h)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, prog: str = "python -m medfed.simulate", **fixed: object
+) -> int:
     """Exit status 0 on success, 2 for a :class:`~medfed.errors.MedfedError` (its message names
     the fix), 1 for a :class:`~medfed.fl.messages.FederationError` (a run that could not finish).
+
+    ``fixed``: config fields this entry point sets whatever the flags say (``medfed.deploy``'s
+    backend).
     """
     from medfed.errors import MedfedError, format_user_error
 
     try:
-        cfg, verbose = config_from_args(argv)
+        cfg, verbose = config_from_args(argv, prog, **fixed)
     except MedfedError as e:
         print(format_user_error(e), file=sys.stderr)
         return 2

@@ -107,6 +107,24 @@ class Identity:
         """SHA-256 of this party's public bundle: the id others seal to and check against."""
         return fingerprint(self.public_bundle())
 
+    def private_bytes(self) -> bytes:
+        """Both raw private keys (64 bytes), for the party's own key file (0600), never a wire."""
+        raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw)
+        none = serialization.NoEncryption()
+        return self.exchange_key.private_bytes(*raw, none) + self.signing_key.private_bytes(
+            *raw, none
+        )
+
+    @classmethod
+    def from_private_bytes(cls, data: bytes) -> Identity:
+        """The identity :meth:`private_bytes` wrote; :class:`ChannelError` if malformed."""
+        if not isinstance(data, bytes | bytearray) or len(data) != 64:
+            raise ChannelError("a channel identity file holds 64 bytes (two raw private keys)")
+        return cls(
+            X25519PrivateKey.from_private_bytes(bytes(data[:32])),
+            Ed25519PrivateKey.from_private_bytes(bytes(data[32:])),
+        )
+
     def __reduce__(self):
         raise TypeError("Identity holds private keys and cannot be pickled")
 

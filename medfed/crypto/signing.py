@@ -231,3 +231,10 @@ def provision_keys(hospitals: Sequence[str], run_id: str | None = None) -> KeyRi
         SigningKey(AGGREGATOR, _private(agg), pinned),
         tuple(SigningKey(n, _private(k), pinned) for n, k in zip(names, keys, strict=True)),
     )
+
+
+def new_key_pair() -> tuple[bytes, bytes]:
+    """A fresh Ed25519 key pair as raw ``(private, public)`` bytes: what a party makes for
+    itself when it provisions its own identity (deployments); the public half is pinned."""
+    key = Ed25519PrivateKey.generate()
+    return _private(key), _raw_public(key)

@@ -231,7 +231,8 @@ def authenticate(workspace: str | Path) -> Callable:
     return mod
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (0600)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -259,11 +260,11 @@ def provision(
     d = hospital_dir(workspace, index)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     if secret_context is not None:
-        _write_private(d / SECRET_CONTEXT, secret_context)
+        write_private(d / SECRET_CONTEXT, secret_context)
     if signing is not None:
         if signing.name != data.name:
             raise ValueError(f"the signing key of {signing.name!r} given to {data.name!r}")
-        _write_private(d / SIGNING_KEY, signing.private)
+        write_private(d / SIGNING_KEY, signing.private)
         meta = {**meta, "pinned": signing.pinned.to_dict()}
     np.savez(
         d / DATA,

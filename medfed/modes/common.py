@@ -49,7 +49,7 @@ def run_in_workspace(
     hospitals: Sequence[HospitalData],
     settings: Any,
     provisions: Sequence[HospitalProvision],
-    secret: bytes | None,
+    shared_key: str | None,
     *,
     label: str,
     unit: str,
@@ -59,52 +59,112 @@ def run_in_workspace(
     faults: Sequence[Fault] = (),
     on_exit: Callable[[Path], None] | None = None,
 ) -> Federation:
-    """Provision every hospital (its data, ``provisions[i]`` and the ``secret`` key, None
-    for no provisioned key) into a temporary workspace, run the federation under a progress
-    bar of ``steps`` ``unit`` (one per aggregator step) with the mode's ``apps``, read the
-    hospitals' evaluations and delete the workspace. ``faults`` are injected besides
-    ``cfg.inject`` (mode "updates"' ``--dropouts``). ``on_exit(workspace)`` runs after the
-    federation, even on failure.
+    """Provision every hospital (its data, ``provisions[i]`` and, with ``shared_key`` (a
+    CKKS preset name; None: no provisioned key), the run's shared CKKS key) into a temporary
+    workspace, run the federation under a progress bar of ``steps`` ``unit`` (one per
+    aggregator step) with the mode's ``apps``, read the hospitals' evaluations and delete the
+    workspace. ``faults`` are injected besides ``cfg.inject`` (mode "updates"'
+    ``--dropouts``). ``on_exit(workspace)`` runs after the federation, even on failure.
 
     The harness is also the run's signing authority: it makes a random run id and an Ed25519
     key pair per party (:func:`~medfed.crypto.signing.provision_keys`), writes each hospital's
     private key into its workspace and every public key into each hospital's provisioning,
     and gives the aggregator's key (with the same public keys) to ``settings.signing`` only.
+
+    Backend "deploy" (:func:`medfed.fl.deploy.run_deployment`) provisions only the data here:
+    every party makes its own keys in its own process, and the lead hospital the shared key.
     """
-    from medfed.crypto.signing import provision_keys
     from medfed.experiments.results import progress_bar
     from medfed.fl.faults import parse_faults
-    from medfed.fl.launch import run_federation
-    from medfed.fl.workspace import provision, read_evaluations
+    from medfed.fl.workspace import read_evaluations
 
-    keys = provision_keys([h.name for h in hospitals])
-    settings = dataclasses.replace(settings, signing=keys.aggregator)
+    backend = backend or cfg.backend
+    faults = (*parse_faults(cfg.inject), *faults)
     with tempfile.TemporaryDirectory(prefix="medfed-hospitals-") as ws:
         workspace = Path(ws)
-        for i, (h, meta) in enumerate(zip(hospitals, provisions, strict=True)):
-            provision(workspace, i, h, secret, meta, signing=keys.hospitals[i])
-        del secret, keys  # the hospitals hold their keys now; the harness keeps no copy
         t_fed = time.perf_counter()
         try:
             with progress_bar(label, cfg.progress) as progress:
                 task = progress.add_task(unit, total=steps)
-                fed = run_federation(
-                    workspace,
-                    settings,
-                    cfg.hospitals,
-                    backend=backend or cfg.backend,
-                    client_cpus=cfg.client_cpus,
-                    ray_address=cfg.ray_address,
-                    on_step=lambda step: progress.advance(task),
-                    faults=(*parse_faults(cfg.inject), *faults),
-                    apps=apps,
-                )
+                on_step = lambda step: progress.advance(task)  # noqa: E731
+                if backend == "deploy":
+                    fed = _deploy(
+                        cfg, workspace, hospitals, settings, provisions, shared_key, faults, on_step
+                    )
+                else:
+                    fed = _simulate(
+                        cfg,
+                        workspace,
+                        hospitals,
+                        settings,
+                        provisions,
+                        shared_key,
+                        faults,
+                        on_step,
+                        backend,
+                        apps,
+                    )
         finally:
             if on_exit is not None:
                 on_exit(workspace)
         seconds = time.perf_counter() - t_fed
         evaluations = read_evaluations(workspace, cfg.hospitals)
     return Federation(fed, evaluations, seconds)
+
+
+def _simulate(
+    cfg, workspace, hospitals, settings, provisions, shared_key, faults, on_step, backend, apps
+) -> dict[str, Any]:
+    """The harness provisions every key (it plays every party), then Flower's simulation or
+    the in-process grid runs the federation."""
+    from medfed.crypto.signing import provision_keys
+    from medfed.fl.launch import run_federation
+    from medfed.fl.workspace import provision
+
+    secret = None
+    if shared_key is not None:
+        from medfed.crypto.context import make_secret_context, secret_context_bytes
+        from medfed.crypto.params import get_preset
+
+        secret = secret_context_bytes(make_secret_context(get_preset(shared_key)))
+    keys = provision_keys([h.name for h in hospitals])
+    settings = dataclasses.replace(settings, signing=keys.aggregator)
+    for i, (h, meta) in enumerate(zip(hospitals, provisions, strict=True)):
+        provision(workspace, i, h, secret, meta, signing=keys.hospitals[i])
+    del secret, keys  # the hospitals hold their keys now; the harness keeps no copy
+    return run_federation(
+        workspace,
+        settings,
+        cfg.hospitals,
+        backend=backend,
+        client_cpus=cfg.client_cpus,
+        ray_address=cfg.ray_address,
+        on_step=on_step,
+        faults=faults,
+        apps=apps,
+    )
+
+
+def _deploy(cfg, workspace, hospitals, settings, provisions, shared_key, faults, on_step):
+    """The harness writes each hospital's data partition only; the parties provision their
+    keys themselves and run as separate processes (:mod:`medfed.fl.deploy`)."""
+    from medfed.fl.deploy import run_deployment
+    from medfed.fl.workspace import provision
+
+    for i, (h, meta) in enumerate(zip(hospitals, provisions, strict=True)):
+        provision(workspace, i, h, None, meta)
+    logs = Path(cfg.out) / "deployment" if cfg.out else None
+    return run_deployment(
+        workspace,
+        settings,
+        [h.name for h in hospitals],
+        mode=cfg.mode,
+        shared_key=shared_key,
+        faults=faults,
+        on_step=on_step,
+        logs=logs,
+        audit=cfg.audit,
+    )
 
 
 def pooled_accuracy(evaluations: Iterable[dict[str, Any]]) -> tuple[int, float]:
@@ -160,13 +220,15 @@ def described_run(
 
 def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
     """``bytes_up``, ``bytes_down``, ``bytes_per_party`` and ``received_by_party`` (the
-    per-party audit: what each party received, by message kind) from the aggregator's ledger."""
+    per-party audit: what each party received, by message kind) from the aggregator's ledger;
+    with backend "deploy" also ``deployment`` (its phases, processes and separation evidence)."""
     from medfed.experiments.results import byte_tally
 
     up, down, parties = byte_tally(fed)
     out = {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
-    if "received_by_party" in fed:
-        out["received_by_party"] = fed["received_by_party"]
+    for key in ("received_by_party", "deployment"):  # deployment: backend "deploy" only
+        if key in fed:
+            out[key] = fed[key]
     return out
 
 

@@ -53,7 +53,6 @@ class EmbeddingsMode(Mode):
         started: float | None = None,
     ) -> dict[str, Any]:
         """The encrypted federation and its plaintext references on prepared hospitals."""
-        from medfed.crypto.context import make_secret_context, secret_context_bytes
         from medfed.crypto.masking import refresh_security
         from medfed.crypto.params import get_preset
         from medfed.experiments.references import plaintext_reference
@@ -109,8 +108,7 @@ class EmbeddingsMode(Mode):
             hospitals,
             settings,
             [provision] * len(hospitals),
-            # one key, provisioned to the hospitals only (shared-key setup)
-            secret_context_bytes(make_secret_context(params)),
+            params.name,  # one key, provisioned to the hospitals only (shared-key setup)
             label="encrypted training",
             unit="epochs",
             steps=cfg.epochs,

@@ -112,18 +112,13 @@ class UpdatesMode(Mode):
             samples_per_component=cfg.samples_per_component,
         )
         provisions = [provision] * len(hospitals)
-        secret = None
-        if cfg.keys == "shared":  # one CKKS key, provisioned to the hospitals only
-            from medfed.crypto.context import make_secret_context, secret_context_bytes
-            from medfed.crypto.params import get_preset
-
-            secret = secret_context_bytes(make_secret_context(get_preset(cfg.ckks)))
         run = run_in_workspace(
             cfg,
             hospitals,
             settings,
             provisions,
-            secret,
+            # one CKKS key, provisioned to the hospitals only
+            cfg.ckks if cfg.keys == "shared" else None,
             label=f"FedAvg, {cfg.keys} keys",
             unit="rounds",
             steps=cfg.rounds,

@@ -7,6 +7,8 @@ key, flooded partial decryption and fusion; hospital-to-hospital messages are se
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,8 @@ from medfed.crypto.threshold.wire import (
     _unpack_partials,
     _unpack_share,
 )
+
+_STATE_MAGIC = b"MFTP1"
 
 
 class ThresholdParty:
@@ -341,6 +345,75 @@ class ThresholdParty:
             raise ThresholdError(f"fusion failed: {e}") from None
         pt.SetLength(length)
         return np.asarray(pt.GetRealPackedValue(), dtype=np.float64)
+
+    # --- state at rest ---------------------------------------------------------------------
+
+    def secret_state(self) -> bytes:
+        """Everything this party holds, secrets included, as bytes for its owner to store
+        encrypted (``medfed.fl.ciphers.threshold`` seals them with AES-GCM): the context,
+        channel keys, key share, Shamir shares held, recovered shares and decryption counts.
+        Never send these bytes anywhere."""
+        ctx = self.context
+        box = self._share_container() if self._own_public is not None else None
+        blobs = {
+            "context": ctx.to_bytes(),
+            "identity": self._identity.private_bytes(),
+            **{f"peer/{j}": b for j, b in self._peers.items()},
+            **({"secret": ctx._serialize(self._secret)} if self._secret is not None else {}),
+            **({"public": ctx._serialize(self._own_public)} if box is not None else {}),
+            **({"joint": self._joint_bytes} if self._joint_bytes is not None else {}),
+            **{f"held/{o}": _pack_share(ctx, o, self.index, p, box) for o, p in self._held.items()},
+            **{f"recovered/{d}": ctx._serialize(k) for d, k in self._recovered.items()},
+        }
+        header = {
+            "index": self.index,
+            "run_id": self.run_id,
+            "decryptions": {str(k): v for k, v in self._decryptions.items()},
+            "blobs": {name: len(b) for name, b in blobs.items()},
+        }
+        raw = json.dumps(header).encode()
+        return _STATE_MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(blobs.values())
+
+    @classmethod
+    def from_secret_state(cls, data: bytes) -> ThresholdParty:
+        """The party :meth:`secret_state` wrote; :class:`ThresholdError` if malformed."""
+        of = _require_openfhe()
+        data = bytes(data)
+        if not data.startswith(_STATE_MAGIC):
+            raise ThresholdError("not a medfed threshold party state (bad magic)")
+        off = len(_STATE_MAGIC)
+        (hlen,) = struct.unpack(">I", data[off : off + 4])
+        header = json.loads(data[off + 4 : off + 4 + hlen])
+        off += 4 + hlen
+        blobs = {}
+        for name, size in header["blobs"].items():
+            blobs[name] = data[off : off + size]
+            off += size
+        if off != len(data):
+            raise ThresholdError("threshold party state has trailing bytes")
+        context = ThresholdContext.from_bytes(blobs["context"])
+        party = cls(
+            context,
+            int(header["index"]),
+            Identity.from_private_bytes(blobs["identity"]),
+            run_id=str(header["run_id"]),
+        )
+        party._peers = {int(n[5:]): b for n, b in blobs.items() if n.startswith("peer/")}
+        if "secret" in blobs:
+            party._secret = of.DeserializePrivateKeyString(blobs["secret"], of.BINARY)
+        if "public" in blobs:
+            party._own_public = _deserialize_public_key(blobs["public"])
+        if "joint" in blobs:
+            party.set_joint_public_key(blobs["joint"])
+        for name, blob in blobs.items():
+            if name.startswith("held/"):
+                owner, _, poly = _unpack_share(context, blob)
+                party._held[owner] = poly
+            elif name.startswith("recovered/"):
+                key = of.DeserializePrivateKeyString(blob, of.BINARY)
+                party._recovered[int(name[10:])] = key
+        party._decryptions = {int(k): int(v) for k, v in header["decryptions"].items()}
+        return party
 
     def __repr__(self) -> str:
         return f"ThresholdParty(index={self.index}, key_shares={self.key_shares})"
