@@ -34,10 +34,10 @@ fi
 versions() {
   "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("openfhe"), m.version("flwr"))'
 }
-if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, flwr, yaml, rich, sklearn, pytest, hypothesis" \
+if ! "$VENV/bin/python" -c "import openfhe, numpy, cryptography, flwr, ray, yaml, rich, sklearn, pytest, hypothesis" \
     2>/dev/null || [[ "$(versions 2>/dev/null)" != "$OPENFHE_VERSION $FLWR_VERSION" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    "openfhe==$OPENFHE_VERSION" "flwr==$FLWR_VERSION" numpy cryptography pyyaml rich \
+    "openfhe==$OPENFHE_VERSION" "flwr[simulation]==$FLWR_VERSION" numpy cryptography pyyaml rich \
     "scikit-learn>=1.5" pytest hypothesis
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .

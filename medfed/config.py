@@ -298,11 +298,6 @@ def _check_updates(c: SimulationConfig) -> None:
         raise ConfigError("workers (Ray encrypted batch workers) apply to mode 'embeddings' only")
     if c.keys == "threshold" and c.hospitals < 2:
         raise ConfigError("keys='threshold' needs at least 2 hospitals; use --keys shared")
-    if c.keys == "threshold" and c.backend == "deploy":
-        raise ConfigError(
-            "keys='threshold' runs on the local backend only (a hospital's OpenFHE key share "
-            "stays in its process); deploy with --keys shared, or use --backend local"
-        )
     if c.dropouts:
         if c.rounds < 2:
             raise ConfigError("dropouts happen mid-training: use --rounds 2 or more")

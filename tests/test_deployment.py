@@ -136,7 +136,7 @@ def test_secret_patterns_cover_every_private_file(tmp_path):
     d = tmp_path / "hospital_0"
     make_identity(d, "h0", node_auth=True)
     (d / SECRET_CONTEXT).write_bytes(secret_context_bytes(make_secret_context(PRESETS["fast"])))
-    labels = secret_patterns([d])
+    labels = secret_patterns(tmp_path, 1)
     assert {"hospital_0/signing_key.bin[0]", "hospital_0/channel_identity.bin[1]"} <= set(labels)
     assert "hospital_0/secret key (in memory)" in labels
 

@@ -70,6 +70,11 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
             assert kinds["final"]["fields"]["weights"] == "binary"
             if "sum" in kinds:  # the hospitals that held a masked-sum round
                 assert kinds["sum"]["fields"]["masked"] == "binary"
+    # every party's ciphertexts are under one public key, of the run's CKKS parameters
+    public = m["public_parameters"]
+    assert public["ckks"] == "fast" and len(public["parms_id"]) == 64
+    assert set(public["key_by_party"]) == set(audit)
+    assert len(set(public["key_by_party"].values())) == 1
 
 
 def test_depth_check_names_a_preset_that_fits_before_any_work():

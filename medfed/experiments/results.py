@@ -225,18 +225,23 @@ def parties_table(metrics: Mapping[str, Any]) -> Table:
     """Bytes sent and received by each party; with the per-party audit, what it received:
     messages, binary items (ciphertexts, keys, sealed or signed bytes) and plain values."""
     audit = metrics.get("received_by_party") or {}
+    keys = (metrics.get("public_parameters") or {}).get("key_by_party") or {}
     t = Table(title="bytes per party")
     t.add_column("party")
     t.add_column("sent", justify="right")
     t.add_column("received", justify="right")
     if audit:
         t.add_column("received: messages / binary items / plain values", justify="right")
+    if keys:
+        t.add_column("public key")
     for name, v in metrics["bytes_per_party"].items():
         row = [name, _mb(v["sent"]), _mb(v["received"])]
         if audit:
             kinds = audit.get(name, {}).values()
             counts = [sum(k[key] for k in kinds) for key in ("messages", "binary", "plain")]
             row.append(" / ".join(str(c) for c in counts))
+        if keys:
+            row.append(keys.get(name, "-")[:8])
         t.add_row(*row)
     return t
 

@@ -132,6 +132,9 @@ class EmbeddingsAggregator(RoundExchange):
         keys = load_public_keys(self, grid, replies)
         self.ctx, self.engine, fingerprint = keys.ctx, keys.engine, keys.fingerprint
         self.public_bytes, self.galois_bytes = keys.public_bytes, keys.galois_bytes
+        self.key_ids = {"aggregator": fingerprint} | {  # the key each party encrypts under
+            self.names[node]: str(rec[M.KEY_FINGERPRINT]) for node, rec in replies.items()
+        }
         total, buckets = None, {}
         for node, rec in replies.items():
             name = self.names[node]
@@ -331,6 +334,17 @@ class EmbeddingsAggregator(RoundExchange):
         self.contributors["final"] = sorted(replies)
         return [self._name(n) for n in replies]
 
+    def public_parameters(self) -> dict:
+        """Which public parameters the run's ciphertexts are under: the CKKS preset, SEAL's
+        parameter id of the top level, and the public-key fingerprint of each party (the one a
+        hospital announced with its statistics; the aggregator's: the public context it holds).
+        A hospital whose fingerprint differs was excluded."""
+        return {
+            "ckks": self.s.params.name,
+            "parms_id": "".join(f"{w:016x}" for w in self.engine.parms_ids[0]),
+            "key_by_party": dict(getattr(self, "key_ids", {})),
+        }
+
     def run(self, grid: Grid) -> dict:
         """The whole protocol over ``grid``; returns the aggregator-side results (timings,
         layout, bytes per hospital, rounds, refreshes, exclusions, contributors per stage).
@@ -348,6 +362,7 @@ class EmbeddingsAggregator(RoundExchange):
             "bytes_up": {self._name(n): b for n, b in self.ledger.up.items()},
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
             "received_by_party": self.ledger.audit(self._name),
+            "public_parameters": self.public_parameters(),
             "rounds": self.named_rounds(),
             "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,

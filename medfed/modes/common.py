@@ -221,12 +221,13 @@ def described_run(
 def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
     """``bytes_up``, ``bytes_down``, ``bytes_per_party`` and ``received_by_party`` (the
     per-party audit: what each party received, by message kind) from the aggregator's ledger;
-    with backend "deploy" also ``deployment`` (its phases, processes and separation evidence)."""
+    mode "embeddings" also ``public_parameters`` (the key each party's ciphertexts are under),
+    backend "deploy" also ``deployment`` (its phases, processes and separation evidence)."""
     from medfed.experiments.results import byte_tally
 
     up, down, parties = byte_tally(fed)
     out = {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
-    for key in ("received_by_party", "deployment"):  # deployment: backend "deploy" only
+    for key in ("received_by_party", "public_parameters", "deployment"):
         if key in fed:
             out[key] = fed[key]
     return out

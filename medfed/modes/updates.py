@@ -81,14 +81,6 @@ class UpdatesMode(Mode):
         t0 = started if started is not None else time.perf_counter()
         check_count(cfg, hospitals)
         d = hospitals[0].train_features.shape[1]
-        backend = cfg.backend
-        if cfg.keys == "threshold" and backend != "local":
-            log.warning(
-                "threshold keys run on the local backend (Flower Messages through the "
-                "in-process LocalGrid): a hospital's OpenFHE key share cannot be serialized, "
-                "and Flower's Ray simulation may serve one hospital from several processes"
-            )
-            backend = "local"
         plan = dropout_plan(cfg)
         settings = UpdatesSettings(
             keys=cfg.keys,
@@ -122,7 +114,6 @@ class UpdatesMode(Mode):
             label=f"FedAvg, {cfg.keys} keys",
             unit="rounds",
             steps=cfg.rounds,
-            backend=backend,
             faults=dropout_faults(plan),  # the planned hospitals stop answering, any backend
             on_exit=forget_threshold_parties,
             apps=self.federation_apps(),
@@ -159,7 +150,7 @@ class UpdatesMode(Mode):
             }
         metrics = {
             **described_run(cfg, described, n_classes, d),
-            "backend": backend,
+            "backend": cfg.backend,
             "rounds": cfg.rounds,
             "local_epochs": cfg.local_epochs,
             "lr": cfg.lr,

@@ -335,7 +335,7 @@ def test_cli_threshold_run_from_a_features_file_with_a_dropout(tmp_path):
         "decryptions": 5,
         "max_decryptions": 1024,
     }
-    assert m["dropouts"] == 1 and len(m["dropped"]) == 1 and m["backend"] == "local"
+    assert m["dropouts"] == 1 and len(m["dropped"]) == 1 and m["backend"] == "flower"
     assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.005
     assert m["bytes_per_round"]["sent"] > 0 and m["rounds"] == 3
 

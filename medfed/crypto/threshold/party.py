@@ -374,23 +374,20 @@ class ThresholdParty:
         raw = json.dumps(header).encode()
         return _STATE_MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(blobs.values())
 
+    @staticmethod
+    def secret_parts(data: bytes) -> dict[str, bytes]:
+        """The secret pieces of a :meth:`secret_state` (key share, Shamir shares held,
+        recovered shares, channel identity), by name, read without OpenFHE: what an auditor
+        looks for in another process's memory."""
+        _, blobs = _split_state(data)
+        secret = ("secret", "identity", "held/", "recovered/")
+        return {k: v for k, v in blobs.items() if k.startswith(secret)}
+
     @classmethod
     def from_secret_state(cls, data: bytes) -> ThresholdParty:
         """The party :meth:`secret_state` wrote; :class:`ThresholdError` if malformed."""
         of = _require_openfhe()
-        data = bytes(data)
-        if not data.startswith(_STATE_MAGIC):
-            raise ThresholdError("not a medfed threshold party state (bad magic)")
-        off = len(_STATE_MAGIC)
-        (hlen,) = struct.unpack(">I", data[off : off + 4])
-        header = json.loads(data[off + 4 : off + 4 + hlen])
-        off += 4 + hlen
-        blobs = {}
-        for name, size in header["blobs"].items():
-            blobs[name] = data[off : off + size]
-            off += size
-        if off != len(data):
-            raise ThresholdError("threshold party state has trailing bytes")
+        header, blobs = _split_state(data)
         context = ThresholdContext.from_bytes(blobs["context"])
         party = cls(
             context,
@@ -420,3 +417,21 @@ class ThresholdParty:
 
     def __reduce__(self):
         raise TypeError("ThresholdParty holds a secret key share and cannot be pickled")
+
+
+def _split_state(data: bytes) -> tuple[dict, dict[str, bytes]]:
+    """(header, blobs by name) of a :meth:`ThresholdParty.secret_state`."""
+    data = bytes(data)
+    if not data.startswith(_STATE_MAGIC):
+        raise ThresholdError("not a medfed threshold party state (bad magic)")
+    off = len(_STATE_MAGIC)
+    (hlen,) = struct.unpack(">I", data[off : off + 4])
+    header = json.loads(data[off + 4 : off + 4 + hlen])
+    off += 4 + hlen
+    blobs = {}
+    for name, size in header["blobs"].items():
+        blobs[name] = data[off : off + size]
+        off += size
+    if off != len(data):
+        raise ThresholdError("threshold party state has trailing bytes")
+    return header, blobs

@@ -23,9 +23,9 @@ Key setups, one module each, each registering its pair with
 * ``threshold`` (:mod:`.threshold`): OpenFHE multiparty CKKS (:mod:`medfed.crypto.threshold`):
   a joint public key, key shares made by the hospitals, Shamir t-of-n recovery; partial
   decryptions travel sealed hospital-to-hospital, between channel bundles that each hospital
-  signs with its pinned key (:mod:`.threshold.endorse`). The hospitals' ThresholdParty objects
-  refuse serialization, so they live in this process (:data:`_THRESHOLD_PARTIES`, keyed by
-  workspace and hospital index): threshold runs use the in-process ``local`` backend.
+  signs with its pinned key (:mod:`.threshold.endorse`). A hospital stores its threshold state
+  encrypted at rest after every step (:mod:`.threshold.at_rest`); any process serving it
+  reloads it, so threshold runs work on every backend.
 
 A vector longer than one ciphertext's slots is split over several ciphertexts; a
 contribution is one framed blob (:func:`frame`, :mod:`.framing`) either way. TenSEAL and

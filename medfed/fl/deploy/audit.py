@@ -133,13 +133,22 @@ def secret_key_patterns(secret_context: bytes, label: str) -> dict[str, bytes]:
     return {**_windows(stored, f"{label} (stored)"), f"{label} (in memory)": resident}
 
 
-def secret_patterns(directories: list[Path]) -> dict[str, bytes]:
-    """What of each party directory's secrets would show in a process that had them."""
+def secret_patterns(workspace: Path, n_hospitals: int) -> dict[str, bytes]:
+    """What of each hospital's secrets would show in a process that had them: its CKKS key
+    (shared key), its threshold key share, Shamir shares held and at-rest key (threshold keys),
+    its signing and channel keys."""
+    from medfed.fl.ciphers.threshold import at_rest
+    from medfed.fl.ciphers.threshold.hospital import stored_secrets
     from medfed.fl.deploy.provision import CHANNEL_IDENTITY
-    from medfed.fl.workspace import SECRET_CONTEXT, SIGNING_KEY
+    from medfed.fl.workspace import SECRET_CONTEXT, SIGNING_KEY, hospital_dir
 
     out: dict[str, bytes] = {}
-    for d in directories:
+    for i in range(n_hospitals):
+        d = hospital_dir(workspace, i)
+        for label, blob in stored_secrets(workspace, i).items():
+            out.update(_windows(blob, f"{d.name}/threshold {label}", count=2))
+        if at_rest.key_path(workspace, i).exists():
+            out[f"{d.name}/at-rest key"] = at_rest.key_path(workspace, i).read_bytes()
         secret = d / SECRET_CONTEXT
         if secret.exists():
             out.update(secret_key_patterns(secret.read_bytes(), f"{d.name}/secret key"))

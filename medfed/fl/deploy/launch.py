@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -58,11 +57,62 @@ def _free_port() -> int:
 
 
 def _tool(name: str) -> str:
-    """A console script of this Python's environment (Flower's CLIs)."""
+    """A console script of Flower's: beside this Python (its environment), else on PATH (a
+    virtual environment that uses the system's site-packages)."""
     path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise FederationError(f"{name} is not installed beside {sys.executable}: pip install flwr")
-    return str(path)
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise FederationError(f"{name} is not beside {sys.executable} nor on PATH: install flwr")
+    return found
+
+
+class _Flower:
+    """The Flower CLIs' flags for this environment's flwr: 1.41 serves every SuperLink API over
+    HTTPS on one port; 1.30 (the Python 3.10 threshold environment) has one gRPC port per API
+    and names a SuperNode's ClientAppIo address instead of its host and port."""
+
+    def __init__(self) -> None:
+        import importlib.metadata
+
+        version = importlib.metadata.version("flwr")
+        self.http = tuple(int(v) for v in version.split(".")[:2]) >= (1, 41)
+        self.ports = [_free_port() for _ in range(1 if self.http else 3)]
+
+    @property
+    def control(self) -> str:
+        """The address ``flwr`` talks to."""
+        return f"{HOST}:{self.ports[0] if self.http else self.ports[2]}"
+
+    @property
+    def fleet(self) -> str:
+        """The address SuperNodes connect to."""
+        return f"{HOST}:{self.ports[0] if self.http else self.ports[1]}"
+
+    def superlink(self) -> list[str]:
+        if self.http:
+            return ["--host", HOST, "--port", str(self.ports[0])]
+        serverappio, fleet, control = (f"{HOST}:{p}" for p in self.ports)
+        return [
+            *("--serverappio-api-address", serverappio),
+            *("--fleet-api-address", fleet),
+            *("--control-api-address", control),
+        ]
+
+    def supernode(self, auth_key: Path, auth_public: Path) -> list[str]:
+        port = str(_free_port())
+        if self.http:
+            return ["--auth-supernode-private-key", str(auth_key), "--host", HOST, "--port", port]
+        return [
+            *("--auth-supernode-private-key", str(auth_key)),
+            *("--auth-supernode-public-key", str(auth_public)),
+            *("--clientappio-api-address", f"{HOST}:{port}"),
+        ]
+
+    def register(self, public: Path, name: str) -> list[str]:
+        named = ["--name", name] if self.http else []
+        return [_tool("flwr"), "supernode", "register", str(public), CONNECTION, *named]
 
 
 def _provision(steps: list[list[str]], env: dict[str, str], what: str) -> None:
@@ -176,13 +226,9 @@ def _wait(what: str, ready: Callable[[], bool], log_file: Path, timeout: float) 
     raise FederationError(f"{what} did not come up within {timeout:.0f} s; see {log_file}")
 
 
-def _healthy(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with urllib.request.urlopen(f"https://{HOST}:{port}/health", context=context, timeout=2):
-            return True
-    except OSError:
-        return False
+def pub_path(party: _Party) -> Path:
+    """Where a hospital's SuperNode public key is published (OpenSSH format)."""
+    return party.dir / "supernode_auth.pub"
 
 
 def run_deployment(
@@ -231,12 +277,13 @@ def run_deployment(
 
     t0 = time.perf_counter()
     tls = make_tls(workspace / "superlink")
-    port = _free_port()
+    flower = _Flower()
     operator = workspace / "operator"  # the operator's `flwr` configuration
     operator.mkdir(exist_ok=True)
     (operator / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{HOST}:{port}"\nroot-certificates = {json.dumps(str(tls.ca_certificate))}\n'
+        f'address = "{flower.control}"\n'
+        f"root-certificates = {json.dumps(str(tls.ca_certificate))}\n"
     )
     flwr_env = {**env, "FLWR_HOME": str(operator)}
     processes = Processes(logs, env)
@@ -247,32 +294,33 @@ def run_deployment(
             "superlink",
             [
                 _tool("flower-superlink"),
-                "--ssl-ca-certfile",
-                str(tls.ca_certificate),
-                "--ssl-certfile",
-                str(tls.certificate),
-                "--ssl-keyfile",
-                str(tls.private_key),
+                *("--ssl-ca-certfile", str(tls.ca_certificate)),
+                *("--ssl-certfile", str(tls.certificate)),
+                *("--ssl-keyfile", str(tls.private_key)),
                 "--enable-supernode-auth",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-            ],  # fmt: skip
+                *flower.superlink(),
+            ],
             cwd=workspace / "superlink",
             env={"FLWR_HOME": str(workspace / "superlink" / "flwr")},
         )
-        _wait(
-            "the SuperLink",
-            lambda: _healthy(port, tls.ca_certificate),
-            logs / "superlink.log",
-            START_TIMEOUT,
-        )
+
+        def nodes() -> str | None:
+            """``flwr supernode ls`` as JSON, or None while the SuperLink does not answer."""
+            done = subprocess.run(
+                [_tool("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+                env=flwr_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            return done.stdout if done.returncode == 0 else None
+
+        _wait("the SuperLink", lambda: nodes() is not None, logs / "superlink.log", START_TIMEOUT)
         for h in hospitals:
-            pub = h.dir / "supernode_auth.pub"
+            pub = pub_path(h)
             pub.write_text(h.public["node_auth"])
             done = subprocess.run(
-                [_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", h.name],
+                flower.register(pub, h.name),
                 env=flwr_env,
                 capture_output=True,
                 text=True,
@@ -296,32 +344,17 @@ def run_deployment(
                 f"supernode-{i}",
                 [
                     _tool("flower-supernode"),
-                    "--superlink",
-                    f"{HOST}:{port}",
-                    "--root-certificates",
-                    str(tls.ca_certificate),
-                    "--auth-supernode-private-key",
-                    str(h.dir / NODE_AUTH_KEY),
-                    "--node-config",
-                    config,
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(_free_port()),
-                ],  # fmt: skip
+                    *("--superlink", flower.fleet),
+                    *("--root-certificates", str(tls.ca_certificate)),
+                    *("--node-config", config),
+                    *flower.supernode(h.dir / NODE_AUTH_KEY, pub_path(h)),
+                ],
                 cwd=h.dir,
                 env={"FLWR_HOME": str(h.dir / "flwr")},
             )
 
         def online() -> bool:
-            done = subprocess.run(
-                [_tool("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
-                env=flwr_env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            return done.stdout.count('"online"') >= len(hospitals)
+            return (nodes() or "").count('"online"') >= len(hospitals)
 
         _wait("the SuperNodes", online, logs / "supernode-0.log", START_TIMEOUT)
         phases["supernodes"] = time.perf_counter() - t0
@@ -339,7 +372,6 @@ def run_deployment(
             )
         steps = 0
         progress = aggregator.dir / A.PROGRESS
-        patterns = secret_patterns([h.dir for h in hospitals]) if audit else {}
         while run.poll() is None:
             time.sleep(0.2)
             done = progress.stat().st_size if progress.exists() else 0
@@ -348,6 +380,7 @@ def run_deployment(
                 if on_step is not None:
                     on_step(steps)
             if audit and (aggregator.dir / A.FINISHED).exists() and "memory" not in separation:
+                patterns = secret_patterns(workspace, len(hospitals))
                 separation["memory"] = _scan(processes, patterns)
                 (aggregator.dir / A.RELEASE).write_text("1")
         phases["run"] = time.perf_counter() - t0
@@ -406,7 +439,9 @@ def _separation(
 ) -> dict[str, Any]:
     """Which files the ServerApp had open (sampled) or opened (its own audit), and whether
     any belongs to a hospital."""
-    private = [str(h.dir.resolve()) for h in hospitals]
+    from medfed.fl.ciphers.threshold.at_rest import KEYRING
+
+    private = [str(h.dir.resolve()) for h in hospitals] + [str((workspace / KEYRING).resolve())]
     sampled = sorted(p for p in sampler.paths if p.startswith("/"))
     out: dict[str, Any] = {
         "fd_samples": sampler.samples,

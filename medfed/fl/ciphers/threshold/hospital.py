@@ -5,9 +5,12 @@ decryptions whatever the aggregator asks. It signs its channel bundle and its li
 chain, and accepts the other hospitals' only with their signatures under the keys pinned at
 provisioning (:mod:`.endorse`), so an aggregator that swaps one is caught.
 
-A ThresholdParty refuses serialization, so hospitals' ciphers live in this process
-(:data:`_THRESHOLD_PARTIES`, keyed by workspace and hospital index): threshold runs use the
-in-process ``local`` backend. OpenFHE is imported only when a cipher is set up.
+A hospital's state (its key share and everything else its ThresholdParty holds, the pending
+partial decryptions) is stored after every step that changes it, encrypted at rest
+(:mod:`.at_rest`), and reloaded by any process that serves the hospital next: a Flower
+simulation actor or a deployment's per-message ``flwr-clientapp``. Within one process the
+cipher object is kept (:data:`_THRESHOLD_PARTIES`) and reloads only when another process has
+changed the file. OpenFHE is imported only when a cipher is set up.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from medfed.crypto.errors import CiphertextError, KeyMaterialError
 from medfed.fl import messages as M
 from medfed.fl.ciphers.base import HospitalCipher
 from medfed.fl.ciphers.framing import chunk_sizes, chunks, frame, unframe
+from medfed.fl.ciphers.threshold import at_rest
 from medfed.fl.ciphers.threshold.endorse import (
     BUNDLE,
     KEY_CHAIN,
@@ -31,8 +35,8 @@ from medfed.fl.ciphers.threshold.endorse import (
     endorse,
 )
 
-#: Hospitals' threshold state in this process, by (workspace, hospital index). A
-#: ThresholdParty holds a secret key share and refuses to be pickled or written to disk.
+#: Hospitals' threshold ciphers in this process, by (workspace, hospital index); the state of
+#: record is the hospital's encrypted state file (:mod:`.at_rest`).
 _THRESHOLD_PARTIES: dict[tuple[str, int], ThresholdHospital] = {}
 _LOCK = threading.Lock()
 
@@ -55,21 +59,59 @@ class ThresholdHospital(HospitalCipher):
         self.session = ""
         self._previous: str | None = None  # the hospital whose key-chain link this one extends
         self._pending: tuple[bytes, list[bytes]] | None = None  # last aggregate, own partials
+        self._lead_context = None  # the lead hospital's context, until it joins
+        self._stamp: tuple[int, int] | None = None  # the state file this object reflects
 
     @classmethod
     def for_hospital(cls, workspace: str, index: int) -> ThresholdHospital:
-        """This hospital's cipher in this process: the same object across rounds."""
+        """This hospital's cipher in this process, up to date with its stored state."""
         with _LOCK:
             key = (str(workspace), int(index))
             if key not in _THRESHOLD_PARTIES:
                 _THRESHOLD_PARTIES[key] = cls(str(workspace), int(index))
-            return _THRESHOLD_PARTIES[key]
+            cipher = _THRESHOLD_PARTIES[key]
+        cipher._sync()
+        return cipher
+
+    # --- state at rest ----------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Reload the stored state if another process changed it since this one saw it."""
+        stamp = at_rest.stamp(self.workspace, self.index)
+        if stamp is None or stamp == self._stamp:
+            return
+        from medfed.crypto.threshold import ThresholdContext, ThresholdParty
+
+        state = _unpack(at_rest.load(self.workspace, self.index))
+        header, blobs = state
+        self.session = header["session"]
+        self._previous = header["previous"]
+        self.party = ThresholdParty.from_secret_state(blobs["party"]) if "party" in blobs else None
+        lead = blobs.get("lead_context")
+        self._lead_context = ThresholdContext.from_bytes(lead) if lead else None
+        own = [blobs[f"own/{k}"] for k in range(header["own"])]
+        self._pending = (blobs["aggregate"], own) if "aggregate" in blobs else None
+        self._stamp = stamp
+
+    def _save(self) -> None:
+        """Store this hospital's whole state, encrypted at rest."""
+        blobs: dict[str, bytes] = {}
+        if self.party is not None:
+            blobs["party"] = self.party.secret_state()
+        if self._lead_context is not None:
+            blobs["lead_context"] = self._lead_context.to_bytes()
+        own: list[bytes] = []
+        if self._pending is not None:
+            blobs["aggregate"], own = self._pending
+            blobs.update({f"own/{k}": b for k, b in enumerate(own)})
+        header = {"session": self.session, "previous": self._previous, "own": len(own)}
+        self._stamp = at_rest.store(self.workspace, self.index, _pack(header, blobs))
 
     def _need_party(self):
         if self.party is None:
             raise KeyMaterialError(
-                f"hospital {self.index} has no threshold key share in this process: threshold "
-                "keys run on the local backend only (key shares cannot leave the process)"
+                f"hospital {self.index} has no threshold key share: it did not take part in "
+                "this run's key setup (or its state file was removed)"
             )
         return self.party
 
@@ -79,7 +121,13 @@ class ThresholdHospital(HospitalCipher):
         return load_signing_key(self.workspace, self.index)
 
     def setup(self, step: str, record: Mapping) -> dict:
-        """Steps context (lead only), join, keygen, share, accept, recovery_share, recover."""
+        """Steps context (lead only), join, keygen, share, accept, recovery_share, recover;
+        the state is stored after each."""
+        out = self._setup(step, record)
+        self._save()
+        return out
+
+    def _setup(self, step: str, record: Mapping) -> dict:
         from medfed.crypto.threshold import ThresholdContext, ThresholdParams, ThresholdParty
 
         if step == "context":  # the lead hospital makes the public context (no key in it)
@@ -92,6 +140,7 @@ class ThresholdHospital(HospitalCipher):
             lead = getattr(self, "_lead_context", None)
             context = lead if lead is not None and lead.to_bytes() == raw else None
             context = context or ThresholdContext.from_bytes(raw)
+            self._lead_context = None
             _hospital_policy(context.params)
             key = self._signing_key()
             self.session = str(record[M.SESSION])
@@ -164,6 +213,7 @@ class ThresholdHospital(HospitalCipher):
         parts = unframe(aggregate, sender="aggregator", item="aggregate")
         own = [party.partial_decrypt(p) for p in parts]  # flooded; secret-bearing
         self._pending = (bytes(aggregate), own)
+        self._save()  # the decryption counts and the pending partials
         envelope = frame(own)
         others = [int(r) for r in recipients if int(r) != party.index]
         return {
@@ -193,6 +243,7 @@ class ThresholdHospital(HospitalCipher):
             for k in range(len(parts))
         ]
         self._pending = None
+        self._save()
         return np.concatenate(out)[:length]
 
 
@@ -200,3 +251,37 @@ def _hospital_policy(params) -> None:
     """What a hospital insists on, whatever the aggregator asks: flooded partial decryptions."""
     if not params.noise_flooding:
         raise KeyMaterialError("refusing threshold parameters without noise flooding")
+
+
+_STATE_MAGIC = b"MFTH1"
+
+
+def _pack(header: dict, blobs: dict[str, bytes]) -> bytes:
+    raw = json.dumps({**header, "blobs": {k: len(v) for k, v in blobs.items()}}).encode()
+    return _STATE_MAGIC + len(raw).to_bytes(4, "big") + raw + b"".join(blobs.values())
+
+
+def _unpack(data: bytes | None) -> tuple[dict, dict[str, bytes]]:
+    if data is None or not data.startswith(_STATE_MAGIC):
+        raise KeyMaterialError("not a medfed threshold hospital state")
+    off = len(_STATE_MAGIC)
+    size = int.from_bytes(data[off : off + 4], "big")
+    header = json.loads(data[off + 4 : off + 4 + size])
+    off += 4 + size
+    blobs = {}
+    for name, n in header.pop("blobs").items():
+        blobs[name] = data[off : off + n]
+        off += n
+    return header, blobs
+
+
+def stored_secrets(workspace: str | Path, index: int) -> dict[str, bytes]:
+    """The secret pieces of hospital ``index``'s stored threshold state (none without one):
+    its key share, the Shamir shares it holds, its channel identity. For audits only."""
+    from medfed.crypto.threshold.party import ThresholdParty
+
+    data = at_rest.load(workspace, index)
+    if data is None:
+        return {}
+    _, blobs = _unpack(data)
+    return ThresholdParty.secret_parts(blobs["party"]) if "party" in blobs else {}
