@@ -56,6 +56,11 @@ class SimulationConfig:
         dropouts: mode "updates": hospitals that stop answering mid-training.
         features: mode "updates": precomputed embeddings (``.npz``) instead of ``dataset`` and
             ``model``; needs no torch.
+        dp_epsilon: mode "updates": record-level differential privacy of the released head
+            and of everything the hospitals decrypt, at this epsilon (``dp_delta``); the noise
+            is calibrated to it (:mod:`medfed.privacy`). None: no DP.
+        dp_noise: mode "updates": the noise multiplier instead of ``dp_epsilon``.
+        dp_delta: the delta of ``dp_epsilon``.
         sigmoid_degree: mode "embeddings": degree of the polynomial sigmoid (1, 3 or 5).
         sigmoid_radius: mode "embeddings": the sigmoid is fitted on ``[-radius, radius]``.
         bucket: mode "embeddings": sample-count padding granularity (hospitals announce
@@ -99,6 +104,9 @@ class SimulationConfig:
     local_epochs: int = 5  # mode "updates": full-batch epochs per hospital per round
     dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
     features: str | None = None  # mode "updates": precomputed embeddings (.npz)
+    dp_epsilon: float | None = None  # mode "updates": differential privacy at this epsilon
+    dp_noise: float | None = None  # mode "updates": noise multiplier instead of dp_epsilon
+    dp_delta: float = 1e-5
     sigmoid_degree: int = 3
     sigmoid_radius: float = 24.0
     bucket: int = 32
@@ -292,8 +300,31 @@ def _check_ckks(c: SimulationConfig) -> None:
 # --- the modes' static data -------------------------------------------------------------------
 
 
+def _check_dp(c: SimulationConfig) -> None:
+    """The DP knobs: one of epsilon or noise, a delta, and a step that keeps the bound."""
+    if not isinstance(c.dp_delta, float | int) or not 0 < c.dp_delta < 1:
+        raise ConfigError(f"dp_delta must be in (0, 1), got {c.dp_delta!r}")
+    if c.dp_epsilon is None and c.dp_noise is None:
+        return
+    if c.dp_epsilon is not None and c.dp_noise is not None:
+        raise ConfigError("give --dp-epsilon or --dp-noise, not both")
+    for name in ("dp_epsilon", "dp_noise"):
+        value = getattr(c, name)
+        if value is not None and (isinstance(value, bool) or not value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    from medfed.privacy.mechanisms import max_stable_lr
+
+    if c.lr > max_stable_lr(c.l2):
+        raise ConfigError(
+            f"with differential privacy the local step must keep gradient descent "
+            f"non-expansive (the sensitivity bound): lr <= 2 / (0.5 + l2) = "
+            f"{max_stable_lr(c.l2):.3g}, got --lr {c.lr:g}; lower --lr"
+        )
+
+
 def _check_updates(c: SimulationConfig) -> None:
-    """Mode "updates": no Ray batch workers, and dropouts within what the keys tolerate."""
+    """Mode "updates": no Ray batch workers, dropouts within what the keys tolerate, DP."""
+    _check_dp(c)
     if c.workers:
         raise ConfigError("workers (Ray encrypted batch workers) apply to mode 'embeddings' only")
     if c.keys == "threshold" and c.hospitals < 2:
@@ -364,7 +395,13 @@ _MODES: dict[str, ModeSpec] = {
         "updates",
         "medfed.modes.updates",
         keys=("none", "shared", "threshold"),  # "none": plain FedAvg, the baseline
-        options={"dropouts": 0, "features": None},
+        options={
+            "dropouts": 0,
+            "features": None,
+            "dp_epsilon": None,
+            "dp_noise": None,
+            "dp_delta": 1e-5,
+        },
         check=_check_updates,
     ),
 }

@@ -151,6 +151,17 @@ def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentPa
         help="inject a fault (repeatable): dropout|crash|corrupt:hospital=I,round=STAGE or "
         "slow:hospital=I,seconds=S[,round=STAGE]; STAGE is stats, upload, sum-<epoch> or final",
     )
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=S,
+        help="mode updates: record-level differential privacy of the released head at this "
+        "epsilon (noise calibrated to it; see docs/privacy.md)",
+    )
+    p.add_argument(
+        "--dp-noise", type=float, default=S, help="mode updates: noise multiplier instead"
+    )
+    p.add_argument("--dp-delta", type=float, default=S, help="the delta of --dp-epsilon (1e-5)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -75,6 +75,18 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
     assert public["ckks"] == "fast" and len(public["parms_id"]) == 64
     assert set(public["key_by_party"]) == set(audit)
     assert len(set(public["key_by_party"].values())) == 1
+    # the leakage ledger: what the aggregator learned is this run's own record
+    leak = m["leakage"]
+    sizes = {h.name: len(h.train_labels) for h in hospitals}
+    assert leak["aggregator"]["bucket_counts"] == {n: -(-k // 32) for n, k in sizes.items()}
+    assert leak["aggregator"]["refresh_security_bits"] == m["refresh_security_bits"]
+    assert leak["released_head"] == {
+        "epsilon": None,  # no differential privacy in this run
+        "delta": None,
+        "mia_auc": m["mia_auc"],
+        "mia_tpr_at_1fpr": m["mia_tpr_at_1fpr"],
+    }
+    assert 0.0 <= m["mia_auc"] <= 1.0 and m["mia_members"] == 240
 
 
 def test_depth_check_names_a_preset_that_fits_before_any_work():

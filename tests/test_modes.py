@@ -25,7 +25,13 @@ def test_the_built_in_modes_are_registered_in_order():
         mode = medfed.get_mode(name)
         assert isinstance(mode, Mode) and mode.name == name and mode.keys
         assert C.MODE_KEYS[name] == mode.keys and get_mode(name) is mode
-    assert get_mode("updates").options == {"dropouts": 0, "features": None}
+    assert get_mode("updates").options == {
+        "dropouts": 0,
+        "features": None,
+        "dp_epsilon": None,
+        "dp_noise": None,
+        "dp_delta": 1e-5,
+    }
     assert C.MODES == tuple(medfed.list_modes()) and C.KEY_SETUPS == ("none", "shared", "threshold")
 
 

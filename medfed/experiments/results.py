@@ -77,6 +77,7 @@ YARDSTICK_NOTES = (
     "encryption cost: reference accuracy - accuracy, in pp (the headline)",
     "{same_row}: {same}",
     "approximation gap: accuracy - {same_row}, in pp (CKKS alone)",
+    "membership attack: loss threshold, train vs test samples (0.5 / 0.01: chance)",
 )
 
 
@@ -140,6 +141,9 @@ def run_table(
     _yardstick_rows(t, m, row_head or head, same)
     for row in between:
         t.add_row(*row)
+    if m.get("mia_auc") is not None:
+        attack = f"{m['mia_auc']:.3f} / {_num(m.get('mia_tpr_at_1fpr'), '{:.3f}')}"
+        t.add_row("membership attack (AUC / TPR at 1% FPR)", attack)
     t.add_row("wall time", _num(m.get("wall_seconds"), "{:.1f} s"))
     t.add_row("bytes up (hospitals -> aggregator)", _mb_or_na(m.get("bytes_up")))
     t.add_row("bytes down (aggregator -> hospitals)", _mb_or_na(m.get("bytes_down")))
@@ -201,6 +205,14 @@ def updates_summary_table(metrics: Mapping[str, Any]) -> Table:
     if m.get("dropouts"):
         gone = ", ".join(d["hospital"] for d in m.get("dropped", [])) or "none"
         between.append(("dropouts (from round)", f"{gone} ({m.get('dropout_round')})"))
+    if m.get("dp"):
+        dp = m["dp"]
+        between.append(
+            (
+                "differential privacy (epsilon, delta)",
+                f"{dp['epsilon']:.2f}, {dp['delta']:g} (noise x{dp['noise_multiplier']:.2f})",
+            )
+        )
     if th and th.get("max_decryptions"):  # each hospital refuses beyond the budget
         used = f"{th.get('decryptions')} / {th['max_decryptions']}"
         between.append(("threshold decryptions (most-used key share / budget)", used))

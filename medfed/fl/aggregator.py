@@ -363,6 +363,8 @@ class EmbeddingsAggregator(RoundExchange):
             "bytes_down": {self._name(n): b for n, b in self.ledger.down.items()},
             "received_by_party": self.ledger.audit(self._name),
             "public_parameters": self.public_parameters(),
+            # what the stats round told the aggregator: ceil(samples / bucket) per hospital
+            "buckets_by_hospital": {self._name(n): int(b) for n, b in buckets.items()},
             "rounds": self.named_rounds(),
             "refreshes": self.refresh_records,
             "excluded": self.ledger.excluded,

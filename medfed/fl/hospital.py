@@ -193,8 +193,9 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
             fmap = FeatureMap(f["mean"], f["projection"])
         x = fmap(data.test_features)
+        train_x = fmap(data.train_features)
         W.write_evaluation(
-            Path(workspace), i, data.name, weights, x, data.test_labels, fmap(data.train_features)
+            Path(workspace), i, data.name, weights, x, data.test_labels, train_x, data.train_labels
         )
         return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
 

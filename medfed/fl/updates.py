@@ -49,6 +49,7 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
+from medfed.privacy.mechanisms import UpdatesDP, clip_rows, max_stable_lr, unit_rows
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
@@ -277,7 +278,10 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
-        stats = stats_vector(x, meta.components)
+        dp = _dp(meta)
+        stats = stats_vector(unit_rows(x) if dp else x, meta.components)
+        if dp:  # this hospital's share of the noise; the count stays exact
+            stats[:-1] += dp.noise(dp.stats_std(), len(stats) - 1)
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
 
     @app.query("partial")
@@ -318,6 +322,12 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
             fmap = FeatureMap(f["mean"], f["projection"])
         return w, fmap
 
+    def features(raw: np.ndarray, fmap: FeatureMap, meta: W.HospitalProvision) -> np.ndarray:
+        """The trained features; with DP unit-norm embeddings in, unit-norm-clipped out."""
+        if _dp(meta) is None:
+            return fmap(raw)
+        return clip_rows(fmap(unit_rows(raw)), meta.feature_scale * np.sqrt(fmap.width))
+
     @app.train("local")
     @W.guarded(workspace, "train")
     def local(msg: Message, context: Context) -> Message:
@@ -325,17 +335,15 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)
-        x = fmap(data.train_features)
-        w = train_local(
-            w,
-            x,
-            data.train_labels,
-            meta.n_classes,
-            int(rec[M.LOCAL_EPOCHS]),
-            float(rec[M.LR]),
-            float(rec.get(M.L2, 0.0)),
-        )
+        x = features(data.train_features, fmap, meta)
+        epochs, lr, l2 = int(rec[M.LOCAL_EPOCHS]), float(rec[M.LR]), float(rec.get(M.L2, 0.0))
+        dp = _dp(meta)
+        if dp and lr > max_stable_lr(l2):  # the sensitivity bound needs it, whatever is asked
+            raise ValueError(f"lr {lr} > 2 / (0.5 + l2): refused under differential privacy")
+        w = train_local(w, x, data.train_labels, meta.n_classes, epochs, lr, l2)
         update = weighted_update(w, len(x))
+        if dp:  # this hospital's share of the noise on the sum of n_i w_i; the count is exact
+            update[:-1] += dp.noise(dp.update_std(epochs, lr, w.shape[1]), len(update) - 1)
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(update)})
 
     @app.evaluate("updatefinal")
@@ -345,11 +353,19 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)
-        x = fmap(data.test_features)
-        W.write_evaluation(Path(workspace), i, data.name, w, x, data.test_labels)
+        x = features(data.test_features, fmap, meta)
+        train_x = features(data.train_features, fmap, meta)
+        W.write_evaluation(
+            Path(workspace), i, data.name, w, x, data.test_labels, train_x, data.train_labels
+        )
         return reply(msg, data, **{M.OK: 1})
 
     return app
+
+
+def _dp(meta: W.HospitalProvision) -> UpdatesDP | None:
+    """This hospital's differential-privacy provisioning (None: no DP)."""
+    return UpdatesDP(**meta.dp) if meta.dp else None
 
 
 def _count(value: float) -> float:

@@ -55,9 +55,10 @@ class HospitalProvision:
     """What a hospital is provisioned with besides its data and key (its ``meta.json``).
 
     Fields left None are not written (they belong to the other mode): ``bucket`` is mode
-    "embeddings"' padding granularity, ``keys`` mode "updates"'. ``pinned``: the run id and
-    every party's Ed25519 public key (:meth:`medfed.crypto.signing.PinnedKeys.to_dict`), set
-    by :func:`provision`.
+    "embeddings"' padding granularity, ``keys`` and ``dp`` (differential privacy: the noise
+    multiplier and the contributors its noise shares assume) mode "updates"'. ``pinned``: the
+    run id and every party's Ed25519 public key
+    (:meth:`medfed.crypto.signing.PinnedKeys.to_dict`), set by :func:`provision`.
     """
 
     n_classes: int
@@ -68,6 +69,7 @@ class HospitalProvision:
     keys: str | None = None
     bucket: int | None = None
     pinned: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None  # mode "updates": medfed.privacy.mechanisms.UpdatesDP
 
     def to_dict(self) -> dict[str, Any]:
         """The ``meta.json`` mapping (without the hospital's name), None fields left out."""
@@ -339,14 +341,16 @@ def write_evaluation(
     x: np.ndarray,
     labels,
     train_x: np.ndarray | None = None,
+    train_labels=None,
 ) -> None:
     """A hospital's private evaluation of the final head on its test split (``eval.json``).
 
     Besides the counts it keeps the per-sample ``scores`` (``(total, heads)``, as
     :func:`~medfed.train.head.head_scores` gives them) and ``labels``, so that a
     simulation harness playing every party can pool them into an AUC. With ``train_x`` it
-    also records ``max_abs_z``, the largest ``|score|`` on its own training data: training
-    used a polynomial sigmoid, which is valid only on its range.
+    also records ``max_abs_z``, the largest ``|score|`` on its own training data (training
+    used a polynomial sigmoid, which is valid only on its range), and ``train_scores`` /
+    ``train_labels`` (the harness's membership-inference attack uses them as members).
     """
     acc = accuracy(weights, x, labels) if len(x) else float("nan")
     result = {
@@ -358,7 +362,12 @@ def write_evaluation(
         "labels": np.asarray(labels).reshape(-1).astype(np.int64).tolist(),
     }
     if train_x is not None and len(train_x):
-        result["max_abs_z"] = float(np.abs(head_scores(weights, train_x)).max())
+        train_scores = head_scores(weights, train_x)
+        result["max_abs_z"] = float(np.abs(train_scores).max())
+        result["train_scores"] = train_scores.tolist()
+        if train_labels is not None:
+            labels_ = np.asarray(train_labels).reshape(-1).astype(np.int64).tolist()
+            result["train_labels"] = labels_
     (hospital_dir(workspace, index) / EVAL).write_text(json.dumps(result))
 
 

@@ -188,10 +188,15 @@ def yardsticks(
     """The accuracy block of metrics.json (:data:`~medfed.experiments.yardsticks.YARDSTICK_KEYS`)
     on the federation's own split: the tuned reference pools the train data of the hospitals
     ``trained_on``; every score is on the test samples of ``evaluations``. ``reference`` is
-    the same-schedule plaintext run (``plaintext_accuracy``/``_weights``/``_test``)."""
+    the same-schedule plaintext run (``plaintext_accuracy``/``_weights``/``_test``). With it,
+    the membership-inference attack on the released head
+    (:data:`~medfed.experiments.membership.MEMBERSHIP_KEYS`): the train samples of
+    ``trained_on`` against the evaluators' test samples."""
+    from medfed.experiments.membership import membership_metrics
     from medfed.experiments.yardsticks import federation_yardsticks
 
-    return federation_yardsticks(
+    attack = membership_metrics(evaluations, [hospitals[i].name for i in trained_on])
+    return attack | federation_yardsticks(
         hospitals,
         evaluations,
         trained_on=trained_on,
@@ -227,7 +232,7 @@ def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
 
     up, down, parties = byte_tally(fed)
     out = {"bytes_up": up, "bytes_down": down, "bytes_per_party": parties}
-    for key in ("received_by_party", "public_parameters", "deployment"):
+    for key in ("received_by_party", "public_parameters", "buckets_by_hospital", "deployment"):
         if key in fed:
             out[key] = fed[key]
     return out
@@ -236,8 +241,12 @@ def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
 def finish(
     cfg: SimulationConfig, metrics: dict[str, Any], rounds: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """With ``cfg.out`` set, write config.yaml, rounds.jsonl and metrics.json (the run's
+    """Add the leakage ledger (:func:`~medfed.experiments.leakage.leakage_ledger`); with
+    ``cfg.out`` set, write config.yaml, rounds.jsonl and metrics.json (the run's
     :meth:`~medfed.result.RunResult.to_dict`) there; returns ``metrics``."""
+    from medfed.experiments.leakage import leakage_ledger
+
+    metrics["leakage"] = leakage_ledger(metrics)
     if cfg.out:
         from medfed.experiments.results import write_run
         from medfed.result import RunResult

@@ -82,6 +82,15 @@ class UpdatesMode(Mode):
         check_count(cfg, hospitals)
         d = hospitals[0].train_features.shape[1]
         plan = dropout_plan(cfg)
+        dp = None
+        if cfg.dp_epsilon is not None or cfg.dp_noise is not None:
+            from medfed.privacy.accountant import noise_multiplier_for
+            from medfed.privacy.mechanisms import UpdatesDP
+
+            releases = cfg.rounds + 1  # the statistics, then one sum per round
+            sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, releases, cfg.dp_delta)
+            # the noise shares add up to the full noise while hospitals - dropouts contribute
+            dp = UpdatesDP(float(sigma), contributors=cfg.hospitals - cfg.dropouts)
         settings = UpdatesSettings(
             keys=cfg.keys,
             rounds=cfg.rounds,
@@ -102,6 +111,7 @@ class UpdatesMode(Mode):
             feature_scale=cfg.feature_scale,
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
+            dp=dp.to_dict() if dp else None,
         )
         provisions = [provision] * len(hospitals)
         run = run_in_workspace(
@@ -188,6 +198,7 @@ class UpdatesMode(Mode):
                 if r["stage"].startswith(SETUP_STAGES)
             ),
             "excluded": fed["excluded"],
+            "dp": dp_guarantee(cfg, dp, fed, n_classes) if dp else None,
         }
         return finish(cfg, metrics, fed["rounds"])
 
@@ -202,6 +213,34 @@ class UpdatesMode(Mode):
         from medfed.experiments.results import updates_summary_table
 
         return updates_summary_table(metrics)
+
+
+def dp_guarantee(cfg: SimulationConfig, dp, fed: Mapping[str, Any], n_classes: int) -> dict:
+    """The metrics.json ``dp`` block: the guarantee this run reached. A release summed over
+    fewer than ``dp.contributors`` hospitals carried less noise; its effective noise
+    multiplier (``sigma * sqrt(k / contributors)``) is what is accounted."""
+    import math
+
+    from medfed.privacy.accountant import epsilon, epsilon_of_releases
+    from medfed.privacy.mechanisms import STATS_SENSITIVITY, update_sensitivity
+
+    counts = [len(fed["stats_participants"])] + [len(p) for p in fed["participants"]]
+    sigmas = [dp.noise_multiplier * math.sqrt(min(1.0, k / dp.contributors)) for k in counts]
+    heads = 1 if n_classes == 2 else n_classes
+    return {
+        "epsilon": epsilon_of_releases(sigmas, cfg.dp_delta),
+        "delta": cfg.dp_delta,
+        "target_epsilon": cfg.dp_epsilon,
+        "noise_multiplier": dp.noise_multiplier,
+        "releases": len(sigmas),
+        "effective_noise_multipliers": sigmas,
+        "epsilon_rdp": epsilon(min(sigmas), len(sigmas), cfg.dp_delta, accountant="rdp"),
+        "contributors": dp.contributors,
+        "adjacency": "replace one training record of one hospital",
+        "stats_sensitivity": STATS_SENSITIVITY,
+        "update_sensitivity": update_sensitivity(cfg.local_epochs, cfg.lr, heads),
+        "accountant": "dp-accounting PLD (epsilon_rdp: RDP upper bound)",
+    }
 
 
 MODE = register_mode(UpdatesMode())
