@@ -61,6 +61,7 @@ class SimulationConfig:
             is calibrated to it (:mod:`medfed.privacy`). None: no DP.
         dp_noise: mode "updates": the noise multiplier instead of ``dp_epsilon``.
         dp_delta: the delta of ``dp_epsilon``.
+        dp_clip: the per-sample gradient norm bound of differentially private local training.
         sigmoid_degree: mode "embeddings": degree of the polynomial sigmoid (1, 3 or 5).
         sigmoid_radius: mode "embeddings": the sigmoid is fitted on ``[-radius, radius]``.
         bucket: mode "embeddings": sample-count padding granularity (hospitals announce
@@ -107,6 +108,7 @@ class SimulationConfig:
     dp_epsilon: float | None = None  # mode "updates": differential privacy at this epsilon
     dp_noise: float | None = None  # mode "updates": noise multiplier instead of dp_epsilon
     dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # mode "updates": per-sample gradient norm bound of DP local training
     sigmoid_degree: int = 3
     sigmoid_radius: float = 24.0
     bucket: int = 32
@@ -312,14 +314,8 @@ def _check_dp(c: SimulationConfig) -> None:
         value = getattr(c, name)
         if value is not None and (isinstance(value, bool) or not value > 0):
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
-    from medfed.privacy.mechanisms import max_stable_lr
-
-    if c.lr > max_stable_lr(c.l2):
-        raise ConfigError(
-            f"with differential privacy the local step must keep gradient descent "
-            f"non-expansive (the sensitivity bound): lr <= 2 / (0.5 + l2) = "
-            f"{max_stable_lr(c.l2):.3g}, got --lr {c.lr:g}; lower --lr"
-        )
+    if isinstance(c.dp_clip, bool) or not isinstance(c.dp_clip, int | float) or not c.dp_clip > 0:
+        raise ConfigError(f"dp_clip must be a positive number, got {c.dp_clip!r}")
 
 
 def _check_updates(c: SimulationConfig) -> None:
@@ -401,6 +397,7 @@ _MODES: dict[str, ModeSpec] = {
             "dp_epsilon": None,
             "dp_noise": None,
             "dp_delta": 1e-5,
+            "dp_clip": 1.0,
         },
         check=_check_updates,
     ),

@@ -162,6 +162,9 @@ def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentPa
         "--dp-noise", type=float, default=S, help="mode updates: noise multiplier instead"
     )
     p.add_argument("--dp-delta", type=float, default=S, help="the delta of --dp-epsilon (1e-5)")
+    p.add_argument(
+        "--dp-clip", type=float, default=S, help="mode updates: per-sample gradient bound (1.0)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -31,6 +31,7 @@ def test_the_built_in_modes_are_registered_in_order():
         "dp_epsilon": None,
         "dp_noise": None,
         "dp_delta": 1e-5,
+        "dp_clip": 1.0,
     }
     assert C.MODES == tuple(medfed.list_modes()) and C.KEY_SETUPS == ("none", "shared", "threshold")
 

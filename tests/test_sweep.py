@@ -203,9 +203,14 @@ def test_shipped_sweeps_expand_and_the_smoke_one_is_small():
     for path in configs.glob("sweep*.yaml"):
         cells = SweepSpec.from_yaml(path).cells()
         assert cells, path
-    small = SweepSpec.from_yaml(smoke[0]).cells()
-    assert len(small) <= 8 and all(c.config.epochs <= 3 for c in small)
-    assert all(c.config.backend == "local" for c in small)
+    for path in smoke:
+        small = SweepSpec.from_yaml(path).cells()
+        assert len(small) <= 8 and all(c.config.backend == "local" for c in small)
+        assert all(c.config.epochs <= 3 or c.config.mode == "updates" for c in small)
+        assert all(c.config.rounds <= 5 for c in small if c.config.mode == "updates")
+    privacy = [p for p in smoke if "privacy" in p.name]
+    assert privacy, "configs/ must ship a smoke privacy sweep"
+    assert {"dp_epsilon", "keys"} <= set(SweepSpec.from_yaml(privacy[0]).varying)
     paper = SweepSpec.from_yaml(configs / "sweep_privacy_accuracy.yaml")
     assert {"ckks", "sigmoid_degree", "hospitals", "alpha", "seed"} <= set(paper.varying)
 
@@ -264,6 +269,41 @@ def test_sweep_writes_records_table_plots_report_and_rerun_skips_everything(tmp_
     assert again.calls == [] and outcome.ran == [] and len(outcome.skipped) == 6
     assert time.perf_counter() - t0 < 10
     assert _snapshot(tmp_path) == before  # identical results, byte for byte
+
+
+def privacy_runner(cfg: SimulationConfig) -> dict:
+    """fake_runner with the privacy columns: more noise, less accuracy and a weaker attack."""
+    eps = cfg.dp_epsilon
+    loss = 0.0 if eps is None else 0.05 / eps
+    return {
+        **fake_runner(cfg),
+        "accuracy": 0.8 - loss,
+        "epsilon": eps,
+        "mia_auc": 0.7 if eps is None else 0.5 + 0.02 * eps,
+        "mia_tpr_at_1fpr": 0.05 if eps is None else 0.01,
+    }
+
+
+def test_a_privacy_sweep_carries_epsilon_and_the_attack_into_table_plots_and_report(tmp_path):
+    spec = SweepSpec.from_dict(
+        {
+            "name": "p",
+            "base": {"mode": "updates", "backend": "local", "rounds": 2},
+            "grid": {"keys": ["none", "shared"], "dp_epsilon": [None, 8.0, 1.0]},
+        }
+    )
+    outcome = _run(spec, tmp_path, privacy_runner)
+    assert outcome.failed == [] and len(outcome.ran) == 6
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"epsilon", "mia_auc", "mia_tpr_at_1fpr", "dp_epsilon"} <= set(header)
+    for name in ("accuracy_vs_epsilon", "accuracy_and_cost_vs_keys"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Privacy / accuracy trade-off" in report
+    assert "- mode updates, keys none: without DP accuracy 0.800, attack AUC 0.700" in report
+    assert "at epsilon 1.00 accuracy 0.750, attack AUC 0.520" in report
+    assert "costs +5.0 pp of accuracy" in report
+    assert "| epsilon | attack AUC | attack TPR@1%FPR |" in report
 
 
 def test_interrupted_sweep_keeps_finished_cells_and_resumes_only_the_missing(tmp_path):

@@ -6,6 +6,9 @@
   never looks like "encryption costs nothing"; (2) the encryption cost (pp, reference minus
   encrypted), the headline; (3) the approximation gap (pp, encrypted minus the same-schedule
   plaintext run), which isolates CKKS
+- the privacy / accuracy trade-off vs the DP target epsilon (cells without DP as "no DP"):
+  accuracy with the same yardsticks, the membership attack's AUC and TPR at 1 % FPR
+- accuracy, wall time and bytes per key setup
 - wall / federation seconds vs hospitals, bytes up / down vs hospitals
 
 One line per key setup / mode (and per other privacy knob that varies), mean +- sd over every
@@ -45,6 +48,7 @@ class PlotSpec:
     where: tuple[tuple[str, Any], ...] = ()  # only rows with these values
     # (panel metric, metric, label, line style, marker): more lines on that panel, per series
     overlays: tuple[tuple[str, str, str, str, str], ...] = ()
+    none_label: str | None = None  # show rows whose x is unset under this label (else skipped)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,35 @@ PLOTS: tuple[PlotSpec, ...] = (
         ("keys", "mode", "ckks"),
         zero_line=True,
         where=(("split", "dirichlet"),),
+        overlays=YARDSTICKS,
+    ),
+    PlotSpec(
+        "accuracy_vs_epsilon",
+        "Privacy / accuracy trade-off: accuracy and membership attack vs epsilon",
+        "dp_epsilon",
+        "differential privacy target epsilon (smaller = more private)",
+        (
+            ("accuracy", "test accuracy: trained (o), reference (--), majority (:)", 1.0),
+            ("mia_auc", "membership attack AUC (0.5: chance)", 1.0),
+            ("mia_tpr_at_1fpr", "attack TPR at 1% FPR (0.01: chance)", 1.0),
+        ),
+        ("keys", "mode"),
+        categorical=True,
+        overlays=YARDSTICKS,
+        none_label="no DP",
+    ),
+    PlotSpec(
+        "accuracy_and_cost_vs_keys",
+        "Accuracy and cost per key setup",
+        "keys",
+        "key setup",
+        (
+            ("accuracy", "test accuracy: trained (o), reference (--), majority (:)", 1.0),
+            ("wall_seconds", "wall time per run (s)", 1.0),
+            ("bytes_up", "hospitals -> aggregator (MB)", MB),
+        ),
+        ("mode", "dp_epsilon"),
+        categorical=True,
         overlays=YARDSTICKS,
     ),
     PlotSpec(
@@ -165,6 +198,10 @@ def _save(fig: Any, path: Path) -> None:
 def plot_one(spec: PlotSpec, rows: list[dict], out_dir: Path) -> Plot:
     """Draw ``spec`` from done rows, or return a skipped :class:`Plot` saying why."""
     rows = [r for r in rows if all(r.get(k) == v for k, v in spec.where)]
+    if spec.none_label is not None:
+        rows = [
+            r if r.get(spec.x) not in (None, "") else {**r, spec.x: spec.none_label} for r in rows
+        ]
     xs = _distinct(rows, spec.x)
     if len(xs) < 2:
         why = " with " + ", ".join(f"{k}={v}" for k, v in spec.where) if spec.where else ""

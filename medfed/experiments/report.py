@@ -25,6 +25,9 @@ KEY_METRICS = (
     ("encryption_cost_pp", "enc. cost (pp)", 1.0, "{:+.2f}"),
     ("plaintext_accuracy", "same-schedule acc.", 1.0, "{:.4f}"),
     ("approximation_gap_pp", "approx. gap (pp)", 1.0, "{:+.2f}"),
+    ("epsilon", "epsilon", 1.0, "{:.2f}"),
+    ("mia_auc", "attack AUC", 1.0, "{:.3f}"),
+    ("mia_tpr_at_1fpr", "attack TPR@1%FPR", 1.0, "{:.3f}"),
     ("wall_seconds", "wall (s)", 1.0, "{:.1f}"),
     ("bytes_up", "up (MB)", 1 / 2**20, "{:.1f}"),
     ("bytes_down", "down (MB)", 1 / 2**20, "{:.1f}"),
@@ -40,7 +43,11 @@ KEY_NOTES = (
     "enc. cost (pp): reference acc. - accuracy, in percentage points: what encryption and "
     "the federated schedule cost (the headline)",
     "same-schedule acc.: the same training schedule on plaintext (mode updates: plain FedAvg)",
-    "approx. gap (pp): accuracy - same-schedule acc.: the CKKS approximation alone",
+    "approx. gap (pp): accuracy - same-schedule acc.: the CKKS approximation alone (and the "
+    "DP noise, in a DP cell: same-schedule acc. is the non-private run)",
+    "epsilon: the differential privacy the run reached (delta in metrics.json; - : no DP)",
+    "attack AUC, TPR@1%FPR: a loss-threshold membership attack on the released head, train vs "
+    "held-out samples (0.5 and 0.01 are chance)",
 )
 
 
@@ -118,6 +125,10 @@ def render(spec: SweepSpec, outcome: SweepOutcome) -> str:
     else:
         out.append("No cell has finished yet.")
 
+    tradeoff = _tradeoff(done, records)
+    if tradeoff:
+        out += ["", "## Privacy / accuracy trade-off", "", *tradeoff]
+
     written = [p for p in outcome.plots if p.path is not None]
     skipped = [p for p in outcome.plots if p.path is None]
     out += ["", "## Plots", ""]
@@ -139,6 +150,52 @@ def render(spec: SweepSpec, outcome: SweepOutcome) -> str:
     if missing:
         out += ["", f"Not run yet: {len(missing)} cell(s); rerun the command above to resume."]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _tradeoff(done: list, records: dict) -> list[str]:
+    """The trade-off in plain words, per mode and key setup: accuracy and the membership
+    attack without DP and at each epsilon (means over the other knobs)."""
+    groups: dict[tuple, dict[Any, list[dict]]] = {}
+    for c in done:
+        m = records[c.cell_id]["metrics"] or {}
+        if m.get("mia_auc") is None:
+            continue
+        target = c.knobs.get("dp_epsilon")
+        groups.setdefault((m.get("mode"), m.get("keys")), {}).setdefault(target, []).append(m)
+    lines = []
+    for (mode, keys), by_eps in groups.items():
+        if len(by_eps) < 2:
+            continue
+
+        def mean(ms: list[dict], key: str) -> float:
+            vals = [_num(m.get(key)) for m in ms]
+            vals = [v for v in vals if v is not None]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        order = sorted(by_eps, key=lambda e: -math.inf if e is None else -float(e))
+        parts = []
+        for eps in order:
+            ms = by_eps[eps]
+            what = "without DP" if eps is None else f"at epsilon {mean(ms, 'epsilon'):.2f}"
+            parts.append(
+                f"{what} accuracy {mean(ms, 'accuracy'):.3f}, attack AUC {mean(ms, 'mia_auc'):.3f}"
+            )
+        first, last = by_eps[order[0]], by_eps[order[-1]]
+        cost = 100 * (mean(first, "accuracy") - mean(last, "accuracy"))
+        lines.append(
+            f"- mode {mode}, keys {keys}: " + "; ".join(parts) + f". Going from the first to "
+            f"the last costs {cost:+.1f} pp of accuracy and moves the attack's AUC from "
+            f"{mean(first, 'mia_auc'):.3f} to {mean(last, 'mia_auc'):.3f} (0.5 means the "
+            "attack cannot tell members from non-members)."
+        )
+    if lines:
+        lines += [
+            "",
+            "Smaller epsilon means more noise: the head protects each training record better "
+            "and learns less. Encryption protects the data from the aggregator in every cell; "
+            "only differential privacy protects it from whoever receives the head.",
+        ]
+    return lines
 
 
 def _key_metrics(spec: SweepSpec, done: list, records: dict) -> list[str]:

@@ -49,11 +49,12 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
-from medfed.privacy.mechanisms import UpdatesDP, clip_rows, max_stable_lr, unit_rows
+from medfed.privacy.mechanisms import UpdatesDP, unit_rows
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
     train_local,
+    train_local_dp,
     update_length,
     weighted_update,
 )
@@ -323,10 +324,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         return w, fmap
 
     def features(raw: np.ndarray, fmap: FeatureMap, meta: W.HospitalProvision) -> np.ndarray:
-        """The trained features; with DP unit-norm embeddings in, unit-norm-clipped out."""
-        if _dp(meta) is None:
-            return fmap(raw)
-        return clip_rows(fmap(unit_rows(raw)), meta.feature_scale * np.sqrt(fmap.width))
+        """The trained features (with DP the feature map takes unit-norm embeddings)."""
+        return fmap(unit_rows(raw) if _dp(meta) else raw)
 
     @app.train("local")
     @W.guarded(workspace, "train")
@@ -338,12 +337,15 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         x = features(data.train_features, fmap, meta)
         epochs, lr, l2 = int(rec[M.LOCAL_EPOCHS]), float(rec[M.LR]), float(rec.get(M.L2, 0.0))
         dp = _dp(meta)
-        if dp and lr > max_stable_lr(l2):  # the sensitivity bound needs it, whatever is asked
-            raise ValueError(f"lr {lr} > 2 / (0.5 + l2): refused under differential privacy")
-        w = train_local(w, x, data.train_labels, meta.n_classes, epochs, lr, l2)
+        if dp:  # DP gradient descent: the noise is in every step, the update post-processing
+            _spend_steps(W.hospital_dir(Path(workspace), i), epochs, dp)
+            w = train_local_dp(
+                w, x, data.train_labels, meta.n_classes, epochs, lr, l2,
+                dp.clip, dp.step_std(), dp.rng(),
+            )  # fmt: skip
+        else:
+            w = train_local(w, x, data.train_labels, meta.n_classes, epochs, lr, l2)
         update = weighted_update(w, len(x))
-        if dp:  # this hospital's share of the noise on the sum of n_i w_i; the count is exact
-            update[:-1] += dp.noise(dp.update_std(epochs, lr, w.shape[1]), len(update) - 1)
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(update)})
 
     @app.evaluate("updatefinal")
@@ -366,6 +368,22 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
 def _dp(meta: W.HospitalProvision) -> UpdatesDP | None:
     """This hospital's differential-privacy provisioning (None: no DP)."""
     return UpdatesDP(**meta.dp) if meta.dp else None
+
+
+DP_STEPS = "dp_steps.txt"
+
+
+def _spend_steps(hdir: Path, epochs: int, dp: UpdatesDP) -> None:
+    """Count this hospital's DP local steps; refuse those beyond what its accounting covers,
+    whatever the aggregator asks."""
+    path = hdir / DP_STEPS
+    spent = int(path.read_text()) if path.exists() else 0
+    if spent + epochs > dp.steps:
+        raise ValueError(
+            f"{epochs} more DP local steps would exceed the {dp.steps} the privacy accounting "
+            f"covers ({spent} spent): refused"
+        )
+    path.write_text(str(spent + epochs))
 
 
 def _count(value: float) -> float:

@@ -246,6 +246,7 @@ def finish(
     :meth:`~medfed.result.RunResult.to_dict`) there; returns ``metrics``."""
     from medfed.experiments.leakage import leakage_ledger
 
+    metrics.setdefault("epsilon", (metrics.get("dp") or {}).get("epsilon"))  # None: no DP
     metrics["leakage"] = leakage_ledger(metrics)
     if cfg.out:
         from medfed.experiments.results import write_run

@@ -85,12 +85,18 @@ class UpdatesMode(Mode):
         dp = None
         if cfg.dp_epsilon is not None or cfg.dp_noise is not None:
             from medfed.privacy.accountant import noise_multiplier_for
-            from medfed.privacy.mechanisms import UpdatesDP
+            from medfed.privacy.mechanisms import UpdatesDP, releases
 
-            releases = cfg.rounds + 1  # the statistics, then one sum per round
-            sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, releases, cfg.dp_delta)
-            # the noise shares add up to the full noise while hospitals - dropouts contribute
-            dp = UpdatesDP(float(sigma), contributors=cfg.hospitals - cfg.dropouts)
+            count = releases(cfg.rounds, cfg.local_epochs)
+            sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, count, cfg.dp_delta)
+            # the statistics' noise shares add up to the full noise while hospitals - dropouts
+            # contribute; every local step carries its own full noise
+            dp = UpdatesDP(
+                float(sigma),
+                contributors=cfg.hospitals - cfg.dropouts,
+                clip=cfg.dp_clip,
+                steps=cfg.rounds * cfg.local_epochs,
+            )
         settings = UpdatesSettings(
             keys=cfg.keys,
             rounds=cfg.rounds,
@@ -198,7 +204,7 @@ class UpdatesMode(Mode):
                 if r["stage"].startswith(SETUP_STAGES)
             ),
             "excluded": fed["excluded"],
-            "dp": dp_guarantee(cfg, dp, fed, n_classes) if dp else None,
+            "dp": dp_guarantee(cfg, dp, fed) if dp else None,
         }
         return finish(cfg, metrics, fed["rounds"])
 
@@ -215,30 +221,33 @@ class UpdatesMode(Mode):
         return updates_summary_table(metrics)
 
 
-def dp_guarantee(cfg: SimulationConfig, dp, fed: Mapping[str, Any], n_classes: int) -> dict:
-    """The metrics.json ``dp`` block: the guarantee this run reached. A release summed over
-    fewer than ``dp.contributors`` hospitals carried less noise; its effective noise
-    multiplier (``sigma * sqrt(k / contributors)``) is what is accounted."""
+def dp_guarantee(cfg: SimulationConfig, dp, fed: Mapping[str, Any]) -> dict:
+    """The metrics.json ``dp`` block: the guarantee this run reached. The statistics, if summed
+    over fewer than ``dp.contributors`` hospitals, carried less noise; their effective noise
+    multiplier (``sigma * sqrt(count / contributors)``) is what is accounted, with one
+    mechanism per local step of every round."""
     import math
 
     from medfed.privacy.accountant import epsilon, epsilon_of_releases
-    from medfed.privacy.mechanisms import STATS_SENSITIVITY, update_sensitivity
+    from medfed.privacy.mechanisms import STATS_SENSITIVITY
 
-    counts = [len(fed["stats_participants"])] + [len(p) for p in fed["participants"]]
-    sigmas = [dp.noise_multiplier * math.sqrt(min(1.0, k / dp.contributors)) for k in counts]
-    heads = 1 if n_classes == 2 else n_classes
+    stats = dp.noise_multiplier * math.sqrt(
+        min(1.0, len(fed["stats_participants"]) / dp.contributors)
+    )
+    sigmas = [stats] + [dp.noise_multiplier] * (cfg.rounds * cfg.local_epochs)
     return {
         "epsilon": epsilon_of_releases(sigmas, cfg.dp_delta),
         "delta": cfg.dp_delta,
         "target_epsilon": cfg.dp_epsilon,
         "noise_multiplier": dp.noise_multiplier,
+        "stats_noise_multiplier": stats,
         "releases": len(sigmas),
-        "effective_noise_multipliers": sigmas,
         "epsilon_rdp": epsilon(min(sigmas), len(sigmas), cfg.dp_delta, accountant="rdp"),
         "contributors": dp.contributors,
+        "clip": dp.clip,
         "adjacency": "replace one training record of one hospital",
         "stats_sensitivity": STATS_SENSITIVITY,
-        "update_sensitivity": update_sensitivity(cfg.local_epochs, cfg.lr, heads),
+        "step_sensitivity": 2 * dp.clip,
         "accountant": "dp-accounting PLD (epsilon_rdp: RDP upper bound)",
     }
 

@@ -54,6 +54,12 @@ def epsilon_of_releases(noise_multipliers: list[float], delta: float) -> float:
         _check(sigma, 1, delta, 1.0)
     if len(set(noise_multipliers)) == 1:  # as calibrated: the same event, the same numbers
         return epsilon(noise_multipliers[0], len(noise_multipliers), delta)
+    if min(noise_multipliers) < MIN_NOISE_MULTIPLIER:  # the PLD would not fit in memory
+        from dp_accounting import rdp
+
+        acc = rdp.RdpAccountant()
+        acc.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(s) for s in noise_multipliers]))
+        return float(acc.get_epsilon(delta))
     acc = pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
     acc.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(s) for s in noise_multipliers]))
     return float(acc.get_epsilon(delta))
@@ -66,10 +72,14 @@ def epsilon(
     sample_rate: float = 1.0,
     accountant: str = "pld",
 ) -> float:
-    """The epsilon at ``delta`` of ``steps`` Gaussian steps (``accountant`` "pld" or "rdp")."""
+    """The epsilon at ``delta`` of ``steps`` Gaussian steps (``accountant`` "pld" or "rdp";
+    below :data:`MIN_NOISE_MULTIPLIER` the PLD would not fit in memory and RDP's upper bound
+    is returned)."""
     from dp_accounting import pld, rdp
 
     _check(noise_multiplier, steps, delta, sample_rate)
+    if accountant == "pld" and noise_multiplier < MIN_NOISE_MULTIPLIER:
+        accountant = "rdp"
     if accountant == "pld":
         acc = pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
     elif accountant == "rdp":

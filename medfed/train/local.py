@@ -59,6 +59,45 @@ def train_local(
     return w
 
 
+def train_local_dp(
+    w0: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    epochs: int,
+    lr: float,
+    l2: float,
+    clip: float,
+    noise_std: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """:func:`train_local` as differentially private full-batch gradient descent (DP-SGD with
+    every sample in every step, Abadi et al. 2016): each sample's gradient (all heads) is
+    clipped to L2 norm ``clip``, the clipped gradients are summed, ``N(0, noise_std^2)`` is
+    added to each value of the sum, and the step uses that noisy sum over ``n``."""
+    x = np.asarray(features, dtype=np.float64)
+    x1 = np.hstack([x, np.ones((x.shape[0], 1))])
+    y = label_targets(np.asarray(labels).reshape(-1), n_classes)
+    w = np.array(w0, dtype=np.float64, copy=True)
+    if w.shape != (x1.shape[1], y.shape[1]):
+        raise ValueError(f"head has shape {w.shape}, expected {(x1.shape[1], y.shape[1])}")
+    n = x1.shape[0]
+    if not n:
+        return w
+    for _ in range(epochs):
+        z = np.clip(x1 @ w, -500.0, 500.0)
+        residual = 1.0 / (1.0 + np.exp(-z)) - y  # (n, heads)
+        # per-sample gradient x1_i residual_i^T has Frobenius norm |x1_i| |residual_i|
+        norms = np.linalg.norm(x1, axis=1) * np.linalg.norm(residual, axis=1)
+        scale = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+        total = x1.T @ (residual * scale[:, None])
+        total += rng.normal(0.0, noise_std, size=total.shape)
+        grad = total / n
+        grad[:-1] += l2 * w[:-1]
+        w -= lr * grad
+    return w
+
+
 def weighted_update(w: np.ndarray, n: int) -> np.ndarray:
     """``[n * w (flattened, bias row included), n]``: what a hospital encrypts."""
     return np.concatenate([n * np.asarray(w, dtype=np.float64).ravel(), [float(n)]])
