@@ -91,6 +91,7 @@ class _Flower:
         return f"{HOST}:{self.ports[0] if self.http else self.ports[1]}"
 
     def superlink(self) -> list[str]:
+        """The SuperLink's address flags."""
         if self.http:
             return ["--host", HOST, "--port", str(self.ports[0])]
         serverappio, fleet, control = (f"{HOST}:{p}" for p in self.ports)
@@ -101,6 +102,7 @@ class _Flower:
         ]
 
     def supernode(self, auth_key: Path, auth_public: Path) -> list[str]:
+        """A SuperNode's authentication and address flags."""
         port = str(_free_port())
         if self.http:
             return ["--auth-supernode-private-key", str(auth_key), "--host", HOST, "--port", port]
@@ -111,8 +113,9 @@ class _Flower:
         ]
 
     def register(self, public: Path, name: str) -> list[str]:
+        """``flwr``'s arguments that register a SuperNode's public key."""
         named = ["--name", name] if self.http else []
-        return [_tool("flwr"), "supernode", "register", str(public), CONNECTION, *named]
+        return ["supernode", "register", str(public), CONNECTION, *named]
 
 
 def _provision(steps: list[list[str]], env: dict[str, str], what: str) -> None:
@@ -231,6 +234,133 @@ def pub_path(party: _Party) -> Path:
     return party.dir / "supernode_auth.pub"
 
 
+class _Deployment:
+    """One deployment's processes and the operator's view of them (see the module docstring)."""
+
+    def __init__(self, workspace: Path, logs: Path, env: dict[str, str]) -> None:
+        self.workspace, self.logs = workspace, logs
+        self.tls = make_tls(workspace / "superlink")
+        self.flower = _Flower()
+        operator = workspace / "operator"  # the operator's `flwr` configuration
+        operator.mkdir(exist_ok=True)
+        (operator / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.flower.control}"\n'
+            f"root-certificates = {json.dumps(str(self.tls.ca_certificate))}\n"
+        )
+        self.flwr_env = {**env, "FLWR_HOME": str(operator)}
+        self.processes = Processes(logs, env)
+        self.sampler: FdSampler | None = None
+
+    def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [_tool("flwr"), *args],
+            env=self.flwr_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def _nodes(self) -> str | None:
+        """``flwr supernode ls`` as JSON, or None while the SuperLink does not answer."""
+        done = self._flwr("supernode", "ls", CONNECTION, "--format", "json")
+        return done.stdout if done.returncode == 0 else None
+
+    def start_superlink(self, hospitals: list[_Party]) -> None:
+        """The SuperLink (TLS, SuperNode authentication), then each hospital's node key."""
+        tls = self.tls
+        self.processes.start(
+            "superlink",
+            [
+                _tool("flower-superlink"),
+                *("--ssl-ca-certfile", str(tls.ca_certificate)),
+                *("--ssl-certfile", str(tls.certificate)),
+                *("--ssl-keyfile", str(tls.private_key)),
+                "--enable-supernode-auth",
+                *self.flower.superlink(),
+            ],
+            cwd=self.workspace / "superlink",
+            env={"FLWR_HOME": str(self.workspace / "superlink" / "flwr")},
+        )
+        ready = lambda: self._nodes() is not None  # noqa: E731
+        _wait("the SuperLink", ready, self.logs / "superlink.log", START_TIMEOUT)
+        for h in hospitals:
+            pub = pub_path(h)
+            pub.write_text(h.public["node_auth"])
+            done = self._flwr(*self.flower.register(pub, h.name), timeout=START_TIMEOUT)
+            if done.returncode:
+                raise FederationError(f"registering {h.name}'s SuperNode failed: {done.stdout}")
+
+    def start_supernodes(self, hospitals: list[_Party], mode: str, faults: Sequence[Any]) -> None:
+        """One SuperNode per hospital, its node config naming its workspace and partition;
+        returns once all are online."""
+        specs: dict[int, list[str]] = {}
+        for fault in faults:
+            specs.setdefault(fault.hospital, []).append(str(fault))
+        for i, h in enumerate(hospitals):
+            config = (
+                f"partition-id={i} num-partitions={len(hospitals)} "
+                f"workspace={json.dumps(str(self.workspace))} mode={json.dumps(mode)} "
+                f"faults={json.dumps(';'.join(specs.get(i, [])))}"
+            )
+            self.processes.start(
+                f"supernode-{i}",
+                [
+                    _tool("flower-supernode"),
+                    *("--superlink", self.flower.fleet),
+                    *("--root-certificates", str(self.tls.ca_certificate)),
+                    *("--node-config", config),
+                    *self.flower.supernode(h.dir / NODE_AUTH_KEY, pub_path(h)),
+                ],
+                cwd=h.dir,
+                env={"FLWR_HOME": str(h.dir / "flwr")},
+            )
+        online = lambda: (self._nodes() or "").count('"online"') >= len(hospitals)  # noqa: E731
+        _wait("the SuperNodes", online, self.logs / "supernode-0.log", START_TIMEOUT)
+
+    def run_app(
+        self,
+        aggregator: _Party,
+        n_hospitals: int,
+        audit: bool,
+        on_step: Callable[[int], None] | None,
+    ) -> tuple[dict, dict[str, Any]]:
+        """``flwr run`` the apps; relay the aggregator's progress, scan its memory when it
+        holds (``audit``); returns its results and the memory scan."""
+        app = _app_dir(self.workspace / "app", aggregator.dir, audit)
+        self.sampler = FdSampler(lambda: self.processes.find("flwr-serverapp"))
+        log_file = self.logs / "flwr-run.log"
+        with open(log_file, "wb") as out:
+            run = subprocess.Popen(
+                [_tool("flwr"), "run", str(app), CONNECTION, "--stream"],
+                env=self.flwr_env,
+                cwd=self.workspace,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        steps, memory = 0, {}
+        progress = aggregator.dir / A.PROGRESS
+        while run.poll() is None:
+            time.sleep(0.2)
+            done = progress.stat().st_size if progress.exists() else 0
+            while steps < done:
+                steps += 1
+                if on_step is not None:
+                    on_step(steps)
+            if audit and not memory and (aggregator.dir / A.FINISHED).exists():
+                memory = _scan(self.processes, secret_patterns(self.workspace, n_hospitals))
+                (aggregator.dir / A.RELEASE).write_text("1")
+        self.sampler.stop()
+        if run.returncode:
+            log.warning("flwr run exited with %s; see %s", run.returncode, log_file)
+        results_file = aggregator.dir / A.RESULTS
+        if not results_file.exists():
+            raise FederationError(
+                f"the ServerApp wrote no results; see {log_file} and {self.logs / 'superlink.log'}"
+            )
+        return json.loads(results_file.read_text()), ({"memory": memory} if memory else {})
+
+
 def run_deployment(
     workspace: Path,
     settings: Any,
@@ -275,135 +405,28 @@ def run_deployment(
         pickle.dump(replace(settings, signing=None), f)
     phases["provision"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    tls = make_tls(workspace / "superlink")
-    flower = _Flower()
-    operator = workspace / "operator"  # the operator's `flwr` configuration
-    operator.mkdir(exist_ok=True)
-    (operator / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{flower.control}"\n'
-        f"root-certificates = {json.dumps(str(tls.ca_certificate))}\n"
-    )
-    flwr_env = {**env, "FLWR_HOME": str(operator)}
-    processes = Processes(logs, env)
-    sampler = None
-    separation: dict[str, Any] = {}
+    deployment = _Deployment(workspace, logs, env)
     try:
-        processes.start(
-            "superlink",
-            [
-                _tool("flower-superlink"),
-                *("--ssl-ca-certfile", str(tls.ca_certificate)),
-                *("--ssl-certfile", str(tls.certificate)),
-                *("--ssl-keyfile", str(tls.private_key)),
-                "--enable-supernode-auth",
-                *flower.superlink(),
-            ],
-            cwd=workspace / "superlink",
-            env={"FLWR_HOME": str(workspace / "superlink" / "flwr")},
-        )
-
-        def nodes() -> str | None:
-            """``flwr supernode ls`` as JSON, or None while the SuperLink does not answer."""
-            done = subprocess.run(
-                [_tool("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
-                env=flwr_env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            return done.stdout if done.returncode == 0 else None
-
-        _wait("the SuperLink", lambda: nodes() is not None, logs / "superlink.log", START_TIMEOUT)
-        for h in hospitals:
-            pub = pub_path(h)
-            pub.write_text(h.public["node_auth"])
-            done = subprocess.run(
-                flower.register(pub, h.name),
-                env=flwr_env,
-                capture_output=True,
-                text=True,
-                timeout=START_TIMEOUT,
-            )
-            if done.returncode:
-                raise FederationError(f"registering {h.name}'s SuperNode failed: {done.stdout}")
+        t0 = time.perf_counter()
+        deployment.start_superlink(hospitals)
         phases["superlink"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        fault_specs = {}
-        for fault in faults:
-            fault_specs.setdefault(fault.hospital, []).append(str(fault))
-        for i, h in enumerate(hospitals):
-            config = (
-                f"partition-id={i} num-partitions={len(hospitals)} "
-                f"workspace={json.dumps(str(workspace))} mode={json.dumps(mode)} "
-                f"faults={json.dumps(';'.join(fault_specs.get(i, [])))}"
-            )
-            processes.start(
-                f"supernode-{i}",
-                [
-                    _tool("flower-supernode"),
-                    *("--superlink", flower.fleet),
-                    *("--root-certificates", str(tls.ca_certificate)),
-                    *("--node-config", config),
-                    *flower.supernode(h.dir / NODE_AUTH_KEY, pub_path(h)),
-                ],
-                cwd=h.dir,
-                env={"FLWR_HOME": str(h.dir / "flwr")},
-            )
-
-        def online() -> bool:
-            return (nodes() or "").count('"online"') >= len(hospitals)
-
-        _wait("the SuperNodes", online, logs / "supernode-0.log", START_TIMEOUT)
+        deployment.start_supernodes(hospitals, mode, faults)
         phases["supernodes"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        app = _app_dir(workspace / "app", aggregator.dir, audit)
-        sampler = FdSampler(lambda: processes.find("flwr-serverapp"))
-        with open(logs / "flwr-run.log", "wb") as out:
-            run = subprocess.Popen(
-                [_tool("flwr"), "run", str(app), CONNECTION, "--stream"],
-                env=flwr_env,
-                cwd=workspace,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        steps = 0
-        progress = aggregator.dir / A.PROGRESS
-        while run.poll() is None:
-            time.sleep(0.2)
-            done = progress.stat().st_size if progress.exists() else 0
-            while steps < done:
-                steps += 1
-                if on_step is not None:
-                    on_step(steps)
-            if audit and (aggregator.dir / A.FINISHED).exists() and "memory" not in separation:
-                patterns = secret_patterns(workspace, len(hospitals))
-                separation["memory"] = _scan(processes, patterns)
-                (aggregator.dir / A.RELEASE).write_text("1")
+        results, separation = deployment.run_app(aggregator, len(hospitals), audit, on_step)
         phases["run"] = time.perf_counter() - t0
-        sampler.stop()
-        if run.returncode:
-            log.warning("flwr run exited with %s; see %s", run.returncode, logs / "flwr-run.log")
-        results_file = aggregator.dir / A.RESULTS
-        if not results_file.exists():
-            raise FederationError(
-                f"the ServerApp wrote no results; see {logs / 'flwr-run.log'} and "
-                f"{logs / 'superlink.log'}"
-            )
-        results = json.loads(results_file.read_text())
     finally:
-        if sampler is not None:
-            sampler.stop()
-        t_stop = time.perf_counter()
-        left = processes.stop()
-        phases["stop"] = time.perf_counter() - t_stop
+        if deployment.sampler is not None:
+            deployment.sampler.stop()
+        t0 = time.perf_counter()
+        left = deployment.processes.stop()
+        phases["stop"] = time.perf_counter() - t0
         if left:
             log.warning("processes %s did not stop", left)
     if "error" in results:
         raise FederationError(f"the federation failed: {results['error']}")
+    sampler = deployment.sampler
     separation.update(_separation(workspace, hospitals, aggregator, sampler, audit))
     results["deployment"] = {
         "seconds": {k: round(v, 2) for k, v in phases.items()},
