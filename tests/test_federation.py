@@ -85,7 +85,9 @@ def test_encrypted_accuracy_matches_plaintext_reference(tmp_path, make_hospitals
         "delta": None,
         "mia_auc": m["mia_auc"],
         "mia_tpr_at_1fpr": m["mia_tpr_at_1fpr"],
+        "mia_blackbox_auc": m["mia_blackbox_auc"],
     }
+    assert 0.0 <= m["mia_blackbox_auc"] <= 1.0
     assert 0.0 <= m["mia_auc"] <= 1.0 and m["mia_members"] == 240
 
 

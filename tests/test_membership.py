@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medfed.experiments.membership import black_box_attack
 from medfed.privacy.membership import loss_threshold_attack, sample_losses
 from medfed.train.head import head_scores
 
@@ -46,3 +47,22 @@ def test_the_attack_catches_an_overfitted_head_and_not_a_regularized_one():
     miss = loss_threshold_attack(head_scores(fitted, x_in), y_in, head_scores(fitted, x_out), y_out)
     assert abs(miss.auc - 0.5) < 0.03
     assert miss.to_dict()["mia_members"] == n
+
+
+def test_the_black_box_attack_learns_membership_from_an_overfitted_head_only():
+    rng = np.random.default_rng(1)
+    d, n = 200, 100
+    x_in, x_out = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    y_in, y_out = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    overfit = _fit(x_in, y_in, C=100.0)
+    hit = black_box_attack(head_scores(overfit, x_in), y_in, head_scores(overfit, x_out), y_out)
+    assert hit["mia_blackbox_auc"] > 0.8 and hit["mia_blackbox_tpr_at_1fpr"] > 0.01
+    again = black_box_attack(head_scores(overfit, x_in), y_in, head_scores(overfit, x_out), y_out)
+    assert again == hit  # seeded
+    d, n = 5, 4000
+    x_in, x_out = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    w = rng.normal(size=d)
+    y_in, y_out = (x_in @ w > 0).astype(int), (x_out @ w > 0).astype(int)
+    fitted = _fit(x_in, y_in, C=1.0)
+    miss = black_box_attack(head_scores(fitted, x_in), y_in, head_scores(fitted, x_out), y_out)
+    assert abs(miss["mia_blackbox_auc"] - 0.5) < 0.05

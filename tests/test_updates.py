@@ -202,6 +202,9 @@ def test_federate_updates_metrics(tmp_path):
     audit = m["received_by_party"]
     assert audit["aggregator"]["train"]["fields"]["update"] == "binary"
     assert {audit[f"hospital-{i}"]["train"]["fields"]["aggregate"] for i in range(3)} == {"binary"}
+    # every party encrypts under the lead's public key (one fingerprint)
+    keys = m["public_parameters"]["key_by_party"]
+    assert set(keys) == set(m["bytes_per_party"]) and len(set(keys.values())) == 1
     stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "rounds.jsonl").open()]
     assert stages[:3] == ["key-setup", "public-context", "stats"]
     assert stages[-1] == "final" and "train-1" in stages

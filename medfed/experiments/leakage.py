@@ -67,5 +67,6 @@ def leakage_ledger(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "delta": dp.get("delta"),
             "mia_auc": metrics.get("mia_auc"),
             "mia_tpr_at_1fpr": metrics.get("mia_tpr_at_1fpr"),
+            "mia_blackbox_auc": metrics.get("mia_blackbox_auc"),
         },
     }

@@ -213,6 +213,7 @@ class UpdatesAggregator(RoundExchange):
             "aggregator_seconds": time.perf_counter() - t0,
             "setup_seconds": setup_seconds,
             "cipher": self.cipher.describe(),
+            "public_parameters": self.cipher.public_parameters() or None,
             "stats_participants": stats_by,
             "participants": self.participants,
             "evaluated_by": [self._name(n) for n in sorted(evaluated)],

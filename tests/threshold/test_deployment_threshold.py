@@ -37,6 +37,9 @@ def test_threshold_deployment_with_a_dropout_matches_the_in_process_run(tmp_path
     deployed = medfed.federate(_config("deploy", audit=True, out=str(tmp_path)), hospitals)
     assert deployed["dropouts"] == 1 and len(deployed["dropped"]) == 1
     assert deployed["threshold"] == local["threshold"]  # t, n, decryptions made
+    keys = deployed["public_parameters"]["key_by_party"]  # the joint key, every party
+    assert set(keys) == {"aggregator", "hospital-0", "hospital-1", "hospital-2"}
+    assert len(set(keys.values())) == 1
     # flooded threshold decryption: both within the context's tolerance of plain FedAvg
     assert abs(deployed["accuracy"] - local["accuracy"]) <= 1 / 180 + 1e-9  # one test sample
     assert abs(deployed["accuracy"] - deployed["plaintext_accuracy"]) <= 0.005

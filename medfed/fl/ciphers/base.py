@@ -71,6 +71,11 @@ class AggregatorCipher(ABC):
         still live afterwards. Local decryption (none, shared) needs nothing."""
         return {n: {} for n in live}, list(live)
 
+    def public_parameters(self) -> dict:
+        """Which public parameters the run's ciphertexts are under, with the key each party
+        encrypts under (``key_by_party``); empty for a setup without keys."""
+        return {}
+
     def describe(self) -> dict:
         """Public parameters for the run's metrics."""
         return {"keys": self.name}

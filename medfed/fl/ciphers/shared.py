@@ -102,6 +102,9 @@ class SharedKeyAggregator(AggregatorCipher):
         self.fingerprint = context_fingerprint(self.ctx)
         self.slots = _slots(self.ctx)
         ok = [n for n in sorted(replies) if replies[n].get(M.KEY_FINGERPRINT) == self.fingerprint]
+        self.key_ids = {"aggregator": self.fingerprint} | {
+            names[n]: str(replies[n].get(M.KEY_FINGERPRINT)) for n in sorted(replies)
+        }
         self.rejected = {
             n: "encrypts under a different key set than the lead hospital's public key; "
             "re-provision this hospital with the consortium's key."
@@ -137,6 +140,11 @@ class SharedKeyAggregator(AggregatorCipher):
             loaded = [ts.ckks_vector_from(self.ctx, v) for v in unframe(blob)]
             total = loaded if total is None else [a + b for a, b in zip(total, loaded, strict=True)]
         return frame([v.serialize() for v in total])
+
+    def public_parameters(self) -> dict:
+        """The CKKS preset and the public-key fingerprint each party announced (the
+        aggregator's: the lead's public context it holds)."""
+        return {"ckks": self.settings.ckks, "key_by_party": dict(getattr(self, "key_ids", {}))}
 
     def describe(self) -> dict:
         """The key setup and its CKKS preset's parameters."""

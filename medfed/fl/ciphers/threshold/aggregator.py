@@ -6,6 +6,7 @@ key-chain link with that hospital's endorsement (:mod:`.endorse`), which it cann
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Sequence
@@ -123,6 +124,9 @@ class ThresholdAggregatorCipher(AggregatorCipher):
             M.PUBLIC_KEY: running,
             M.ENDORSEMENT: endorsed,  # the last link's: the joint public key
         }
+        joint = hashlib.sha256(bytes(running)).hexdigest()[:16]  # every party's, once it accepts
+        self.key_ids = {"aggregator": joint} | {names[n]: joint for n in nodes}
+        self.context_id = hashlib.sha256(bytes(ctx)).hexdigest()[:16]
         shared = self._all(exchange, "key-share", {n: dict(share) for n in nodes})
         inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in nodes}
         for n in nodes:  # relay each sealed Shamir share to its recipient, unopened
@@ -254,6 +258,13 @@ class ThresholdAggregatorCipher(AggregatorCipher):
                 target[M.SENDERS].append(self.party[n])
                 target[M.SEALED].append(blob)
         return material, live
+
+    def public_parameters(self) -> dict:
+        """The threshold context's digest and the joint public key's, for every party."""
+        return {
+            "threshold_context": getattr(self, "context_id", None),
+            "key_by_party": dict(getattr(self, "key_ids", {})),
+        }
 
     def describe(self) -> dict:
         """t, n, the threshold parameters and the key-share recoveries so far."""
