@@ -31,6 +31,22 @@ def update_length(n_features: int, n_classes: int) -> int:
     return rows * cols + 1
 
 
+def _problem(w0, features, labels, n_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features with a ones column, 0/1 targets per head, a float copy of ``w0``)."""
+    x = np.asarray(features, dtype=np.float64)
+    x1 = np.hstack([x, np.ones((x.shape[0], 1))])
+    y = label_targets(np.asarray(labels).reshape(-1), n_classes)
+    w = np.array(w0, dtype=np.float64, copy=True)
+    if w.shape != (x1.shape[1], y.shape[1]):
+        raise ValueError(f"head has shape {w.shape}, expected {(x1.shape[1], y.shape[1])}")
+    return x1, y, w
+
+
+def _residual(x1: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The exact sigmoid of the scores minus the targets, ``(n, heads)``."""
+    return 1.0 / (1.0 + np.exp(-np.clip(x1 @ w, -500.0, 500.0))) - y
+
+
 def train_local(
     w0: np.ndarray,
     features: np.ndarray,
@@ -42,18 +58,11 @@ def train_local(
 ) -> np.ndarray:
     """``epochs`` full-batch gradient steps with the exact sigmoid, starting from ``w0``; the
     weights (not the bias row) carry an L2 penalty ``l2 / 2 * |w|^2``."""
-    x = np.asarray(features, dtype=np.float64)
-    x1 = np.hstack([x, np.ones((x.shape[0], 1))])
-    y = label_targets(np.asarray(labels).reshape(-1), n_classes)
-    w = np.array(w0, dtype=np.float64, copy=True)
-    if w.shape != (x1.shape[1], y.shape[1]):
-        raise ValueError(f"head has shape {w.shape}, expected {(x1.shape[1], y.shape[1])}")
-    if not len(x):
+    x1, y, w = _problem(w0, features, labels, n_classes)
+    if not len(x1):
         return w
     for _ in range(epochs):
-        z = np.clip(x1 @ w, -500.0, 500.0)
-        p = 1.0 / (1.0 + np.exp(-z))
-        grad = x1.T @ (p - y) / x1.shape[0]
+        grad = x1.T @ _residual(x1, w, y) / x1.shape[0]
         grad[:-1] += l2 * w[:-1]
         w -= lr * grad
     return w
@@ -75,18 +84,12 @@ def train_local_dp(
     every sample in every step, Abadi et al. 2016): each sample's gradient (all heads) is
     clipped to L2 norm ``clip``, the clipped gradients are summed, ``N(0, noise_std^2)`` is
     added to each value of the sum, and the step uses that noisy sum over ``n``."""
-    x = np.asarray(features, dtype=np.float64)
-    x1 = np.hstack([x, np.ones((x.shape[0], 1))])
-    y = label_targets(np.asarray(labels).reshape(-1), n_classes)
-    w = np.array(w0, dtype=np.float64, copy=True)
-    if w.shape != (x1.shape[1], y.shape[1]):
-        raise ValueError(f"head has shape {w.shape}, expected {(x1.shape[1], y.shape[1])}")
+    x1, y, w = _problem(w0, features, labels, n_classes)
     n = x1.shape[0]
     if not n:
         return w
     for _ in range(epochs):
-        z = np.clip(x1 @ w, -500.0, 500.0)
-        residual = 1.0 / (1.0 + np.exp(-z)) - y  # (n, heads)
+        residual = _residual(x1, w, y)  # (n, heads)
         # per-sample gradient x1_i residual_i^T has Frobenius norm |x1_i| |residual_i|
         norms = np.linalg.norm(x1, axis=1) * np.linalg.norm(residual, axis=1)
         scale = np.minimum(1.0, clip / np.maximum(norms, 1e-12))

@@ -7,8 +7,6 @@ key, flooded partial decryption and fusion; hospital-to-hospital messages are se
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +26,8 @@ from medfed.crypto.threshold.wire import (
     _pack_share,
     _unpack_partials,
     _unpack_share,
+    pack_blobs,
+    unpack_blobs,
 )
 
 _STATE_MAGIC = b"MFTP1"
@@ -369,10 +369,8 @@ class ThresholdParty:
             "index": self.index,
             "run_id": self.run_id,
             "decryptions": {str(k): v for k, v in self._decryptions.items()},
-            "blobs": {name: len(b) for name, b in blobs.items()},
         }
-        raw = json.dumps(header).encode()
-        return _STATE_MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(blobs.values())
+        return pack_blobs(_STATE_MAGIC, header, blobs)
 
     @staticmethod
     def secret_parts(data: bytes) -> dict[str, bytes]:
@@ -421,17 +419,4 @@ class ThresholdParty:
 
 def _split_state(data: bytes) -> tuple[dict, dict[str, bytes]]:
     """(header, blobs by name) of a :meth:`ThresholdParty.secret_state`."""
-    data = bytes(data)
-    if not data.startswith(_STATE_MAGIC):
-        raise ThresholdError("not a medfed threshold party state (bad magic)")
-    off = len(_STATE_MAGIC)
-    (hlen,) = struct.unpack(">I", data[off : off + 4])
-    header = json.loads(data[off + 4 : off + 4 + hlen])
-    off += 4 + hlen
-    blobs = {}
-    for name, size in header["blobs"].items():
-        blobs[name] = data[off : off + size]
-        off += size
-    if off != len(data):
-        raise ThresholdError("threshold party state has trailing bytes")
-    return header, blobs
+    return unpack_blobs(_STATE_MAGIC, data, "threshold party state")

@@ -8,6 +8,7 @@ each sealed message to its role. Layouts are in "Wire formats" in docs/threshold
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -87,3 +88,33 @@ def _deserialize_public_key(data: bytes):
         return of.DeserializePublicKeyString(bytes(data), of.BINARY)
     except (RuntimeError, TypeError) as e:
         raise ThresholdError(f"not an OpenFHE public key: {e}") from None
+
+
+def pack_blobs(magic: bytes, header: dict[str, Any], blobs: dict[str, bytes]) -> bytes:
+    """``magic | header length (4) | JSON header (with each blob's size) | blobs``: the
+    stored-state format of a party and of a hospital's threshold cipher."""
+    raw = json.dumps({**header, "blobs": {k: len(v) for k, v in blobs.items()}}).encode()
+    return magic + struct.pack(">I", len(raw)) + raw + b"".join(blobs.values())
+
+
+def unpack_blobs(magic: bytes, data: bytes, what: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(header, blobs by name) of :func:`pack_blobs`'s bytes; :class:`ThresholdError` naming
+    ``what`` if malformed."""
+    data = bytes(data)
+    if not data.startswith(magic) or len(data) < len(magic) + 4:
+        raise ThresholdError(f"not a medfed {what} (bad magic)")
+    off = len(magic)
+    (size,) = struct.unpack(">I", data[off : off + 4])
+    try:
+        header = json.loads(data[off + 4 : off + 4 + size])
+        sizes = header.pop("blobs")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ThresholdError(f"malformed {what} header: {e}") from None
+    off += 4 + size
+    blobs = {}
+    for name, n in sizes.items():
+        blobs[name] = data[off : off + n]
+        off += n
+    if off != len(data):
+        raise ThresholdError(f"{what} has trailing bytes")
+    return header, blobs

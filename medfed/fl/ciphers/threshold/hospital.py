@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from medfed.crypto.errors import CiphertextError, KeyMaterialError
+from medfed.crypto.threshold.errors import ThresholdError
+from medfed.crypto.threshold.wire import pack_blobs, unpack_blobs
 from medfed.fl import messages as M
 from medfed.fl.ciphers.base import HospitalCipher
 from medfed.fl.ciphers.framing import chunk_sizes, chunks, frame, unframe
@@ -257,22 +259,14 @@ _STATE_MAGIC = b"MFTH1"
 
 
 def _pack(header: dict, blobs: dict[str, bytes]) -> bytes:
-    raw = json.dumps({**header, "blobs": {k: len(v) for k, v in blobs.items()}}).encode()
-    return _STATE_MAGIC + len(raw).to_bytes(4, "big") + raw + b"".join(blobs.values())
+    return pack_blobs(_STATE_MAGIC, header, blobs)
 
 
 def _unpack(data: bytes | None) -> tuple[dict, dict[str, bytes]]:
-    if data is None or not data.startswith(_STATE_MAGIC):
-        raise KeyMaterialError("not a medfed threshold hospital state")
-    off = len(_STATE_MAGIC)
-    size = int.from_bytes(data[off : off + 4], "big")
-    header = json.loads(data[off + 4 : off + 4 + size])
-    off += 4 + size
-    blobs = {}
-    for name, n in header.pop("blobs").items():
-        blobs[name] = data[off : off + n]
-        off += n
-    return header, blobs
+    try:
+        return unpack_blobs(_STATE_MAGIC, data or b"", "threshold hospital state")
+    except ThresholdError as e:
+        raise KeyMaterialError(str(e)) from None
 
 
 def stored_secrets(workspace: str | Path, index: int) -> dict[str, bytes]:
