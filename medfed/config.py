@@ -56,12 +56,14 @@ class SimulationConfig:
         dropouts: mode "updates": hospitals that stop answering mid-training.
         features: mode "updates": precomputed embeddings (``.npz``) instead of ``dataset`` and
             ``model``; needs no torch.
-        dp_epsilon: mode "updates": record-level differential privacy of the released head
-            and of everything the hospitals decrypt, at this epsilon (``dp_delta``); the noise
-            is calibrated to it (:mod:`medfed.privacy`). None: no DP.
-        dp_noise: mode "updates": the noise multiplier instead of ``dp_epsilon``.
+        dp_epsilon: record-level differential privacy of the released head and of everything
+            the hospitals decrypt, at this epsilon (``dp_delta``); the noise is calibrated to
+            it (:mod:`medfed.privacy`; mode "embeddings" also sets the schedule the bound
+            needs). None: no DP.
+        dp_noise: the noise multiplier instead of ``dp_epsilon``.
         dp_delta: the delta of ``dp_epsilon``.
-        dp_clip: the per-sample gradient norm bound of differentially private local training.
+        dp_clip: mode "updates": the per-sample gradient norm bound of differentially private
+            local training; mode "embeddings": the norm bound of every trained feature row.
         sigmoid_degree: mode "embeddings": degree of the polynomial sigmoid (1, 3 or 5).
         sigmoid_radius: mode "embeddings": the sigmoid is fitted on ``[-radius, radius]``.
         bucket: mode "embeddings": sample-count padding granularity (hospitals announce
@@ -105,10 +107,10 @@ class SimulationConfig:
     local_epochs: int = 5  # mode "updates": full-batch epochs per hospital per round
     dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
     features: str | None = None  # mode "updates": precomputed embeddings (.npz)
-    dp_epsilon: float | None = None  # mode "updates": differential privacy at this epsilon
-    dp_noise: float | None = None  # mode "updates": noise multiplier instead of dp_epsilon
+    dp_epsilon: float | None = None  # record-level differential privacy at this epsilon
+    dp_noise: float | None = None  # the noise multiplier instead of dp_epsilon
     dp_delta: float = 1e-5
-    dp_clip: float = 1.0  # mode "updates": per-sample gradient norm bound of DP local training
+    dp_clip: float = 1.0  # updates: per-sample gradient norm bound; embeddings: feature norm
     sigmoid_degree: int = 3
     sigmoid_radius: float = 24.0
     bucket: int = 32
@@ -260,12 +262,13 @@ def _check_mode(c: SimulationConfig) -> ModeSpec:
     _choice("keys", c.keys, tuple(sorted({k for spec in specs for k in spec.keys})))
     spec = _MODES[c.mode]
     _choice("keys", c.keys, spec.keys, f" Mode {c.mode!r} supports keys {', '.join(spec.keys)}.")
-    for other in specs:
-        for name, default in other.options.items():
-            if name not in spec.options and getattr(c, name) != default:
-                raise ConfigError(
-                    f"{name} applies to mode {other.name!r} only (use --mode {other.name})"
-                )
+    for name, default in {n: v for other in specs for n, v in other.options.items()}.items():
+        if name not in spec.options and getattr(c, name) != default:
+            owners = [other.name for other in specs if name in other.options]
+            raise ConfigError(
+                f"{name} applies to mode {' or '.join(map(repr, owners))} only "
+                f"(use --mode {owners[0]})"
+            )
     return spec
 
 
@@ -346,6 +349,7 @@ def _check_embeddings(c: SimulationConfig) -> None:
     adds ciphertexts: any preset has the depth)."""
     from medfed.crypto.params import PRESETS, get_preset
 
+    _check_dp(c)
     params = get_preset(c.ckks)
     needed = 2 + math.ceil(math.log2(c.sigmoid_degree + 1))
     if needed > params.depth:
@@ -378,12 +382,16 @@ class ModeSpec:
     fault_stages: Callable[[], tuple[str, ...]] | None = None  # stages --inject may name
 
 
+#: Differential privacy's options (both built-in modes take them).
+_DP_OPTIONS = {"dp_epsilon": None, "dp_noise": None, "dp_delta": 1e-5, "dp_clip": 1.0}
+
 #: The registered modes' specs, the built-in ones first.
 _MODES: dict[str, ModeSpec] = {
     "embeddings": ModeSpec(
         "embeddings",
         "medfed.modes.embeddings",
         keys=("shared",),
+        options=dict(_DP_OPTIONS),
         check=_check_embeddings,
         fault_stages=_embeddings_stages,
     ),
@@ -394,10 +402,7 @@ _MODES: dict[str, ModeSpec] = {
         options={
             "dropouts": 0,
             "features": None,
-            "dp_epsilon": None,
-            "dp_noise": None,
-            "dp_delta": 1e-5,
-            "dp_clip": 1.0,
+            **_DP_OPTIONS,
         },
         check=_check_updates,
     ),

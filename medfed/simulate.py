@@ -155,15 +155,18 @@ def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentPa
         "--dp-epsilon",
         type=float,
         default=S,
-        help="mode updates: record-level differential privacy of the released head at this "
-        "epsilon (noise calibrated to it; see docs/privacy.md)",
+        help="record-level differential privacy of the released head at this epsilon (noise "
+        "calibrated to it; see docs/privacy.md)",
     )
     p.add_argument(
-        "--dp-noise", type=float, default=S, help="mode updates: noise multiplier instead"
+        "--dp-noise", type=float, default=S, help="the noise multiplier instead of --dp-epsilon"
     )
     p.add_argument("--dp-delta", type=float, default=S, help="the delta of --dp-epsilon (1e-5)")
     p.add_argument(
-        "--dp-clip", type=float, default=S, help="mode updates: per-sample gradient bound (1.0)"
+        "--dp-clip",
+        type=float,
+        default=S,
+        help="updates: per-sample gradient norm bound; embeddings: feature row norm bound (1.0)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

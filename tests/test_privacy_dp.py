@@ -13,7 +13,7 @@ import medfed
 from medfed.config import ConfigError
 from medfed.fl.workspace import HospitalData
 from medfed.privacy import mechanisms
-from medfed.privacy.mechanisms import STATS_SENSITIVITY, UpdatesDP, unit_rows
+from medfed.privacy.mechanisms import STATS_SENSITIVITY, HospitalDP, unit_rows
 from medfed.train.local import train_local, train_local_dp
 from medfed.train.normalization import stats_vector
 
@@ -51,7 +51,7 @@ def test_dp_training_adds_fresh_noise_and_matches_plain_training_without_it():
     plain = train_local(w0, x, y, 2, 5, 0.5, 0.0)
     huge_clip = train_local_dp(w0, x, y, 2, 5, 0.5, 0.0, 1e9, 0.0, np.random.default_rng(0))
     assert np.allclose(plain, huge_clip)
-    dp = UpdatesDP(noise_multiplier=1.0, contributors=3, clip=1.0, steps=5)
+    dp = HospitalDP(noise_multiplier=1.0, contributors=3, clip=1.0, steps=5)
     one = train_local_dp(w0, x, y, 2, 5, 0.5, 0.0, 1.0, dp.step_std(), dp.rng())
     two = train_local_dp(w0, x, y, 2, 5, 0.5, 0.0, 1.0, dp.step_std(), dp.rng())
     assert not np.allclose(one, two)
@@ -63,15 +63,13 @@ def test_rows_are_unit_norm():
 
 
 def test_noise_shares_of_k_hospitals_add_up_to_the_full_noise():
-    dp = UpdatesDP(noise_multiplier=2.0, contributors=4, clip=1.0, steps=1)
+    dp = HospitalDP(noise_multiplier=2.0, contributors=4, clip=1.0, steps=1)
     total = sum(dp.noise(dp.stats_std(), 200_000) for _ in range(4))
     assert np.std(total) == pytest.approx(2.0 * STATS_SENSITIVITY, rel=0.01)
     assert not np.array_equal(dp.noise(1.0, 4), dp.noise(1.0, 4))  # fresh every time
 
 
-def test_dp_is_refused_where_the_mode_lacks_it_or_the_knobs_conflict():
-    with pytest.raises(ConfigError, match="mode 'updates' only"):
-        medfed.SimulationConfig(dp_epsilon=1.0)
+def test_dp_is_refused_where_the_knobs_conflict():
     with pytest.raises(ConfigError, match="dp_clip"):
         medfed.SimulationConfig(mode="updates", dp_epsilon=1.0, dp_clip=0.0)
     with pytest.raises(ConfigError, match="not both"):

@@ -12,6 +12,8 @@ import numpy as np
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.fl.workspace import HospitalData
+from medfed.privacy.mechanisms import unit_rows
+from medfed.privacy.sensitivity import clip_rows
 from medfed.train.diagonal.backend import blocks_from_packed
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.epoch import head_matrix, train_diagonal
@@ -25,14 +27,26 @@ def normalized(
     scale: float,
     over: list[int] | None = None,
     components: int = 0,
+    clip: float | None = None,
 ):
     """Every hospital's features under the shared feature map, with statistics summed over
     ``over`` (default: all hospitals), as the hospitals that passed ``stats`` do in the
-    federation."""
+    federation. With ``clip`` (differential privacy), as the hospitals prepare them then: unit
+    norm embeddings, mapped rows clipped to ``clip`` (the statistics without their noise)."""
     over = range(len(hospitals)) if over is None else over
-    fmap = shared_feature_map([h.train_features for h in hospitals], list(over), components, scale)
-    train = [fmap(h.train_features) for h in hospitals]
-    test = [fmap(h.test_features) for h in hospitals]
+
+    def raw(x):
+        return unit_rows(x) if clip else x
+
+    fmap = shared_feature_map(
+        [raw(h.train_features) for h in hospitals], list(over), components, scale
+    )
+
+    def mapped(x):
+        return clip_rows(fmap(raw(x)), clip) if clip else fmap(x)
+
+    train = [mapped(h.train_features) for h in hospitals]
+    test = [mapped(h.test_features) for h in hospitals]
     return train, test
 
 
@@ -60,8 +74,10 @@ def plaintext_reference(
     normalized_over: list[int] | None = None,
     trained_on: list[int] | None = None,
     evaluated_on: list[int] | None = None,
+    dp_clip: float | None = None,
 ) -> dict:
-    """The encrypted path's own training code on numpy.
+    """The encrypted path's own training code on numpy (with ``dp_clip``: the DP run's feature
+    preparation, without its noise).
 
     When the aggregator excluded hospitals, pass the indices it kept: ``normalized_over``
     (passed ``stats``: their statistics and slot allocations count), ``trained_on`` (passed
@@ -81,7 +97,7 @@ def plaintext_reference(
     buckets = [n_buckets(len(hospitals[i].train_features), bucket) for i in stats_in]
     d = hospitals[0].train_features.shape[1]
     width = public_width(d, components, bucket * sum(buckets), samples_per_component)
-    train, test = normalized(hospitals, feature_scale, stats_in, components and width)
+    train, test = normalized(hospitals, feature_scale, stats_in, components and width, dp_clip)
     layout = plan_diagonal(
         buckets,
         slots=slots,

@@ -183,9 +183,20 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         f"CKKS {m['ckks']['name']}",
         head="encrypted-trained head",
         row_head="encrypted training",
-        same_note="the encrypted loop, layout and polynomial on numpy",
+        same_note="the encrypted loop, layout and polynomial on numpy"
+        + (" (DP: without the noise)" if m.get("dp") else ""),
+        between=dp_rows(m),
         after=[("refresh security (bits)", refresh_security_row(m))],
     )
+
+
+def dp_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The differential-privacy row of a summary (none without DP)."""
+    dp = metrics.get("dp")
+    if not dp:
+        return []
+    value = f"{dp['epsilon']:.2f}, {dp['delta']:g} (noise x{dp['noise_multiplier']:.2f})"
+    return [("differential privacy (epsilon, delta)", value)]
 
 
 def refresh_security_row(metrics: Mapping[str, Any]) -> str:
@@ -210,14 +221,7 @@ def updates_summary_table(metrics: Mapping[str, Any]) -> Table:
     if m.get("dropouts"):
         gone = ", ".join(d["hospital"] for d in m.get("dropped", [])) or "none"
         between.append(("dropouts (from round)", f"{gone} ({m.get('dropout_round')})"))
-    if m.get("dp"):
-        dp = m["dp"]
-        between.append(
-            (
-                "differential privacy (epsilon, delta)",
-                f"{dp['epsilon']:.2f}, {dp['delta']:g} (noise x{dp['noise_multiplier']:.2f})",
-            )
-        )
+    between.extend(dp_rows(m))
     if th and th.get("max_decryptions"):  # each hospital refuses beyond the budget
         used = f"{th.get('decryptions')} / {th['max_decryptions']}"
         between.append(("threshold decryptions (most-used key share / budget)", used))

@@ -9,7 +9,9 @@ It holds only the public context. Stages (each one Flower round):
    slot layout, and send encrypted feature and label blocks.
 3. ``sum`` (one per epoch): masked gradient products go to one hospital in turn, which returns
    the encrypted per-feature sums (the weight update) at a fresh level.
-4. ``final``: the encrypted head goes to every hospital, which decrypts and evaluates it.
+4. ``final``: the encrypted head goes to every hospital, which decrypts and evaluates it
+   (with differential privacy, the aggregator first adds Gaussian noise inside it:
+   :meth:`EmbeddingsAggregator.add_noise`).
 
 A hospital whose reply fails is excluded from that stage, recorded with the reason, and the run
 continues with the others where that is safe (at least ``min_hospitals`` contribute).
@@ -41,10 +43,12 @@ from medfed.fl import messages as M
 from medfed.fl.key_holders import FlowerKeyHolder
 from medfed.fl.public_keys import load_public_keys
 from medfed.fl.server_app import Ledger, RoundExchange, make_aggregator_server_app
+from medfed.privacy.mechanisms import secure_rng
+from medfed.privacy.sensitivity import OutputNoise
 from medfed.train.diagonal.backend import Block
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
-from medfed.train.diagonal.epoch import train_diagonal
+from medfed.train.diagonal.epoch import perturb_head, train_diagonal
 from medfed.train.head import HeadSchedule
 from medfed.train.normalization import public_width, stats_ciphertexts
 
@@ -73,6 +77,7 @@ class AggregatorSettings:
     components: int = 0  # PCA-whitened features trained on (0: standardized embeddings)
     samples_per_component: int = 0  # fewer components for fewer (padded) samples; 0: all
     signing: SigningKey | None = None  # the aggregator's Ed25519 key, every party's pinned key
+    dp: OutputNoise | None = None  # differential privacy: noise inside the final head
 
     @property
     def stats_ciphertexts(self) -> int:
@@ -102,6 +107,8 @@ class EmbeddingsAggregator(RoundExchange):
         self.ctx: ts.Context | None = None
         self.engine: SealEngine | None = None
         self.layout: DiagonalLayout | None = None
+        self.noise_rng = secure_rng  # where the DP noise comes from (a test may pass its own)
+        self.dp_output: dict | None = None
 
     # -- plumbing -------------------------------------------------------------------------
     # -- stages ---------------------------------------------------------------------------
@@ -320,6 +327,21 @@ class EmbeddingsAggregator(RoundExchange):
         self.refresh_records = backend.records
         return weights
 
+    def add_noise(self, weights: tuple[list, list]) -> tuple[list, list]:
+        """Differential privacy: Gaussian noise of the head's sensitivity (from the schedule and
+        the padded sample count, both public) added inside the head's ciphertexts. The
+        aggregator never sees the head; the hospitals never see the noise."""
+        L, sch = self.layout, self.s.schedule
+        std = self.s.dp.std(sch.lr, sch.l2, sch.epochs, L.n_padded, L.n_heads)
+        noise = self.noise_rng().normal(0.0, std, (L.n_features + 1, L.n_heads))
+        self.dp_output = {
+            "std": std,
+            "sensitivity": std / self.s.dp.noise_multiplier,
+            "n_padded": L.n_padded,
+            "heads": L.n_heads,
+        }
+        return perturb_head(*weights, L, noise)
+
     def final(self, grid: Grid, weights: tuple[list, list]) -> list[str]:
         """Stage ``final``: send the encrypted head to every member; returns who evaluated it."""
         w, b = weights
@@ -354,6 +376,8 @@ class EmbeddingsAggregator(RoundExchange):
         total, buckets = self.stats(grid, nodes)
         blocks = self.upload(grid, total, buckets)
         weights = self.train(grid, blocks)
+        if self.s.dp is not None:
+            weights = self.add_noise(weights)
         evaluated = self.final(grid, weights)
         return {
             "aggregator_seconds": time.perf_counter() - t0,
@@ -367,6 +391,7 @@ class EmbeddingsAggregator(RoundExchange):
             "buckets_by_hospital": {self._name(n): int(b) for n, b in buckets.items()},
             "rounds": self.named_rounds(),
             "refreshes": self.refresh_records,
+            "dp_output": self.dp_output,  # the noise added inside the head (None: no DP)
             "excluded": self.ledger.excluded,
             # hospitals whose data each stage used: the plaintext references use the same ones
             "contributors": {

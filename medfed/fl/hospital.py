@@ -26,6 +26,8 @@ from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
+from medfed.privacy.mechanisms import HospitalDP, unit_rows
+from medfed.privacy.sensitivity import clip_rows
 from medfed.train.diagonal.epoch import head_matrix
 from medfed.train.diagonal.keyholder import hospital_sums
 from medfed.train.normalization import (
@@ -83,14 +85,14 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
                 "feature cache) before joining the federation."
             )
-        components = meta.components
+        dp = _dp(meta)
+        stats = stats_vector(unit_rows(features) if dp else features, meta.components)
+        if dp:  # this hospital's share of the noise; the count stays exact
+            stats[:-1] += dp.noise(dp.stats_std(), len(stats) - 1)
         values = {
             M.HOSPITAL: data.name,
             M.BUCKETS: n_buckets(len(features), int(meta.bucket)),
-            M.STATS: [
-                engine.encrypt_bytes(v)
-                for v in stats_chunks(stats_vector(features, components), engine.slots)
-            ],
+            M.STATS: [engine.encrypt_bytes(v) for v in stats_chunks(stats, engine.slots)],
             M.KEY_FINGERPRINT: context_fingerprint(ctx),
             M.N_FEATURES: int(features.shape[1]),
         }
@@ -135,7 +137,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         np.savez(
             W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
         )
-        x = fmap(data.train_features)
+        x = trained_features(data.train_features, fmap, _dp(meta))
         position = int(rec[M.POSITION])
         if not 0 <= position < len(layout.allocations):
             raise ValueError(f"{data.name}: slot position {position} is outside the layout")
@@ -192,14 +194,28 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
             )
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
             fmap = FeatureMap(f["mean"], f["projection"])
-        x = fmap(data.test_features)
-        train_x = fmap(data.train_features)
+        dp = _dp(meta)
+        x = trained_features(data.test_features, fmap, dp)
+        train_x = trained_features(data.train_features, fmap, dp)
         W.write_evaluation(
             Path(workspace), i, data.name, weights, x, data.test_labels, train_x, data.train_labels
         )
         return _reply(msg, **{M.HOSPITAL: data.name, M.OK: 1})
 
     return app
+
+
+def _dp(meta: W.HospitalProvision) -> HospitalDP | None:
+    """The DP this hospital was provisioned with (None: none)."""
+    return HospitalDP(**meta.dp) if meta.dp else None
+
+
+def trained_features(raw: np.ndarray, fmap: FeatureMap, dp: HospitalDP | None) -> np.ndarray:
+    """What the head trains on (and is evaluated on): the feature map of the raw embeddings;
+    with DP, of the unit-norm embeddings, each mapped row clipped to ``dp.clip``."""
+    if dp is None:
+        return fmap(raw)
+    return clip_rows(fmap(unit_rows(raw)), dp.clip)
 
 
 def _width(d: int, meta: W.HospitalProvision) -> int:

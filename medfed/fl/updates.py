@@ -49,7 +49,7 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
-from medfed.privacy.mechanisms import UpdatesDP, unit_rows
+from medfed.privacy.mechanisms import HospitalDP, unit_rows
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
@@ -366,15 +366,15 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     return app
 
 
-def _dp(meta: W.HospitalProvision) -> UpdatesDP | None:
+def _dp(meta: W.HospitalProvision) -> HospitalDP | None:
     """This hospital's differential-privacy provisioning (None: no DP)."""
-    return UpdatesDP(**meta.dp) if meta.dp else None
+    return HospitalDP(**meta.dp) if meta.dp else None
 
 
 DP_STEPS = "dp_steps.txt"
 
 
-def _spend_steps(hdir: Path, epochs: int, dp: UpdatesDP) -> None:
+def _spend_steps(hdir: Path, epochs: int, dp: HospitalDP) -> None:
     """Count this hospital's DP local steps; refuse those beyond what its accounting covers,
     whatever the aggregator asks."""
     path = hdir / DP_STEPS

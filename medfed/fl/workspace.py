@@ -69,7 +69,7 @@ class HospitalProvision:
     keys: str | None = None
     bucket: int | None = None
     pinned: dict[str, Any] | None = None
-    dp: dict[str, Any] | None = None  # mode "updates": medfed.privacy.mechanisms.UpdatesDP
+    dp: dict[str, Any] | None = None  # medfed.privacy.mechanisms.HospitalDP (None: no DP)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``meta.json`` mapping (without the hospital's name), None fields left out."""

@@ -8,6 +8,7 @@ Like the mode modules, nothing here imports torch, TenSEAL or Flower at module l
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from medfed.fl.faults import Fault
     from medfed.fl.launch import FederationApps
     from medfed.fl.workspace import HospitalData, HospitalProvision
+    from medfed.privacy.mechanisms import HospitalDP
 
 
 @dataclass(frozen=True)
@@ -254,3 +256,33 @@ def finish(
 
         write_run(Path(cfg.out), cfg.to_dict(), RunResult.from_metrics(metrics), rounds)
     return metrics
+
+
+def dp_guarantee(
+    cfg: SimulationConfig, dp: HospitalDP, *, stats_count: int, later: int, **details: Any
+) -> dict[str, Any]:
+    """The metrics.json ``dp`` block: the guarantee this run reached, from the statistics'
+    release and ``later`` Gaussian mechanisms of ``dp.noise_multiplier`` (mode "updates": one
+    per local step of every round; "embeddings": the noisy head). The statistics, if summed
+    over fewer than ``dp.contributors`` hospitals (``stats_count``), carried less noise: their
+    effective multiplier ``sigma * sqrt(count / contributors)`` is what is accounted."""
+    from medfed.privacy.accountant import epsilon, epsilon_of_releases
+    from medfed.privacy.mechanisms import STATS_SENSITIVITY
+
+    stats = dp.noise_multiplier * math.sqrt(min(1.0, stats_count / dp.contributors))
+    sigmas = [stats] + [dp.noise_multiplier] * later
+    return {
+        "epsilon": epsilon_of_releases(sigmas, cfg.dp_delta),
+        "delta": cfg.dp_delta,
+        "target_epsilon": cfg.dp_epsilon,
+        "noise_multiplier": dp.noise_multiplier,
+        "stats_noise_multiplier": stats,
+        "releases": len(sigmas),
+        "epsilon_rdp": epsilon(min(sigmas), len(sigmas), cfg.dp_delta, accountant="rdp"),
+        "contributors": dp.contributors,
+        "clip": dp.clip,
+        "adjacency": "replace one training record of one hospital",
+        "stats_sensitivity": STATS_SENSITIVITY,
+        **details,
+        "accountant": "dp-accounting PLD (epsilon_rdp: RDP upper bound)",
+    }

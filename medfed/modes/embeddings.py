@@ -6,6 +6,7 @@ TenSEAL, Flower and torch are imported inside the methods that run a federation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -18,6 +19,7 @@ from medfed.modes.base import Mode
 from medfed.modes.common import (
     check_count,
     described_run,
+    dp_guarantee,
     finish,
     indices,
     pooled_accuracy,
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 
     from medfed.fl.launch import FederationApps
     from medfed.fl.workspace import HospitalData
+    from medfed.privacy.mechanisms import HospitalDP
+    from medfed.privacy.sensitivity import OutputNoise
+    from medfed.train.head import HeadSchedule
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class EmbeddingsMode(Mode):
         t0 = started if started is not None else time.perf_counter()
         params = get_preset(cfg.ckks)
         approx = fit_sigmoid(cfg.sigmoid_degree, cfg.sigmoid_radius)
-        schedule = HeadSchedule(cfg.epochs, cfg.lr, approx, cfg.l2)
+        schedule, dp = dp_setup(cfg, HeadSchedule(cfg.epochs, cfg.lr, approx, cfg.l2))
         check_count(cfg, hospitals)
         check_hospitals(hospitals, n_classes)
         d = hospitals[0].train_features.shape[1]
@@ -78,6 +83,7 @@ class EmbeddingsMode(Mode):
             cfg.feature_scale,
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
+            dp_clip=cfg.dp_clip if dp else None,
         )
         reference = reference_on()
         provision = HospitalProvision(
@@ -87,6 +93,7 @@ class EmbeddingsMode(Mode):
             feature_scale=cfg.feature_scale,
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
+            dp=dp.hospitals.to_dict() if dp else None,
         )
         settings = AggregatorSettings(
             params=params,
@@ -102,6 +109,7 @@ class EmbeddingsMode(Mode):
             cpus_per_worker=0.0 if cfg.backend == "flower" else 1.0,
             components=cfg.components,
             samples_per_component=cfg.samples_per_component,
+            dp=dp.head if dp else None,
         )
         run = run_in_workspace(
             cfg,
@@ -126,8 +134,8 @@ class EmbeddingsMode(Mode):
             "ckks": {**params.to_dict(), "depth": params.depth, "slots": params.slots},
             "sigmoid": {"degree": approx.degree, "radius": approx.radius, "coeffs": approx.coeffs},
             "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "l2": cfg.l2,
+            "lr": schedule.lr,  # under DP: what the sensitivity bound allows (see "dp")
+            "l2": schedule.l2,
             "components": cfg.components,
             "samples_per_component": cfg.samples_per_component,
             "bucket": cfg.bucket,  # hospitals announce ceil(n / bucket)
@@ -154,6 +162,7 @@ class EmbeddingsMode(Mode):
             "layout": fed["layout"],
             "excluded": fed["excluded"],
             "contributors": fed.get("contributors", {}),
+            "dp": dp.guarantee(cfg, fed, len(used["normalized_over"])) if dp else None,
         }
         z = [e["max_abs_z"] for e in done if "max_abs_z" in e]
         metrics["max_abs_z"] = max(z) if z else None  # on the hospitals' own training data
@@ -181,6 +190,69 @@ class EmbeddingsMode(Mode):
         from medfed.experiments.results import summary_table
 
         return summary_table(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingsDP:
+    """Mode "embeddings"' differential privacy: what the hospitals add (noisy statistics,
+    clipped feature rows) and what the aggregator adds (noise inside the final head)."""
+
+    hospitals: HospitalDP
+    head: OutputNoise
+    schedule: HeadSchedule
+
+    def guarantee(self, cfg: SimulationConfig, fed: Mapping[str, Any], stats_count: int) -> dict:
+        """The metrics.json ``dp`` block: two Gaussian mechanisms (statistics, head)."""
+        sch, bound = self.schedule, self.head.bound
+        return dp_guarantee(
+            cfg,
+            self.hospitals,
+            stats_count=stats_count,
+            later=1,
+            mechanism="output perturbation inside the final head's ciphertexts (by the aggregator)",
+            head_sensitivity=(fed.get("dp_output") or {}).get("sensitivity"),
+            head_noise_std=(fed.get("dp_output") or {}).get("std"),
+            bound={**bound.to_dict(), "weight_radius": bound.weight_radius(sch.l2)},
+            lr=sch.lr,
+            l2=sch.l2,
+            epochs=sch.epochs,
+        )
+
+
+def dp_setup(
+    cfg: SimulationConfig, schedule: HeadSchedule
+) -> tuple[HeadSchedule, EmbeddingsDP | None]:
+    """The schedule and DP of a run: without DP, ``schedule`` as given. With DP, the bias is
+    penalized too, ``l2`` is raised to the bound's minimum and ``lr`` lowered to its maximum
+    where needed (logged), and one noise multiplier serves both mechanisms."""
+    if cfg.dp_epsilon is None and cfg.dp_noise is None:
+        return schedule, None
+    from medfed.privacy.accountant import noise_multiplier_for
+    from medfed.privacy.mechanisms import HospitalDP
+    from medfed.privacy.sensitivity import OutputNoise, head_bound
+
+    approx = schedule.approx
+    bound = head_bound(approx.coeffs, approx.radius, cfg.dp_clip)
+    l2 = max(schedule.l2, bound.min_l2)
+    lr = min(schedule.lr, bound.max_lr(l2))
+    if (lr, l2) != (schedule.lr, schedule.l2):
+        log.warning(
+            "differential privacy: the head's sensitivity bound needs l2 >= %.4g and lr <= "
+            "%.4g (degree-%d sigmoid on [-%g, %g], features clipped to %g); training with "
+            "l2=%.4g, lr=%.4g (docs/privacy.md)",
+            bound.min_l2,
+            bound.max_lr(l2),
+            approx.degree,
+            approx.radius,
+            approx.radius,
+            cfg.dp_clip,
+            l2,
+            lr,
+        )
+    schedule = dataclasses.replace(schedule, lr=lr, l2=l2, penalize_bias=True)
+    sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, 2, cfg.dp_delta)
+    hospitals = HospitalDP(float(sigma), contributors=cfg.hospitals, clip=cfg.dp_clip)
+    return schedule, EmbeddingsDP(hospitals, OutputNoise(float(sigma), bound), schedule)
 
 
 def used_subsets(fed: Mapping[str, Any], hospitals: list[HospitalData]) -> dict[str, list[int]]:

@@ -18,6 +18,7 @@ from medfed.modes.base import Mode, Prepared
 from medfed.modes.common import (
     check_count,
     described_run,
+    dp_guarantee,
     finish,
     indices,
     pooled_accuracy,
@@ -85,13 +86,13 @@ class UpdatesMode(Mode):
         dp = None
         if cfg.dp_epsilon is not None or cfg.dp_noise is not None:
             from medfed.privacy.accountant import noise_multiplier_for
-            from medfed.privacy.mechanisms import UpdatesDP, releases
+            from medfed.privacy.mechanisms import HospitalDP, releases
 
             count = releases(cfg.rounds, cfg.local_epochs)
             sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, count, cfg.dp_delta)
             # the statistics' noise shares add up to the full noise while hospitals - dropouts
             # contribute; every local step carries its own full noise
-            dp = UpdatesDP(
+            dp = HospitalDP(
                 float(sigma),
                 contributors=cfg.hospitals - cfg.dropouts,
                 clip=cfg.dp_clip,
@@ -204,7 +205,17 @@ class UpdatesMode(Mode):
                 if r["stage"].startswith(SETUP_STAGES)
             ),
             "excluded": fed["excluded"],
-            "dp": dp_guarantee(cfg, dp, fed) if dp else None,
+            "dp": (
+                dp_guarantee(
+                    cfg,
+                    dp,
+                    stats_count=len(fed["stats_participants"]),
+                    later=cfg.rounds * cfg.local_epochs,
+                    step_sensitivity=2 * dp.clip,
+                )
+                if dp
+                else None
+            ),
         }
         return finish(cfg, metrics, fed["rounds"])
 
@@ -219,37 +230,6 @@ class UpdatesMode(Mode):
         from medfed.experiments.results import updates_summary_table
 
         return updates_summary_table(metrics)
-
-
-def dp_guarantee(cfg: SimulationConfig, dp, fed: Mapping[str, Any]) -> dict:
-    """The metrics.json ``dp`` block: the guarantee this run reached. The statistics, if summed
-    over fewer than ``dp.contributors`` hospitals, carried less noise; their effective noise
-    multiplier (``sigma * sqrt(count / contributors)``) is what is accounted, with one
-    mechanism per local step of every round."""
-    import math
-
-    from medfed.privacy.accountant import epsilon, epsilon_of_releases
-    from medfed.privacy.mechanisms import STATS_SENSITIVITY
-
-    stats = dp.noise_multiplier * math.sqrt(
-        min(1.0, len(fed["stats_participants"]) / dp.contributors)
-    )
-    sigmas = [stats] + [dp.noise_multiplier] * (cfg.rounds * cfg.local_epochs)
-    return {
-        "epsilon": epsilon_of_releases(sigmas, cfg.dp_delta),
-        "delta": cfg.dp_delta,
-        "target_epsilon": cfg.dp_epsilon,
-        "noise_multiplier": dp.noise_multiplier,
-        "stats_noise_multiplier": stats,
-        "releases": len(sigmas),
-        "epsilon_rdp": epsilon(min(sigmas), len(sigmas), cfg.dp_delta, accountant="rdp"),
-        "contributors": dp.contributors,
-        "clip": dp.clip,
-        "adjacency": "replace one training record of one hospital",
-        "stats_sensitivity": STATS_SENSITIVITY,
-        "step_sensitivity": 2 * dp.clip,
-        "accountant": "dp-accounting PLD (epsilon_rdp: RDP upper bound)",
-    }
 
 
 MODE = register_mode(UpdatesMode())

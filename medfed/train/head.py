@@ -18,13 +18,16 @@ class HeadSchedule:
     """What the aggregator trains: epochs of full-batch gradient descent with an L2 penalty.
 
     One epoch: ``w <- (1 - lr * l2) w - lr * X^T r / n_padded`` and
-    ``bias <- bias - lr * sum(r) / n_padded`` (the bias is not penalized).
+    ``bias <- bias - lr * sum(r) / n_padded`` (the bias is penalized like the weights only
+    with ``penalize_bias``, which differential privacy needs:
+    :mod:`medfed.privacy.sensitivity`).
     """
 
     epochs: int
     lr: float
     approx: SigmoidApprox
     l2: float = 0.0
+    penalize_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

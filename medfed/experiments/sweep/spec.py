@@ -12,7 +12,9 @@ A sweep file (YAML) holds::
     isolate: auto                   # optional: each cell in a child process with a private
                                     # Ray (always / never; auto: cells that start Ray themselves)
 
-Every cell is validated by ``SimulationConfig.from_dict`` (values, CKKS preset, depth) before
+A ``base`` option that only other modes take (``dropouts``: mode updates) is left out of a cell
+whose grid sets another mode, so one file can sweep both modes. Every cell is validated by
+``SimulationConfig.from_dict`` (values, CKKS preset, depth) before
 anything runs. A cell's id is a stable hash of its resolved config (without ``out`` and
 ``progress``), so the same cell in the same output directory is never run twice.
 """
@@ -29,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from medfed.config import ConfigError, SimulationConfig
+from medfed.config import ConfigError, SimulationConfig, mode_names, mode_spec
 from medfed.errors import unknown_keys
 
 Runner = Callable[[SimulationConfig], dict]
@@ -245,7 +247,7 @@ class SweepSpec:
         errors: list[str] = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
             knobs = dict(zip(keys, values, strict=True))
-            merged = {**self.base, **knobs}
+            merged = {**_for_mode(self.base, knobs.get("mode")), **knobs}
             if any(_matches(merged, e) for e in self.exclude):
                 continue
             label = " ".join(f"{k}={v}" for k, v in knobs.items()) or "(base)"
@@ -271,6 +273,17 @@ class SweepSpec:
         if not cells:
             raise SweepError(f"{self.source}: the grid has no cells (everything is excluded)")
         return cells
+
+
+def _for_mode(base: dict[str, Any], mode: str | None) -> dict[str, Any]:
+    """``base`` for a cell whose grid sets ``mode``: without the options only other modes take
+    (``dropouts`` in base means mode updates' dropouts; a mode embeddings cell leaves it
+    out)."""
+    if mode is None or mode not in mode_names():
+        return base  # the config check names an unknown mode
+    own = mode_spec(mode).options
+    foreign = {n for m in mode_names() for n in mode_spec(m).options} - set(own)
+    return {k: v for k, v in base.items() if k not in foreign}
 
 
 def _bad_exclude(i: int) -> dict:

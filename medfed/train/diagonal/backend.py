@@ -53,10 +53,16 @@ class DiagonalBackend(Protocol):
         ``{head: vector}``) ready to leave it."""
 
     def sum_round(
-        self, parts: list[dict], step: int, weights: list | None = None, decay: float = 0.0
+        self,
+        parts: list[dict],
+        step: int,
+        weights: list | None = None,
+        decay: float = 0.0,
+        biases: list | None = None,
     ) -> tuple[list, list]:
         """Weight and bias updates from every compute's finished products, the weight updates
-        including ``decay * weights`` (the L2 penalty) when ``weights`` are given."""
+        including ``decay * weights`` (the L2 penalty) when ``weights`` are given, the bias
+        updates ``decay * biases`` when ``biases`` are."""
 
 
 def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Block]:
@@ -81,6 +87,13 @@ def decay_share(layout: DiagonalLayout, weights, decay: float) -> float:
     ``decay * g / S``, which the key holder's sum over the ``S / g`` repeats turns into
     ``decay * w`` (0 without weights or decay). Both backends use it, so they agree."""
     return decay * layout.group / layout.slots if weights is not None and decay else 0.0
+
+
+def bias_decay_share(layout: DiagonalLayout, biases, decay: float) -> float:
+    """The multiple of a (replicated) bias vector that joins its products for the L2 penalty:
+    ``decay / S``, which the key holder's sum over all ``S`` slots turns into ``decay * b``
+    (0 without biases or decay)."""
+    return decay / layout.slots if biases is not None and decay else 0.0
 
 
 def group_products(parts: list[dict], k: int, g: int) -> list:

@@ -13,7 +13,12 @@ import numpy as np
 from medfed.crypto.diagonal import DiagonalLayout, rotation_steps
 from medfed.crypto.masking import MAX_MASK_PARTS, mask_key
 from medfed.crypto.refresh import Refresh
-from medfed.train.diagonal.backend import bias_products, decay_share, group_products
+from medfed.train.diagonal.backend import (
+    bias_decay_share,
+    bias_products,
+    decay_share,
+    group_products,
+)
 from medfed.train.diagonal.keyholder import bias_map, pattern_map
 
 
@@ -92,13 +97,14 @@ class EncryptedDiagonalBackend:
             total = total + self.lower(extra, total)
         return e.to_bytes(total)
 
-    def sum_round(self, parts, step, weights=None, decay=0.0):
+    def sum_round(self, parts, step, weights=None, decay=0.0, biases=None):
         """The masked refresh: masked products go to a key-holding hospital, whose top-level
         encryption of their per-feature sums, less the masks' images, is the update.
 
         With an L2 penalty, ``decay * g / S`` times each weight pattern joins its group's
         masked products (the key holder's sum over the ``S / g`` repeats makes it
-        ``decay * w``), so weights are never sent to a hospital.
+        ``decay * w``), so weights are never sent to a hospital; with ``biases``, ``decay /
+        S`` times each bias vector joins its masked bias products likewise.
         """
         import time
 
@@ -110,6 +116,7 @@ class EncryptedDiagonalBackend:
         if len(parts) > MAX_MASK_PARTS:
             raise ValueError(f"{len(parts)} computes returned products; at most {MAX_MASK_PARTS}")
         shrink = decay_share(L, weights, decay)
+        shrink_b = bias_decay_share(L, biases, decay)
         masked = []
         for k in range(L.n_heads):
             for g in range(G):
@@ -117,7 +124,8 @@ class EncryptedDiagonalBackend:
                 masked.append(
                     self._masked_sum(group_products(parts, k, g), f"masked products {k}/{g}", extra)
                 )
-            masked.append(self._masked_sum(bias_products(parts, k), f"masked bias {k}"))
+            extra = biases[k] * shrink_b if shrink_b else None
+            masked.append(self._masked_sum(bias_products(parts, k), f"masked bias {k}", extra))
         per_head = G + 1
         while True:  # a key holder whose reply is unusable is dropped; the next one retries
             replies, who = self.keyholder.sum_masked(masked, step)

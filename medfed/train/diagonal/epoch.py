@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from medfed.crypto.diagonal import DiagonalLayout, unpattern
+from medfed.crypto.diagonal import DiagonalLayout, unpattern, weight_pattern
 from medfed.train.diagonal.backend import DiagonalBackend
 from medfed.train.diagonal.claims import ClaimBoard
 from medfed.train.diagonal.planner import plan_shares, plan_tasks, submission_order
@@ -69,7 +69,8 @@ def diagonal_epoch(
             backward.append(submit(comp, "backward", inputs, sh, task.blocks, task.last))
     parts = [p for p in (h.result() for h in backward) if p is not None]  # raises any failure
     decayed = weights if schedule.decay else None
-    upd_w, upd_b = backend.sum_round(parts, step, decayed, schedule.decay)
+    decayed_b = biases if schedule.decay and schedule.penalize_bias else None
+    upd_w, upd_b = backend.sum_round(parts, step, decayed, schedule.decay, decayed_b)
     new_w = [
         [w - u for w, u in zip(wk, uk, strict=True)] for wk, uk in zip(weights, upd_w, strict=True)
     ]
@@ -119,3 +120,26 @@ def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layou
         w = unpattern(np.stack([np.asarray(v) for v in wk]), layout)[: layout.n_features]
         cols.append(np.concatenate([w, [float(np.mean(np.asarray(bk)))]]))
     return np.stack(cols, axis=1)
+
+
+def perturb_head(
+    weights: list[list[object]],
+    biases: list[object],
+    layout: DiagonalLayout,
+    noise: np.ndarray,
+) -> tuple[list[list[object]], list[object]]:
+    """The head plus ``noise`` (``(n_features + 1, heads)``, the bias row last), added slot-wise
+    in the weight pattern and the replicated bias: on ciphertexts, inside them (the inverse
+    of :func:`head_matrix`'s reading; padded features get none)."""
+    noise = np.asarray(noise, dtype=np.float64)
+    if noise.shape != (layout.n_features + 1, layout.n_heads):
+        raise ValueError(f"head noise of shape {noise.shape} does not fit the layout")
+    width = layout.n_groups * layout.group
+    new_w, new_b = [], []
+    for k, (wk, bk) in enumerate(zip(weights, biases, strict=True)):
+        column = np.zeros(width)
+        column[: layout.n_features] = noise[:-1, k]
+        pattern = weight_pattern(column, layout)
+        new_w.append([w + pattern[g] for g, w in enumerate(wk)])
+        new_b.append(bk + np.full(layout.slots, noise[-1, k]))
+    return new_w, new_b
