@@ -77,6 +77,26 @@ def test_raylet_notices_go_to_the_file(console, capsys):
     assert reports.count == 1
 
 
+def test_an_actor_told_to_exit_is_not_a_failure(console, capsys):
+    """What the raylet says when Flower stops its ClientApp actors at the end of a run."""
+    import ray._private.worker as ray_worker
+
+    bye = (
+        "Task ClientAppActor.terminate failed. There are 1 retries remaining, so the task will "
+        "be retried. Error: The actor is temporarily unavailable: IntentionalSystemExit: "
+        "Worker exits with an exit code 0. exit_actor() is called"
+    )
+    with cluster.ray_reports_to_file() as reports:
+        ray_worker.print_to_stdstream({"pid": "raylet", "lines": [bye]}, ignore_prefix=False)
+    assert reports.count == 0 and reports.path is None and not console.records
+    assert "IntentionalSystemExit" not in capsys.readouterr().out
+    with cluster.ray_reports_to_file() as reports:  # a real death beside it is still reported
+        ray_worker.print_to_stdstream(
+            {"pid": "raylet", "lines": [bye, "A worker died"]}, ignore_prefix=False
+        )
+    assert reports.count == 1
+
+
 def test_verbose_keeps_the_reports_on_the_console_too(console, capsys):
     import ray._private.worker as ray_worker
 

@@ -44,7 +44,8 @@ KEY_NOTES = (
     "the federated schedule cost (the headline)",
     "same-schedule acc.: the same training schedule on plaintext (mode updates: plain FedAvg)",
     "approx. gap (pp): accuracy - same-schedule acc.: the CKKS approximation alone (and the "
-    "DP noise, in a DP cell: same-schedule acc. is the non-private run)",
+    "DP noise, in a DP cell: its same-schedule run has no noise; mode updates: plain FedAvg "
+    "without DP, mode embeddings: the DP schedule without its noise)",
     "epsilon: the differential privacy the run reached (delta in metrics.json; - : no DP)",
     "attack AUC, TPR@1%FPR: a loss-threshold membership attack on the released head, train vs "
     "held-out samples (0.5 and 0.01 are chance)",

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from medfed.errors import MedfedError
 
-class SensitivityError(ValueError):
+
+class SensitivityError(MedfedError, ValueError):
     """The schedule breaks an assumption of the sensitivity bound."""
 
 

@@ -205,6 +205,12 @@ def ray_reports_to_file(console: bool = False) -> Iterator[RayReports]:
         flwr.propagate = propagate
 
 
+def _intended_exit(line: str) -> bool:
+    """A raylet notice about an actor that exited because it was told to (Flower stopping
+    its ClientApp actors at the end of a run), not a failure."""
+    return "IntentionalSystemExit" in line and "exit_actor()" in line
+
+
 def _raylet_notices_to(reports: RayReports, console: bool):
     """Send what Ray's driver prints for the raylet (``pid`` "raylet": worker deaths, a dead
     raylet's log tail) to ``reports`` as well; returns the function that undoes it.
@@ -224,6 +230,8 @@ def _raylet_notices_to(reports: RayReports, console: bool):
 
     def print_to_stdstream(data, *args, **kwargs):
         if isinstance(data, dict) and data.get("pid") == "raylet":
+            if all(_intended_exit(str(line)) for line in data.get("lines", [])):
+                return original(data, *args, **kwargs) if console else None
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             reports.write(f"{stamp} raylet: " + "\n".join(map(str, data.get("lines", []))))
             if not console:

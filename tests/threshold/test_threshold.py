@@ -262,6 +262,20 @@ def test_partials_sealed_for_hospitals_cannot_be_opened_by_the_aggregator(fed3):
     assert _unpack_partials(p1.open_from(2, sealed, round=7))[1][0][0] == 2
 
 
+def test_a_product_is_not_partially_decrypted(fed3):
+    """A malicious aggregator multiplies before asking: at scaling degree 2 the flooding is
+    2^p times too small to hide the key share, so no party decrypts it (control: the sum)."""
+    updates, _ = hospital_updates(3, seed=2)
+    aggregate = aggregate_of(fed3, updates)
+    fed3.party(2).partial_decrypt(aggregate)  # the protocol's sum: decrypted
+    cc = fed3.context._cc
+    ct = fed3.context._ciphertext(aggregate, "aggregate")
+    scaled = cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext([0.5] * 8))
+    assert scaled.GetNoiseScaleDeg() == 2
+    with pytest.raises(ThresholdError, match="scaling degree 2"):
+        fed3.party(2).partial_decrypt(fed3.context._serialize(scaled))
+
+
 # --- fewer than all shares / fewer than t hospitals -------------------------------------------
 
 

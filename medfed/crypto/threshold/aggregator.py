@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from medfed.crypto.threshold.backend import _require_openfhe
 from medfed.crypto.threshold.context import ThresholdContext
 from medfed.crypto.threshold.errors import ThresholdError
-from medfed.crypto.threshold.wire import _deserialize_public_key
+from medfed.crypto.threshold.wire import (
+    _deserialize_public_key,
+    deserialize_eval_key,
+    unpack_eval_share,
+)
 
 
 class ThresholdAggregator:
@@ -30,8 +34,10 @@ class ThresholdAggregator:
             context = ThresholdContext.from_bytes(context)
         self.context = context
         self.joint_key_tag: str | None = None
+        self.joint_public_key = None  # the OpenFHE key (public), for re-encryption
         if joint_public_key is not None:
-            self.joint_key_tag = _deserialize_public_key(joint_public_key).GetKeyTag()
+            self.joint_public_key = _deserialize_public_key(joint_public_key)
+            self.joint_key_tag = self.joint_public_key.GetKeyTag()
 
     def add(self, ciphertexts: Sequence[bytes]) -> bytes:
         """Sum of 1..n ciphertexts (the noise estimate covers n summands)."""
@@ -54,3 +60,61 @@ class ThresholdAggregator:
             except RuntimeError as e:
                 raise ThresholdError(f"cannot add ciphertext {i}: {e}") from None
         return self.context._serialize(total)
+
+    # --- joint evaluation keys ---------------------------------------------------------------
+
+    def join_eval_key_shares(self, shares: Sequence[bytes]) -> bytes:
+        """Round A: fold every party's :meth:`ThresholdParty.eval_key_share` (all n, party 1's
+        first); the joint rotation keys go into this context, and the joint key-switching key
+        returned goes to every party for round B."""
+        cc, tag = self.context._cc, self._need_tag()
+        if len(shares) != self.context.params.parties:
+            raise ThresholdError(
+                f"the evaluation keys need every key share: got {len(shares)} of "
+                f"{self.context.params.parties} (a party that drops out here aborts the setup)"
+            )
+        parts = [unpack_eval_share(b) for b in shares]
+        if len({tuple(steps) for *_, steps in parts}) != 1:
+            raise ThresholdError("the parties' evaluation-key shares are for different steps")
+        switch, rotations, _ = parts[0]
+        try:
+            for other_switch, other_rotations, _ in parts[1:]:
+                switch = cc.MultiAddEvalKeys(switch, other_switch, tag)
+                rotations = cc.MultiAddEvalAutomorphismKeys(rotations, other_rotations, tag)
+            cc.InsertEvalAutomorphismKey(rotations, tag)
+        except RuntimeError as e:
+            raise ThresholdError(f"cannot join the evaluation-key shares: {e}") from None
+        self.rotation_steps = parts[0][2]
+        return self.context._serialize(switch)
+
+    def join_mult_key_shares(self, shares: Sequence[bytes]) -> None:
+        """Round B: fold every key share's :meth:`ThresholdParty.mult_key_share` into the
+        joint relinearization key of this context."""
+        cc, tag = self.context._cc, self._need_tag()
+        if len(shares) != self.context.params.parties:
+            raise ThresholdError(
+                f"the relinearization key needs every key share: got {len(shares)} of "
+                f"{self.context.params.parties} (a recovered share counts for its owner)"
+            )
+        keys = [deserialize_eval_key(b, f"relinearization share {i}") for i, b in enumerate(shares)]
+        try:
+            joint = keys[0]
+            for key in keys[1:]:
+                joint = cc.MultiAddEvalMultKeys(joint, key, tag)
+            cc.InsertEvalMultKey([joint])
+        except RuntimeError as e:
+            raise ThresholdError(f"cannot join the relinearization shares: {e}") from None
+
+    def for_decryption(self, ciphertext: bytes, towers: int = 2) -> bytes:
+        """A computed ciphertext made fit for partial decryption: rescaled to degree 1 and cut
+        to at most ``towers`` RNS limbs (``Compress``); parties refuse anything else."""
+        cc = self.context._cc
+        ct = self.context._ciphertext(ciphertext, "ciphertext")
+        depth = cc.GetMultiplicativeDepth()
+        left = depth + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
+        return self.context._serialize(cc.Compress(ct, max(1, min(towers, left))))
+
+    def _need_tag(self) -> str:
+        if self.joint_key_tag is None:
+            raise ThresholdError("the aggregator needs the joint public key first")
+        return self.joint_key_tag

@@ -87,9 +87,50 @@ def _measure_noise(params: ThresholdParams) -> float:
         x = rng.uniform(-1.0, 1.0, size=params.batch_size).tolist()
         ct = cc.Encrypt(joint, cc.MakeCKKSPackedPlaintext(x))
         total = ct if total is None else cc.EvalAdd(total, ct)
-    partials = [cc.MultipartyDecryptLead([total], keys[0].secretKey)[0]]
-    partials += [cc.MultipartyDecryptMain([total], k.secretKey)[0] for k in keys[1:]]
+    worst = _log_error(cc, keys, total)
+    if params.multiplicative_depth >= 2:  # products: measure a chain as deep as the context
+        worst = max(worst, _measure_products(cc, keys, params, rng))
+    return worst
+
+
+def _log_error(cc, keys, ct) -> float:
+    """log2 of the error OpenFHE estimates for a fused decryption of ``ct`` with ``keys``."""
+    partials = [cc.MultipartyDecryptLead([ct], keys[0].secretKey)[0]]
+    partials += [cc.MultipartyDecryptMain([ct], k.secretKey)[0] for k in keys[1:]]
     return float(cc.MultipartyDecryptFusion(partials).GetLogError())
+
+
+def _measure_products(cc, keys, params: ThresholdParams, rng) -> float:
+    """The worst estimated error over a chain of products, relinearized, rotated and
+    compressed for decryption as the aggregator does (throwaway joint evaluation keys)."""
+    tag = keys[-1].publicKey.GetKeyTag()
+    secrets = [k.secretKey for k in keys]
+    switch = cc.KeySwitchGen(secrets[0], secrets[0])
+    cc.EvalAtIndexKeyGen(secrets[0], [1])
+    rotations = cc.GetEvalAutomorphismKeyMap(secrets[0].GetKeyTag())
+    for sk in secrets[1:]:
+        switch = cc.MultiAddEvalKeys(switch, cc.MultiKeySwitchGen(sk, sk, switch), tag)
+        rotations = cc.MultiAddEvalAutomorphismKeys(
+            rotations, cc.MultiEvalAtIndexKeyGen(sk, rotations, [1], tag), tag
+        )
+    cc.InsertEvalAutomorphismKey(rotations, tag)
+    mult = None
+    for sk in secrets:
+        part = cc.MultiMultEvalKey(sk, switch, tag)
+        mult = part if mult is None else cc.MultiAddEvalMultKeys(mult, part, tag)
+    cc.InsertEvalMultKey([mult])
+    joint = keys[-1].publicKey
+
+    def fresh():
+        x = rng.uniform(-1.0, 1.0, size=params.batch_size).tolist()
+        return cc.Encrypt(joint, cc.MakeCKKSPackedPlaintext(x))
+
+    worst, ct = -math.inf, fresh()
+    for _ in range(params.multiplicative_depth):
+        ct = cc.EvalRotate(cc.EvalMult(ct, fresh()), 1)
+        left = params.multiplicative_depth + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
+        worst = max(worst, _log_error(cc, keys, cc.Compress(ct, max(1, min(2, left)))))
+    return worst
 
 
 class ThresholdContext:

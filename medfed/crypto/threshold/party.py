@@ -26,8 +26,12 @@ from medfed.crypto.threshold.wire import (
     _pack_share,
     _unpack_partials,
     _unpack_share,
+    check_steps,
+    deserialize_eval_key,
     pack_blobs,
+    pack_eval_share,
     unpack_blobs,
+    unpack_eval_share,
 )
 
 _STATE_MAGIC = b"MFTP1"
@@ -153,6 +157,57 @@ class ThresholdParty:
             raise ThresholdError("the joint public key is not known yet")
         return self._joint_bytes
 
+    # --- joint evaluation keys: relinearization and rotations (two rounds) ---------------------
+
+    def eval_key_share(self, steps: Sequence[int], lead: bytes | None = None) -> bytes:
+        """Round A: this party's share of the joint key-switching key (the relinearization
+        key's base) and of the joint rotation keys for ``steps``.
+
+        Party 1 passes no ``lead``; its output is the lead every other party passes (they use
+        only its public random parts, so they answer in parallel). The aggregator folds all n
+        outputs (:meth:`ThresholdAggregator.join_eval_key_shares`). Every key share takes
+        part: a dropout here aborts the setup, as in the key chain.
+        """
+        cc, secret = self.context._cc, self._need_secret()
+        steps = check_steps(steps, self.context.slots)
+        if self.index == 1:
+            if lead is not None:
+                raise ThresholdError("party 1 leads the evaluation keys: pass no lead")
+            switch = cc.KeySwitchGen(secret, secret)
+            cc.EvalAtIndexKeyGen(secret, steps)
+            rotations = cc.GetEvalAutomorphismKeyMap(secret.GetKeyTag())
+        else:
+            if lead is None:
+                raise ThresholdError(f"party {self.index} needs party 1's evaluation-key share")
+            lead_switch, lead_rotations, lead_steps = unpack_eval_share(lead)
+            if lead_steps != steps:
+                raise ThresholdError(
+                    f"party 1's rotation steps {lead_steps} are not the steps asked {steps}"
+                )
+            tag = self._joint_tag()
+            switch = cc.MultiKeySwitchGen(secret, secret, lead_switch)
+            rotations = cc.MultiEvalAtIndexKeyGen(secret, lead_rotations, steps, tag)
+        return pack_eval_share(switch, rotations, steps)
+
+    def mult_key_share(self, joint_switch_key: bytes, share: int | None = None) -> bytes:
+        """Round B: this party's share of the joint relinearization key, from round A's joint
+        key-switching key; ``share``: a key share it recovered for a dropped party instead of
+        its own (so the round survives dropouts after round A)."""
+        cc = self.context._cc
+        if share is None or share == self.index:
+            key = self._need_secret()
+        elif share in self._recovered:
+            key = self._recovered[share]
+        else:
+            raise ThresholdError(f"party {self.index} holds no key share {share}")
+        joint = deserialize_eval_key(joint_switch_key, "the joint key-switching key")
+        return self.context._serialize(cc.MultiMultEvalKey(key, joint, self._joint_tag()))
+
+    def _joint_tag(self) -> str:
+        if self._joint is None:
+            raise ThresholdError("the joint public key is not known yet")
+        return self._joint.GetKeyTag()
+
     @property
     def key_shares(self) -> tuple[int, ...]:
         """Indices of the key shares this party can partially decrypt with."""
@@ -267,6 +322,12 @@ class ThresholdParty:
         ct = self.context._ciphertext(aggregate, "aggregate")
         if self._joint is not None and ct.GetKeyTag() != self._joint.GetKeyTag():
             raise ThresholdError("aggregate is not encrypted under the joint public key")
+        if ct.GetNoiseScaleDeg() != 1 or ct.NumberCiphertextElements() != 2:
+            raise ThresholdError(  # a product: flooding sized for scale 2^p does not hide
+                f"aggregate is at scaling degree {ct.GetNoiseScaleDeg()} with "  # it at 2^(2p)
+                f"{ct.NumberCiphertextElements()} elements (a product that was not rescaled "
+                "and relinearized); only degree-1, two-element ciphertexts are decrypted"
+            )
         cc = self.context._cc
         keys = {self.index: self._secret, **self._recovered}
         self._check_budget(keys)

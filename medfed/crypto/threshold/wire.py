@@ -118,3 +118,52 @@ def unpack_blobs(magic: bytes, data: bytes, what: str) -> tuple[dict[str, Any], 
     if off != len(data):
         raise ThresholdError(f"{what} has trailing bytes")
     return header, blobs
+
+
+#: First bytes of a party's round-A share of the joint evaluation keys.
+_EVAL_SHARE_MAGIC = b"MFEK1"
+
+
+def pack_eval_share(switch_key, rotation_keys, steps: Sequence[int]) -> bytes:
+    """A party's round-A share: its key-switching key share (for relinearization) and its
+    rotation-key shares for ``steps``."""
+    of = _require_openfhe()
+    blobs = {
+        "switch": of.Serialize(switch_key, of.BINARY),
+        "rotations": of.Serialize(rotation_keys, of.BINARY),
+    }
+    return pack_blobs(_EVAL_SHARE_MAGIC, {"steps": [int(k) for k in steps]}, blobs)
+
+
+def unpack_eval_share(data: bytes) -> tuple[Any, Any, list[int]]:
+    """(key-switching key, rotation-key map, steps) of :func:`pack_eval_share`'s bytes."""
+    of = _require_openfhe()
+    header, blobs = unpack_blobs(_EVAL_SHARE_MAGIC, data, "evaluation-key share")
+    try:
+        switch = of.DeserializeEvalKeyString(blobs["switch"], of.BINARY)
+        rotations = of.DeserializeEvalKeyMapString(blobs["rotations"], of.BINARY)
+        steps = [int(k) for k in header["steps"]]
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ThresholdError(f"malformed evaluation-key share: {e}") from None
+    return switch, rotations, steps
+
+
+def deserialize_eval_key(data: bytes, what: str):
+    """An OpenFHE evaluation key from its binary serialisation; :class:`ThresholdError` if
+    not."""
+    of = _require_openfhe()
+    try:
+        return of.DeserializeEvalKeyString(bytes(data), of.BINARY)
+    except (RuntimeError, TypeError) as e:
+        raise ThresholdError(f"{what} is not an OpenFHE evaluation key: {e}") from None
+
+
+def check_steps(steps: Sequence[int], slots: int) -> list[int]:
+    """Distinct nonzero rotation steps within ``(-slots, slots)``, sorted."""
+    out = sorted({int(k) for k in steps})
+    bad = [k for k in out if k == 0 or abs(k) >= slots]
+    if not out or bad:
+        raise ThresholdError(
+            f"rotation steps must be nonzero and within +-{slots - 1}, got {list(steps)}"
+        )
+    return out
