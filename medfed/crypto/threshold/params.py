@@ -116,5 +116,5 @@ class ThresholdParams:
 THRESHOLD_PRESETS: dict[str, ThresholdParams] = {
     "default": ThresholdParams(),
     "test": ThresholdParams(ring_dim=8192, batch_size=4096, key_switching="BV"),
-    "training": ThresholdParams(multiplicative_depth=5, scaling_mod_size=59, key_switching="BV"),
+    "training": ThresholdParams(multiplicative_depth=6, scaling_mod_size=59, key_switching="BV"),
 }
