@@ -127,3 +127,18 @@ def test_round_a_needs_every_party_and_the_same_steps(trained):
         fed.aggregator.join_eval_key_shares([lead, fed.party(2).eval_key_share([1, 2], lead)])
     with pytest.raises(ThresholdError, match="nonzero"):
         fed.party(1).eval_key_share([0, 1])
+
+
+def test_the_engine_rotates_fresh_ciphertexts(trained):
+    """A fresh (degree-1) ciphertext rotated by the aggregator's engine decrypts right: the
+    preset's HYBRID key switching keeps its noise small (BV's would swamp it)."""
+    from medfed.crypto.threshold.evaluator import ThresholdEngine
+
+    engine = ThresholdEngine(trained.aggregator)
+    ctx = trained.aggregator.context
+    x = np.linspace(-1, 1, ctx.slots)
+    v = engine.from_bytes(trained.party(2).encrypt(x))
+    for k in (1, -8, 64):
+        ready = trained.aggregator.for_decryption(engine.to_bytes(engine.rotate(v, k)))
+        got = decrypt(trained, ready, trained.parties, ctx.slots)
+        assert np.max(np.abs(got - np.roll(x, -k))) <= ctx.tolerance, k

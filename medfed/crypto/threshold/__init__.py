@@ -9,7 +9,8 @@ flwr), and imports without OpenFHE: :class:`ThresholdParams` and :data:`THRESHOL
 anyway, and every entry point that needs OpenFHE raises :class:`ThresholdUnavailableError`.
 
 Modules: ``params`` (parameters, presets), ``context`` (the shared OpenFHE context, noise
-measurement), ``party`` (a hospital), ``aggregator`` (the aggregator), ``wire`` (byte formats),
+measurement), ``party`` (a hospital), ``aggregator`` (the aggregator), ``evaluator`` (computing
+on the joint keys), ``wire`` (byte formats),
 ``backend`` (the OpenFHE import), ``errors``.
 """
 

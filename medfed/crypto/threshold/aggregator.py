@@ -15,6 +15,7 @@ from medfed.crypto.threshold.wire import (
     _deserialize_public_key,
     deserialize_eval_key,
     unpack_eval_share,
+    unpack_refresh_shares,
 )
 
 
@@ -113,6 +114,49 @@ class ThresholdAggregator:
         depth = cc.GetMultiplicativeDepth()
         left = depth + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
         return self.context._serialize(cc.Compress(ct, max(1, min(towers, left))))
+
+    # --- collective refresh --------------------------------------------------------------
+
+    def refresh_input(self, ciphertext: bytes) -> tuple[object, bytes]:
+        """Start a collective refresh of ``ciphertext``: the adjusted ciphertext (kept) and
+        its ``c1`` part, which goes to every party."""
+        cc = self.context._cc
+        ct = self.context._ciphertext(ciphertext, "ciphertext to refresh")
+        try:
+            adjusted = cc.IntMPBootAdjustScale(ct)
+        except RuntimeError as e:
+            raise ThresholdError(f"cannot refresh this ciphertext: {e}") from None
+        c1 = adjusted.Clone()
+        c1.RemoveElement(0)
+        return adjusted, self.context._serialize(c1)
+
+    def refresh_output(self, adjusted, a: bytes, shares: Sequence[bytes]) -> bytes:
+        """Finish the refresh: every key share's shares (exactly once each) summed and
+        re-encrypted under the joint key at the top level (``IntMPBootEncrypt``)."""
+        cc = self.context._cc
+        found: dict[int, tuple[bytes, bytes]] = {}
+        for blob in shares:
+            for k, pair in unpack_refresh_shares(blob).items():
+                if k in found:
+                    raise ThresholdError(f"key share {k} took part twice in the refresh")
+                found[k] = pair
+        missing = sorted(set(range(1, self.context.params.parties + 1)) - set(found))
+        if missing:
+            raise ThresholdError(
+                f"the refresh needs every key share; missing {missing} (fewer than t hospitals "
+                "remain to recover them)"
+            )
+        ct = self.context._ciphertext
+        pairs = [[ct(h0, f"h0 of share {k}"), ct(h1, f"h1 of share {k}")] for k, (h0, h1) in
+                 sorted(found.items())]  # fmt: skip
+        try:
+            summed = cc.IntMPBootAdd(pairs)
+            out = cc.IntMPBootEncrypt(
+                self.joint_public_key, summed, ct(a, "refresh element"), adjusted
+            )
+        except RuntimeError as e:
+            raise ThresholdError(f"cannot finish the refresh: {e}") from None
+        return self.context._serialize(out)
 
     def _need_tag(self) -> str:
         if self.joint_key_tag is None:

@@ -43,6 +43,8 @@ def _ccparams(params: ThresholdParams, *, estimation: bool, noise_estimate: floa
     p.SetSecurityLevel(of.HEStd_128_classic)
     p.SetScalingTechnique(of.FIXEDAUTO)
     p.SetKeySwitchTechnique(of.HYBRID if params.key_switching == "HYBRID" else of.BV)
+    # the collective refresh (IntMPBoot) keeps 1 + 2 limbs: at depth 6 an epoch leaves that
+    p.SetInteractiveBootCompressionLevel(of.CompressionLevel.COMPACT)
     if params.noise_flooding:
         p.SetDecryptionNoiseMode(of.NOISE_FLOODING_DECRYPT)
         if estimation:

@@ -74,6 +74,7 @@ class ThresholdEngine:
         self.cc = aggregator.context._cc
         self.slots = aggregator.context.slots
         self.steps = frozenset(getattr(aggregator, "rotation_steps", ()))
+        self.bv = aggregator.context.params.key_switching == "BV"
         self.private = False
 
     def encode(self, values):
@@ -147,8 +148,8 @@ class ThresholdEngine:
                 f"no joint rotation key for step {step} (keys: {sorted(self.steps)})"
             )
         ct = v.ct
-        if ct.GetNoiseScaleDeg() == 1:  # BV key switching adds noise ~2^70: it would swamp a
-            ct = self.cc.EvalMult(ct, 1.0)  # degree-1 message (2^59), not a degree-2 one
+        if self.bv and ct.GetNoiseScaleDeg() == 1:  # BV key switching adds noise ~2^70: it
+            ct = self.cc.EvalMult(ct, 1.0)  # swamps a degree-1 message (2^59), not 2^118
         return ThresholdVec(self, self.cc.EvalRotate(ct, step))
 
     def sum_rotations(self, v: ThresholdVec, unit: int, count: int) -> ThresholdVec:

@@ -109,12 +109,15 @@ class ThresholdParams:
 
 
 #: Named presets. "test" is the smallest ring OpenFHE accepts at 128-bit security for depth 1
-#: (N = 4096 is refused: log Q = 119 bits > 109). "training": depth 5 for encrypted training
-#: on joint evaluation keys (one epoch needs 4 levels, one more keeps two limbs for the
-#: refresh's decryption); BV key switching is what lets N = 16384 pass the 128-bit bound
-#: (HYBRID's extra modulus does not fit), 59-bit scaling primes.
+#: (N = 4096 is refused: log Q = 119 bits > 109). "training": encrypted training on joint
+#: evaluation keys with the collective refresh. An epoch uses 4 levels and the refresh
+#: (interactive bootstrapping, compression COMPACT) needs 3 limbs left after the epoch's last
+#: rescale: depth 6. HYBRID key switching (BV's noise, ~2^70, would swamp rotations of fresh
+#: ciphertexts) with that depth needs N = 32768 for 128-bit security.
 THRESHOLD_PRESETS: dict[str, ThresholdParams] = {
     "default": ThresholdParams(),
     "test": ThresholdParams(ring_dim=8192, batch_size=4096, key_switching="BV"),
-    "training": ThresholdParams(multiplicative_depth=6, scaling_mod_size=59, key_switching="BV"),
+    "training": ThresholdParams(
+        ring_dim=32768, batch_size=16384, multiplicative_depth=6, scaling_mod_size=59
+    ),
 }

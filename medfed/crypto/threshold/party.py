@@ -20,6 +20,7 @@ from medfed.crypto.threshold.wire import (
     PURPOSE_KEY_SHARE,
     PURPOSE_PARTIAL,
     PURPOSE_RECOVERY_SHARE,
+    PURPOSE_REFRESH,
     _deserialize_public_key,
     _digest,
     _pack_partials,
@@ -30,6 +31,7 @@ from medfed.crypto.threshold.wire import (
     deserialize_eval_key,
     pack_blobs,
     pack_eval_share,
+    pack_refresh_shares,
     unpack_blobs,
     unpack_eval_share,
 )
@@ -79,6 +81,7 @@ class ThresholdParty:
         self._held: dict[int, Any] = {}  # owner j -> Shamir share f_j(self.index) (DCRTPoly)
         self._recovered: dict[int, Any] = {}  # owner d -> recovered key share s_d
         self._decryptions: dict[int, int] = {}  # key share -> partial decryptions made with it
+        self._refreshes = 0
 
     # --- identity / directory -----------------------------------------------------------------
 
@@ -202,6 +205,58 @@ class ThresholdParty:
             raise ThresholdError(f"party {self.index} holds no key share {share}")
         joint = deserialize_eval_key(joint_switch_key, "the joint key-switching key")
         return self.context._serialize(cc.MultiMultEvalKey(key, joint, self._joint_tag()))
+
+    # --- collective refresh (OpenFHE's interactive multiparty bootstrapping) -------------------
+
+    def refresh_element(self, *, round: int) -> tuple[bytes, dict[int, bytes]]:
+        """Party 1, once per refresh: a fresh common random element ``a`` and, sealed to each
+        other party, its SHA-256 digest. ``a`` must not come from the aggregator: with ``a =
+        0`` the shares would add up to a decryption."""
+        if self.index != 1:
+            raise ThresholdError("party 1 makes the refresh's common random element")
+        if self._joint is None:
+            raise ThresholdError("the joint public key is not known yet")
+        a = self.context._serialize(self.context._cc.IntMPBootRandomElementGen(self._joint))
+        digest = _digest(a)
+        sealed = {
+            j: self.seal_to(j, digest, round=round, purpose=PURPOSE_REFRESH)
+            for j in range(2, self.context.params.parties + 1)
+        }
+        return a, sealed
+
+    def refresh_shares(
+        self, c1: bytes, a: bytes, *, round: int, sealed_digest: bytes | None = None
+    ) -> bytes:
+        """This party's shares of a collective refresh (``IntMPBootDecrypt``) for every key
+        share it holds: a masked decryption share and a re-encryption share under ``a``.
+
+        Parties other than 1 pass party 1's ``sealed_digest`` of ``a``, and refuse an ``a``
+        that is not the one party 1 made (the aggregator relays both).
+        """
+        self._need_secret()
+        if self.index != 1:
+            if sealed_digest is None:
+                raise ThresholdError("the refresh needs party 1's sealed digest of its element")
+            expected = self.open_from(1, sealed_digest, round=round, purpose=PURPOSE_REFRESH)
+            if expected != _digest(a):
+                raise ThresholdError(
+                    "the refresh's common random element is not the one party 1 made"
+                )
+        cc = self.context._cc
+        c1_ct = self.context._ciphertext(c1, "refresh input")
+        a_ct = self.context._ciphertext(a, "refresh element")
+        keys = {self.index: self._secret, **self._recovered}
+        out = {}
+        for share in sorted(keys):
+            h0, h1 = cc.IntMPBootDecrypt(keys[share], c1_ct, a_ct)
+            out[share] = (self.context._serialize(h0), self.context._serialize(h1))
+        self._refreshes += 1
+        return pack_refresh_shares(out)
+
+    @property
+    def refreshes(self) -> int:
+        """Collective refreshes this party took part in."""
+        return self._refreshes
 
     def _joint_tag(self) -> str:
         if self._joint is None:

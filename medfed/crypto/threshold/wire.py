@@ -25,6 +25,7 @@ _SHARE_MAGIC = b"MFKS1"
 PURPOSE_KEY_SHARE = "threshold/key-share"
 PURPOSE_RECOVERY_SHARE = "threshold/recovery-share"
 PURPOSE_PARTIAL = "threshold/partial-decryption"
+PURPOSE_REFRESH = "threshold/refresh-element"
 
 
 def _digest(data: bytes) -> bytes:
@@ -167,3 +168,24 @@ def check_steps(steps: Sequence[int], slots: int) -> list[int]:
             f"rotation steps must be nonzero and within +-{slots - 1}, got {list(steps)}"
         )
     return out
+
+
+#: First bytes of a party's collective-refresh shares.
+_REFRESH_MAGIC = b"MFRS1"
+
+
+def pack_refresh_shares(shares: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """One party's refresh shares ``{key share: (h0, h1)}`` (serialized OpenFHE elements)."""
+    blobs = {}
+    for k, (h0, h1) in sorted(shares.items()):
+        blobs[f"h0/{k}"], blobs[f"h1/{k}"] = h0, h1
+    return pack_blobs(_REFRESH_MAGIC, {"shares": sorted(shares)}, blobs)
+
+
+def unpack_refresh_shares(data: bytes) -> dict[int, tuple[bytes, bytes]]:
+    """``{key share: (h0, h1)}`` of :func:`pack_refresh_shares`'s bytes."""
+    header, blobs = unpack_blobs(_REFRESH_MAGIC, data, "refresh share")
+    try:
+        return {int(k): (blobs[f"h0/{k}"], blobs[f"h1/{k}"]) for k in header["shares"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ThresholdError(f"malformed refresh share: {e}") from None
