@@ -197,3 +197,23 @@ def test_provisioning_is_typed_and_writes_the_meta_json_it_always_did(tmp_path):
     assert load_provision(tmp_path, 0) == meta
     with pytest.raises(ValueError, match="unknown provisioning key"):
         HospitalProvision.from_dict({**meta.to_dict(), "bukket": 3})
+
+
+def test_bytes_per_sample_divides_by_each_partys_own_samples():
+    from medfed.fl.workspace import HospitalData
+    from medfed.modes.common import bytes_per_sample
+
+    x = np.zeros((10, 2))
+    hospitals = [
+        HospitalData("hospital-0", x[:4], np.zeros(4), x, np.zeros(10)),
+        HospitalData("hospital-1", x, np.zeros(10), x, np.zeros(10)),
+    ]
+    parties = {
+        "hospital-0": {"sent": 400, "received": 40},
+        "hospital-1": {"sent": 1000, "received": 100},
+        "aggregator": {"sent": 140, "received": 1400},
+    }
+    got = bytes_per_sample(parties, hospitals)
+    assert got["hospital-0"] == {"sent": 100.0, "received": 10.0}
+    assert got["hospital-1"] == {"sent": 100.0, "received": 10.0}
+    assert got["aggregator"] == {"sent": 10.0, "received": 100.0}  # per all 14 samples

@@ -251,12 +251,18 @@ def parties_table(metrics: Mapping[str, Any]) -> Table:
     t.add_column("party")
     t.add_column("sent", justify="right")
     t.add_column("received", justify="right")
+    per_sample = metrics.get("bytes_per_sample") or {}
+    if per_sample:
+        t.add_column("sent per sample", justify="right")
     if audit:
         t.add_column("received: messages / binary items / plain values", justify="right")
     if keys:
         t.add_column("public key")
     for name, v in metrics["bytes_per_party"].items():
         row = [name, _mb(v["sent"]), _mb(v["received"])]
+        if per_sample:
+            sent = per_sample.get(name, {}).get("sent")
+            row.append(f"{sent / 1e3:.1f} KB" if sent is not None else "-")
         if audit:
             kinds = audit.get(name, {}).values()
             counts = [sum(k[key] for k in kinds) for key in ("messages", "binary", "plain")]

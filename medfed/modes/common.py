@@ -225,6 +225,21 @@ def described_run(
     }
 
 
+def bytes_per_sample(
+    parties: Mapping[str, Mapping[str, int]], hospitals: Sequence[HospitalData]
+) -> dict[str, dict[str, float]]:
+    """Each party's bytes sent and received per training sample: a hospital's per its own
+    samples, the aggregator's per all hospitals' (what the run's traffic costs per sample)."""
+    own = {h.name: len(h.train_features) for h in hospitals}
+    total = sum(own.values())
+    out = {}
+    for name, v in parties.items():
+        n = total if name == "aggregator" else own.get(name, 0)
+        if n:
+            out[name] = {"sent": v["sent"] / n, "received": v["received"] / n}
+    return out
+
+
 def traffic(fed: Mapping[str, Any]) -> dict[str, Any]:
     """``bytes_up``, ``bytes_down``, ``bytes_per_party`` and ``received_by_party`` (the
     per-party audit: what each party received, by message kind) from the aggregator's ledger;

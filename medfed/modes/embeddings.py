@@ -17,6 +17,7 @@ from medfed.config import SimulationConfig, mode_spec
 from medfed.modes import register_mode
 from medfed.modes.base import Mode
 from medfed.modes.common import (
+    bytes_per_sample,
     check_count,
     described_run,
     dp_guarantee,
@@ -164,6 +165,7 @@ class EmbeddingsMode(Mode):
             "contributors": fed.get("contributors", {}),
             "dp": dp.guarantee(cfg, fed, len(used["normalized_over"])) if dp else None,
         }
+        metrics["bytes_per_sample"] = bytes_per_sample(metrics["bytes_per_party"], hospitals)
         z = [e["max_abs_z"] for e in done if "max_abs_z" in e]
         metrics["max_abs_z"] = max(z) if z else None  # on the hospitals' own training data
         if z and max(z) > approx.radius:

@@ -16,6 +16,7 @@ from medfed.config import ConfigError, SimulationConfig, mode_spec
 from medfed.modes import register_mode
 from medfed.modes.base import Mode, Prepared
 from medfed.modes.common import (
+    bytes_per_sample,
     check_count,
     described_run,
     dp_guarantee,
@@ -217,6 +218,7 @@ class UpdatesMode(Mode):
                 else None
             ),
         }
+        metrics["bytes_per_sample"] = bytes_per_sample(metrics["bytes_per_party"], hospitals)
         return finish(cfg, metrics, fed["rounds"])
 
     def federation_apps(self) -> FederationApps:
