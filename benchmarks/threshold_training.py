@@ -133,6 +133,7 @@ def threshold_column(args) -> dict:
         ThresholdParty,
     )
     from medfed.crypto.threshold.evaluator import ThresholdEngine
+    from medfed.crypto.threshold.refresh import InProcessRefresher
     from medfed.train.diagonal.backend import blocks_from_packed
     from medfed.train.diagonal.compute import DiagonalCompute
     from medfed.train.diagonal.threshold import ThresholdDiagonalBackend, threshold_rotation_steps
@@ -166,27 +167,7 @@ def threshold_column(args) -> dict:
     eval_keys_s = time.perf_counter() - t0
     engine = ThresholdEngine(agg)
 
-    class Refresher:
-        rounds = 0
-        bytes_per_party = 0
-
-        def refresh(self, cts, step):
-            out = []
-            for blob in cts:
-                Refresher.rounds += 1
-                adjusted, c1 = agg.refresh_input(blob)
-                a, sealed = parties[0].refresh_element(round=Refresher.rounds)
-                got = [
-                    p.refresh_shares(
-                        c1, a, round=Refresher.rounds, sealed_digest=sealed.get(p.index)
-                    )
-                    for p in parties
-                ]
-                Refresher.bytes_per_party += len(c1) + len(a) + len(got[-1])
-                out.append(agg.refresh_output(adjusted, a, got))
-            return out
-
-    refresher = Refresher()
+    refresher = InProcessRefresher(agg, parties)
     backend = ThresholdDiagonalBackend(engine, layout, refresher)
     packed = sum_packed(pack_diagonal(x, y, layout, i) for i, (x, y) in enumerate(parts))
     t0 = time.perf_counter()

@@ -58,6 +58,25 @@ def synthetic_hospitals(
     ]
 
 
+def linear_hospitals(n: int, d: int, k: int = 3, label_noise: float = 1.0) -> list[HospitalData]:
+    """``n`` train and ``n`` test samples of ``d`` standard normal features, labels from a
+    random linear rule plus ``label_noise`` normal noise, split over ``k`` hospitals (seeded);
+    with ``d`` near ``n`` a head can memorize its training set."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=d)
+
+    def sample(m):
+        x = rng.normal(size=(m, d))
+        return x, (x @ w / np.sqrt(d) + label_noise * rng.normal(size=m) > 0).astype(np.int64)
+
+    (xtr, ytr), (xte, yte) = sample(n), sample(n)
+    tr, te = np.array_split(np.arange(n), k), np.array_split(np.arange(n), k)
+    return [
+        HospitalData(f"hospital-{i}", xtr[a], ytr[a], xte[b], yte[b])
+        for i, (a, b) in enumerate(zip(tr, te, strict=True))
+    ]
+
+
 @pytest.fixture
 def make_hospitals():
     return synthetic_hospitals

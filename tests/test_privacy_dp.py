@@ -11,11 +11,11 @@ import pytest
 
 import medfed
 from medfed.config import ConfigError
-from medfed.fl.workspace import HospitalData
 from medfed.privacy import mechanisms
 from medfed.privacy.mechanisms import STATS_SENSITIVITY, HospitalDP, unit_rows
 from medfed.train.local import train_local, train_local_dp
 from medfed.train.normalization import stats_vector
+from tests.conftest import linear_hospitals
 
 
 def _neighbours(seed: int, n: int = 40, d: int = 6):
@@ -76,27 +76,10 @@ def test_dp_is_refused_where_the_knobs_conflict():
         medfed.SimulationConfig(mode="updates", dp_epsilon=1.0, dp_noise=2.0)
 
 
-def _overfittable(n: int = 200, d: int = 200, k: int = 3) -> list[HospitalData]:
-    """Noisy labels, as many features as samples: a head can memorize its training set."""
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=d)
-
-    def sample(m):
-        x = rng.normal(size=(m, d))
-        return x, (x @ w / np.sqrt(d) + rng.normal(size=m) > 0).astype(np.int64)
-
-    (xtr, ytr), (xte, yte) = sample(n), sample(n)
-    tr, te = np.array_split(np.arange(n), k), np.array_split(np.arange(n), k)
-    return [
-        HospitalData(f"hospital-{i}", xtr[a], ytr[a], xte[b], yte[b])
-        for i, (a, b) in enumerate(zip(tr, te, strict=True))
-    ]
-
-
 def test_smaller_epsilon_costs_accuracy_and_takes_the_attack_to_chance(monkeypatch):
     seeds = itertools.count(1)  # deterministic noise, for a reproducible test only
     monkeypatch.setattr(mechanisms.secrets, "randbits", lambda bits: next(seeds))
-    hospitals = _overfittable()
+    hospitals = linear_hospitals(200, 200)  # as many features as samples: it memorizes
     runs = {}
     for eps in (None, 10.0, 1.0):
         cfg = medfed.SimulationConfig(

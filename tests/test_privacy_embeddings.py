@@ -37,7 +37,7 @@ from medfed.train.diagonal.epoch import head_matrix, perturb_head, train_diagona
 from medfed.train.diagonal.plain import PlainDiagonalBackend
 from medfed.train.head import HeadSchedule
 from medfed.train.poly import fit_sigmoid
-from tests.conftest import synthetic_hospitals
+from tests.conftest import linear_hospitals, synthetic_hospitals
 from tests.fl_helpers import provision_signed
 from tests.test_threat_model import ALLOWED_REPLY_KEYS, _values
 
@@ -229,27 +229,10 @@ def test_dp_knobs_are_checked_in_both_modes():
     medfed.SimulationConfig(dp_epsilon=1.0)  # mode embeddings takes it
 
 
-def _learnable(n: int = 600, d: int = 16, k: int = 3):
-    """A linear rule with label noise, split over ``k`` hospitals."""
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=d)
-
-    def sample(m):
-        x = rng.normal(size=(m, d))
-        return x, (x @ w / np.sqrt(d) + 0.5 * rng.normal(size=m) > 0).astype(np.int64)
-
-    (xtr, ytr), (xte, yte) = sample(n), sample(n)
-    tr, te = np.array_split(np.arange(n), k), np.array_split(np.arange(n), k)
-    return [
-        W.HospitalData(f"hospital-{i}", xtr[a], ytr[a], xte[b], yte[b])
-        for i, (a, b) in enumerate(zip(tr, te, strict=True))
-    ]
-
-
 def test_smaller_epsilon_costs_accuracy_in_mode_embeddings(monkeypatch):
     seeds = itertools.count(1)  # deterministic noise, for a reproducible test only
     monkeypatch.setattr(mechanisms.secrets, "randbits", lambda bits: next(seeds))
-    hospitals = _learnable()
+    hospitals = linear_hospitals(600, 16, label_noise=0.5)
     runs = {}
     for eps in (None, 8.0, 0.5):
         cfg = medfed.SimulationConfig(

@@ -13,13 +13,12 @@ from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed
 from medfed.crypto.packing import n_buckets
 from medfed.fl.workspace import HospitalData
 from medfed.privacy.mechanisms import unit_rows
-from medfed.privacy.sensitivity import clip_rows
 from medfed.train.diagonal.backend import blocks_from_packed
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.epoch import head_matrix, train_diagonal
 from medfed.train.diagonal.plain import PlainDiagonalBackend
 from medfed.train.head import HeadSchedule, accuracy
-from medfed.train.normalization import public_width, shared_feature_map
+from medfed.train.normalization import mapped_features, public_width, shared_feature_map
 
 
 def normalized(
@@ -43,7 +42,7 @@ def normalized(
     )
 
     def mapped(x):
-        return clip_rows(fmap(raw(x)), clip) if clip else fmap(x)
+        return mapped_features(x, fmap, unit=bool(clip), clip=clip or None)
 
     train = [mapped(h.train_features) for h in hospitals]
     test = [mapped(h.test_features) for h in hospitals]

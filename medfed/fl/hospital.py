@@ -26,16 +26,16 @@ from medfed.crypto.packing import n_buckets
 from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
-from medfed.privacy.mechanisms import HospitalDP, unit_rows
-from medfed.privacy.sensitivity import clip_rows
+from medfed.privacy.mechanisms import HospitalDP
 from medfed.train.diagonal.epoch import head_matrix
 from medfed.train.diagonal.keyholder import hospital_sums
 from medfed.train.normalization import (
     FeatureMap,
     feature_map_from_stats,
+    hospital_stats,
+    mapped_features,
     public_width,
     stats_ciphertexts,
-    stats_vector,
     trained_width,
 )
 
@@ -85,10 +85,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
                 f"{data.name}: embeddings contain NaN/Inf; re-embed the images (clear the "
                 "feature cache) before joining the federation."
             )
-        dp = _dp(meta)
-        stats = stats_vector(unit_rows(features) if dp else features, meta.components)
-        if dp:  # this hospital's share of the noise; the count stays exact
-            stats[:-1] += dp.noise(dp.stats_std(), len(stats) - 1)
+        stats = hospital_stats(features, meta.components, _dp(meta))
         values = {
             M.HOSPITAL: data.name,
             M.BUCKETS: n_buckets(len(features), int(meta.bucket)),
@@ -211,11 +208,9 @@ def _dp(meta: W.HospitalProvision) -> HospitalDP | None:
 
 
 def trained_features(raw: np.ndarray, fmap: FeatureMap, dp: HospitalDP | None) -> np.ndarray:
-    """What the head trains on (and is evaluated on): the feature map of the raw embeddings;
-    with DP, of the unit-norm embeddings, each mapped row clipped to ``dp.clip``."""
-    if dp is None:
-        return fmap(raw)
-    return clip_rows(fmap(unit_rows(raw)), dp.clip)
+    """What the head trains on (and is evaluated on): with DP, the unit-norm embeddings'
+    mapped rows clipped to ``dp.clip`` (:func:`mapped_features`)."""
+    return mapped_features(raw, fmap, unit=dp is not None, clip=dp.clip if dp else None)
 
 
 def _width(d: int, meta: W.HospitalProvision) -> int:

@@ -49,7 +49,7 @@ from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
-from medfed.privacy.mechanisms import HospitalDP, unit_rows
+from medfed.privacy.mechanisms import HospitalDP
 from medfed.train.local import (
     fedavg_from_sum,
     head_shape,
@@ -61,8 +61,9 @@ from medfed.train.local import (
 from medfed.train.normalization import (
     FeatureMap,
     feature_map_from_stats,
+    hospital_stats,
+    mapped_features,
     stats_length,
-    stats_vector,
     trained_width,
 )
 
@@ -280,10 +281,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
-        dp = _dp(meta)
-        stats = stats_vector(unit_rows(x) if dp else x, meta.components)
-        if dp:  # this hospital's share of the noise; the count stays exact
-            stats[:-1] += dp.noise(dp.stats_std(), len(stats) - 1)
+        stats = hospital_stats(x, meta.components, _dp(meta))
         return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
 
     @app.query("partial")
@@ -326,7 +324,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
 
     def features(raw: np.ndarray, fmap: FeatureMap, meta: W.HospitalProvision) -> np.ndarray:
         """The trained features (with DP the feature map takes unit-norm embeddings)."""
-        return fmap(unit_rows(raw) if _dp(meta) else raw)
+        return mapped_features(raw, fmap, unit=_dp(meta) is not None)
 
     @app.train("local")
     @W.guarded(workspace, "train")

@@ -20,8 +20,10 @@ same :class:`FeatureMap` (:func:`feature_map_from_stats`):
   whatever the data's rank: the width is public, the rank is not.
 * ``components == 0``: per-feature standardization only (no second moments).
 
-``scale`` multiplies the mapped features. numpy only: importable without TenSEAL, torch or
-Flower.
+``scale`` multiplies the mapped features. With differential privacy a hospital prepares its
+data the same way in both modes (:func:`hospital_stats`, :func:`mapped_features`): unit-norm
+embeddings, a noise share on its statistics, and (mode ``embeddings``) mapped rows clipped.
+numpy only: importable without TenSEAL, torch or Flower.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from medfed.privacy.mechanisms import HospitalDP, unit_rows
+from medfed.privacy.sensitivity import clip_rows
 
 #: Eigenvalues below this fraction of the largest are treated as zero variance.
 RANK_TOLERANCE = 1e-9
@@ -75,6 +80,24 @@ def stats_vector(features: np.ndarray, components: int) -> np.ndarray:
     else:
         second = (x**2).sum(0)
     return np.concatenate([x.sum(0), second, [x.shape[0]]])
+
+
+def hospital_stats(x: np.ndarray, components: int, dp: HospitalDP | None = None) -> np.ndarray:
+    """A hospital's :func:`stats_vector`; with ``dp``, of its unit-norm embeddings plus its
+    share of the noise (the count stays exact)."""
+    stats = stats_vector(unit_rows(x) if dp else x, components)
+    if dp:
+        stats[:-1] += dp.noise(dp.stats_std(), len(stats) - 1)
+    return stats
+
+
+def mapped_features(
+    raw: np.ndarray, fmap: FeatureMap, *, unit: bool = False, clip: float | None = None
+) -> np.ndarray:
+    """What the head trains on (and is evaluated on): ``fmap`` of the raw embeddings (with
+    ``unit``, of the unit-norm ones: differential privacy), rows clipped to ``clip`` if given."""
+    x = fmap(unit_rows(raw) if unit else raw)
+    return clip_rows(x, clip) if clip is not None else x
 
 
 def stats_ciphertexts(d: int, components: int, slots: int) -> int:

@@ -11,33 +11,11 @@ import pytest
 openfhe = pytest.importorskip("openfhe")
 
 from medfed.crypto.threshold import THRESHOLD_PRESETS, ThresholdError  # noqa: E402
+from medfed.crypto.threshold.refresh import InProcessRefresher  # noqa: E402
 from tests.threshold.conftest import make_federation  # noqa: E402
 from tests.threshold.test_eval_keys import decrypt, joint_eval_keys  # noqa: E402
 
 pytestmark = pytest.mark.openfhe
-
-
-class CollectiveRefresher:
-    """Every online party's shares for the key shares it holds (a recoverer answers for the
-    dropped party too); party 1 makes the common element; the aggregator relays."""
-
-    def __init__(self, fed, online=None) -> None:
-        self.fed = fed
-        self.online = online if online is not None else list(fed.parties)
-        self.rounds = 0
-
-    def refresh(self, ciphertexts: list[bytes], step: int) -> list[bytes]:
-        agg, out = self.fed.aggregator, []
-        for blob in ciphertexts:
-            self.rounds += 1
-            adjusted, c1 = agg.refresh_input(blob)
-            a, sealed = self.fed.party(1).refresh_element(round=self.rounds)
-            shares = [
-                p.refresh_shares(c1, a, round=self.rounds, sealed_digest=sealed.get(p.index))
-                for p in self.online
-            ]
-            out.append(agg.refresh_output(adjusted, a, shares))
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +40,7 @@ def test_refreshed_ciphertexts_are_fresh_and_keep_their_values(fed):
     x, y = rng.uniform(-1, 1, ctx.slots), rng.uniform(0.8, 1.0, ctx.slots)
     cy = fed.party(2).encrypt(y)
     ct, expected = fed.party(3).encrypt(x), x
-    refresher = CollectiveRefresher(fed)
+    refresher = InProcessRefresher(fed.aggregator, fed.parties)
     for _ in range(3):  # three epochs: depth 4, refresh, depth 4 again on the fresh one
         ct = _chain(fed, ct, cy)
         expected = np.roll(expected * y**4, -1)
@@ -82,9 +60,9 @@ def test_a_dropout_is_covered_by_a_recovered_share_and_fewer_are_refused():
     ct = _chain(fed, fed.party(1).encrypt(x), fed.party(1).encrypt(np.ones(ctx.slots)))
     survivors = [fed.party(1), fed.party(3)]
     with pytest.raises(ThresholdError, match=r"missing \[2\]"):
-        CollectiveRefresher(fed, survivors).refresh([ct], 0)
+        InProcessRefresher(fed.aggregator, fed.parties, survivors).refresh([ct], 0)
     fed.party(3).recover_key(2, {1: fed.party(1).recovery_share(2, 3, round=9)}, round=9)
-    (fresh,) = CollectiveRefresher(fed, survivors).refresh([ct], 0)
+    (fresh,) = InProcessRefresher(fed.aggregator, fed.parties, survivors).refresh([ct], 0)
     got = decrypt(fed, fed.aggregator.for_decryption(fresh), survivors, ctx.slots)
     assert np.max(np.abs(got - np.roll(x, -1))) <= ctx.tolerance
 

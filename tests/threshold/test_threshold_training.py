@@ -18,6 +18,7 @@ openfhe = pytest.importorskip("openfhe")
 from medfed.crypto.diagonal import pack_diagonal, plan_diagonal, sum_packed  # noqa: E402
 from medfed.crypto.threshold import THRESHOLD_PRESETS  # noqa: E402
 from medfed.crypto.threshold.evaluator import ThresholdEngine  # noqa: E402
+from medfed.crypto.threshold.refresh import InProcessRefresher  # noqa: E402
 from medfed.train.diagonal.backend import blocks_from_packed  # noqa: E402
 from medfed.train.diagonal.compute import DiagonalCompute  # noqa: E402
 from medfed.train.diagonal.epoch import head_matrix, train_diagonal  # noqa: E402
@@ -29,7 +30,6 @@ from medfed.train.diagonal.threshold import (  # noqa: E402
 from medfed.train.head import HeadSchedule  # noqa: E402
 from medfed.train.poly import fit_sigmoid  # noqa: E402
 from tests.threshold.conftest import make_federation  # noqa: E402
-from tests.threshold.test_collective_refresh import CollectiveRefresher  # noqa: E402
 from tests.threshold.test_eval_keys import joint_eval_keys  # noqa: E402
 
 pytestmark = pytest.mark.openfhe
@@ -61,7 +61,7 @@ def test_threshold_training_matches_the_plaintext_schedule():
     compute.blocks = blocks_from_packed(sum_packed(packs), layout)
     expected = head_matrix(*train_diagonal(plain, [compute], layout, schedule), layout)
 
-    refresher = CollectiveRefresher(fed)
+    refresher = InProcessRefresher(fed.aggregator, fed.parties)
     backend = ThresholdDiagonalBackend(engine, layout, refresher)
     compute = DiagonalCompute(backend, layout)
 

@@ -10,8 +10,8 @@ anyway, and every entry point that needs OpenFHE raises :class:`ThresholdUnavail
 
 Modules: ``params`` (parameters, presets), ``context`` (the shared OpenFHE context, noise
 measurement), ``party`` (a hospital), ``aggregator`` (the aggregator), ``evaluator`` (computing
-on the joint keys), ``wire`` (byte formats),
-``backend`` (the OpenFHE import), ``errors``.
+on the joint keys), ``refresh`` (the collective refresh in one process), ``wire`` (byte
+formats), ``backend`` (the OpenFHE import), ``errors``.
 """
 
 from __future__ import annotations

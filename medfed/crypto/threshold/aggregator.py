@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from medfed.crypto.threshold.backend import _require_openfhe
-from medfed.crypto.threshold.context import ThresholdContext
+from medfed.crypto.threshold.context import ThresholdContext, compress_for_decryption
 from medfed.crypto.threshold.errors import ThresholdError
 from medfed.crypto.threshold.wire import (
     _deserialize_public_key,
@@ -109,11 +109,8 @@ class ThresholdAggregator:
     def for_decryption(self, ciphertext: bytes, towers: int = 2) -> bytes:
         """A computed ciphertext made fit for partial decryption: rescaled to degree 1 and cut
         to at most ``towers`` RNS limbs (``Compress``); parties refuse anything else."""
-        cc = self.context._cc
         ct = self.context._ciphertext(ciphertext, "ciphertext")
-        depth = cc.GetMultiplicativeDepth()
-        left = depth + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
-        return self.context._serialize(cc.Compress(ct, max(1, min(towers, left))))
+        return self.context._serialize(compress_for_decryption(self.context._cc, ct, towers))
 
     # --- collective refresh --------------------------------------------------------------
 

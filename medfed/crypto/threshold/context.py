@@ -130,9 +130,16 @@ def _measure_products(cc, keys, params: ThresholdParams, rng) -> float:
     worst, ct = -math.inf, fresh()
     for _ in range(params.multiplicative_depth):
         ct = cc.EvalRotate(cc.EvalMult(ct, fresh()), 1)
-        left = params.multiplicative_depth + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
-        worst = max(worst, _log_error(cc, keys, cc.Compress(ct, max(1, min(2, left)))))
+        worst = max(worst, _log_error(cc, keys, compress_for_decryption(cc, ct)))
     return worst
+
+
+def compress_for_decryption(cc, ct, towers: int = 2):
+    """``ct`` rescaled to degree 1 and cut to at most ``towers`` RNS limbs (``Compress``): the
+    only form parties partially decrypt (flooding sized for scale ``2^p`` does not hide a
+    degree-2 message's noise)."""
+    left = cc.GetMultiplicativeDepth() + 1 - ct.GetLevel() - (ct.GetNoiseScaleDeg() - 1)
+    return cc.Compress(ct, max(1, min(towers, left)))
 
 
 class ThresholdContext:
