@@ -34,8 +34,9 @@ class SimulationConfig:
         mode: "embeddings" (the aggregator trains a head on encrypted embeddings), "updates"
             (hospitals train locally, the aggregator adds encrypted updates) or a registered
             mode (:func:`medfed.list_modes`).
-        keys: key setup: "shared" (one CKKS key every hospital holds), "threshold" (mode
-            "updates": OpenFHE t-of-n keys) or "none" (mode "updates": plain FedAvg).
+        keys: key setup: "shared" (one CKKS key every hospital holds), "threshold" (OpenFHE
+            t-of-n keys: no hospital can decrypt alone) or "none" (mode "updates": plain
+            FedAvg).
         dataset: MedMNIST flag (e.g. "breastmnist") or path to a MedMNIST-layout ``.npz``.
         data_root: folder holding the MedMNIST ``.npz`` files.
         model: frozen backbone: "deit_tiny", "deit_small" or "deit_base".
@@ -53,9 +54,10 @@ class SimulationConfig:
             least 96 (0: keep all).
         rounds: mode "updates": FedAvg rounds.
         local_epochs: mode "updates": full-batch epochs per hospital per round.
-        dropouts: mode "updates": hospitals that stop answering mid-training.
-        features: mode "updates": precomputed embeddings (``.npz``) instead of ``dataset`` and
-            ``model``; needs no torch.
+        dropouts: hospitals that stop answering mid-training (mode "embeddings": with
+            threshold keys).
+        features: precomputed embeddings (``.npz``) instead of ``dataset`` and ``model``;
+            needs no torch.
         dp_epsilon: record-level differential privacy of the released head and of everything
             the hospitals decrypt, at this epsilon (``dp_delta``); the noise is calibrated to
             it (:mod:`medfed.privacy`; mode "embeddings" also sets the schedule the bound
@@ -105,8 +107,8 @@ class SimulationConfig:
     samples_per_component: int = 64  # components kept: pooled samples / this, >= 96 (0: all)
     rounds: int = 10  # mode "updates": FedAvg rounds
     local_epochs: int = 5  # mode "updates": full-batch epochs per hospital per round
-    dropouts: int = 0  # mode "updates": hospitals that stop answering mid-training
-    features: str | None = None  # mode "updates": precomputed embeddings (.npz)
+    dropouts: int = 0  # hospitals that stop answering mid-training
+    features: str | None = None  # precomputed embeddings (.npz)
     dp_epsilon: float | None = None  # record-level differential privacy at this epsilon
     dp_noise: float | None = None  # the noise multiplier instead of dp_epsilon
     dp_delta: float = 1e-5
@@ -350,6 +352,14 @@ def _check_embeddings(c: SimulationConfig) -> None:
     from medfed.crypto.params import PRESETS, get_preset
 
     _check_dp(c)
+    if c.keys == "threshold":
+        _check_embeddings_threshold(c)
+        return
+    if c.dropouts:
+        raise ConfigError(
+            "dropouts in mode 'embeddings' need --keys threshold (the others recover a "
+            "hospital's key share); with a shared key use --inject dropout:hospital=I,round=STAGE"
+        )
     params = get_preset(c.ckks)
     needed = 2 + math.ceil(math.log2(c.sigmoid_degree + 1))
     if needed > params.depth:
@@ -361,6 +371,34 @@ def _check_embeddings(c: SimulationConfig) -> None:
             f"preset {c.ckks!r} has {params.depth}; use --ckks {fits[0][2]} or a lower "
             "--sigmoid-degree."
         )
+
+
+def _check_embeddings_threshold(c: SimulationConfig) -> None:
+    """Mode "embeddings" under threshold keys: OpenFHE's training preset (depth 6) fits a
+    degree-3 sigmoid; dropouts within n - t; no DP or Ray batch workers yet."""
+    if c.hospitals < 2:
+        raise ConfigError("keys='threshold' needs at least 2 hospitals; use --keys shared")
+    if c.sigmoid_degree > 3:
+        raise ConfigError(
+            f"sigmoid_degree={c.sigmoid_degree}: the threshold training preset has the levels "
+            "of a degree-3 sigmoid; use --sigmoid-degree 3 or 1"
+        )
+    if c.workers:
+        raise ConfigError("workers (Ray encrypted batch workers) need --keys shared")
+    if c.dp_epsilon is not None or c.dp_noise is not None:
+        raise ConfigError(
+            "differential privacy in mode 'embeddings' needs --keys shared for now (the "
+            "threshold path adds no noise to the head); use --keys shared or mode 'updates'"
+        )
+    if c.dropouts:
+        if c.epochs < 2:
+            raise ConfigError("dropouts happen mid-training: use --epochs 2 or more")
+        t = c.hospitals // 2 + 1
+        if c.dropouts > c.hospitals - t:
+            raise ConfigError(
+                f"dropouts={c.dropouts}: with {c.hospitals} hospitals the threshold setup is "
+                f"{t}-of-{c.hospitals} and tolerates at most {c.hospitals - t} dropouts"
+            )
 
 
 def _embeddings_stages() -> tuple[str, ...]:
@@ -390,8 +428,8 @@ _MODES: dict[str, ModeSpec] = {
     "embeddings": ModeSpec(
         "embeddings",
         "medfed.modes.embeddings",
-        keys=("shared",),
-        options=dict(_DP_OPTIONS),
+        keys=("shared", "threshold"),
+        options={"dropouts": 0, "features": None, **_DP_OPTIONS},
         check=_check_embeddings,
         fault_stages=_embeddings_stages,
     ),

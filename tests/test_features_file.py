@@ -1,4 +1,4 @@
-"""Hospitals from a features file (``--features``, mode "updates"): the loader's checks, the
+"""Hospitals from a features file (``--features``, both modes): the loader's checks, the
 same partition as the embeddings pipeline, and CLI runs from such a file."""
 
 from __future__ import annotations
@@ -46,6 +46,24 @@ def test_cli_runs_updates_from_a_features_file(tmp_path):
         assert m["accuracy"] > 0.5  # 3 classes: well above chance
 
 
+def test_cli_runs_embeddings_from_a_features_file(tmp_path):
+    from medfed.simulate import main
+
+    feats = _features_file(tmp_path / "f.npz", n_classes=2)
+    out = tmp_path / "emb"
+    code = main(
+        [
+            *["--mode", "embeddings", "--features", str(feats), "--hospitals", "2"],
+            *["--epochs", "3", "--components", "0", "--backend", "local", "--no-progress"],
+            *["--out", str(out)],
+        ]
+    )
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "toy" and m["mode"] == "embeddings" and m["embed_dim"] == 10
+    assert abs(m["accuracy"] - m["plaintext_accuracy"]) <= 0.02
+
+
 def test_a_bad_features_file_is_named_with_the_fix(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, train_features=np.zeros((3, 2)))
@@ -70,10 +88,11 @@ def test_threshold_keys_without_openfhe_exit_2_naming_the_fix(tmp_path):
     if openfhe_available():
         pytest.skip("OpenFHE imports here; see tests/threshold/")
     feats = _features_file(tmp_path / "f.npz")
-    r = _run_cli("--mode", "updates", "--keys", "threshold", "--features", str(feats))
-    assert r.returncode == 2
-    assert "OpenFHE" in r.stderr and "3.10" in r.stderr and ".[threshold]" in r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
+    for mode in ("updates", "embeddings"):
+        r = _run_cli("--mode", mode, "--keys", "threshold", "--features", str(feats))
+        assert r.returncode == 2
+        assert "OpenFHE" in r.stderr and "3.10" in r.stderr and ".[threshold]" in r.stderr
+        assert "Traceback" not in r.stderr + r.stdout
 
 
 def test_a_features_file_is_partitioned_as_the_pipeline_partitions_embeddings(tmp_path):

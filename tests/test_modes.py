@@ -99,7 +99,7 @@ def test_a_registered_mode_is_validated_and_dispatched_by_federate(majority_mode
         SimulationConfig(mode="majority-test", keys="none", epochs=60)
     with pytest.raises(ConfigError, match="supports keys none"):
         SimulationConfig(mode="majority-test", keys="shared")
-    with pytest.raises(ConfigError, match="dropouts applies to mode 'updates' only"):
+    with pytest.raises(ConfigError, match="dropouts applies to mode 'embeddings' or 'updates'"):
         SimulationConfig(mode="majority-test", keys="none", dropouts=1)
     cfg = SimulationConfig(mode="majority-test", keys="none", out=str(tmp_path))
     hospitals = synthetic_hospitals(n_hospitals=3, n=90, d=4)
@@ -113,6 +113,25 @@ def test_a_registered_mode_is_validated_and_dispatched_by_federate(majority_mode
     assert "mode majority-test, none keys" in console.export_text()
     with pytest.raises(ValueError, match="already registered"):
         register_mode(MajorityMode())
+
+
+def test_base_options_of_one_mode_stay_out_of_the_other_modes_cells(majority_mode):
+    from medfed.experiments.sweep import SweepError, SweepSpec
+
+    spec = {
+        "base": {"dropouts": 1, "epochs": 2, "keys": "none"},
+        "grid": {"mode": ["majority-test", "updates"]},
+    }
+    other, upd = SweepSpec.from_dict(spec).cells()
+    assert (other.config.mode, other.config.dropouts, other.config.epochs) == (
+        "majority-test",
+        0,
+        2,
+    )
+    assert (upd.config.mode, upd.config.dropouts) == ("updates", 1)
+    bad = {"base": {"keys": "none"}, "grid": {"mode": ["majority-test"], "dropouts": [1]}}
+    with pytest.raises(SweepError, match="dropouts applies to mode 'embeddings' or 'updates'"):
+        SweepSpec.from_dict(bad).cells()
 
 
 def test_an_unregistered_mode_is_gone_and_built_in_ones_stay(majority_mode):

@@ -137,16 +137,6 @@ def test_grid_overrides_base_and_duplicate_cells_collapse():
     assert len({c.cell_id for c in cells}) == 2
 
 
-def test_base_options_of_one_mode_stay_out_of_the_other_modes_cells():
-    spec = {"base": {"dropouts": 1, "epochs": 2}, "grid": {"mode": ["embeddings", "updates"]}}
-    emb, upd = SweepSpec.from_dict(spec).cells()
-    assert (emb.config.mode, emb.config.dropouts, emb.config.epochs) == ("embeddings", 0, 2)
-    assert (upd.config.mode, upd.config.dropouts) == ("updates", 1)
-    bad = {"grid": {"mode": ["embeddings"], "dropouts": [1]}}  # a grid value is never dropped
-    with pytest.raises(SweepError, match="dropouts applies to mode 'updates' only"):
-        SweepSpec.from_dict(bad).cells()
-
-
 def test_no_grid_is_one_cell_of_the_base():
     cells = SweepSpec.from_dict({"base": {"hospitals": 4}}).cells()
     assert len(cells) == 1 and cells[0].config.hospitals == 4 and cells[0].knobs == {}

@@ -304,6 +304,21 @@ def test_a_hospital_that_stops_answering_mid_training_does_not_stop_the_run(tmp_
 # --- configuration ------------------------------------------------------------------------------
 
 
+def test_config_takes_embeddings_under_threshold_keys_within_what_they_support():
+    SimulationConfig(mode="embeddings", keys="threshold", hospitals=5, dropouts=2)
+    for bad, match in [
+        ({"dropouts": 3}, "tolerates at most 2 dropouts"),
+        ({"dp_epsilon": 1.0}, "differential privacy in mode 'embeddings' needs --keys shared"),
+        ({"workers": 2}, "need --keys shared"),
+        ({"sigmoid_degree": 5}, "degree-3 sigmoid"),
+        ({"dropouts": 1, "epochs": 1}, "epochs 2 or more"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            SimulationConfig(mode="embeddings", keys="threshold", hospitals=5, **bad)
+    with pytest.raises(ConfigError, match="at least 2 hospitals"):
+        SimulationConfig(mode="embeddings", keys="threshold", hospitals=1)
+
+
 def test_config_accepts_updates_keys_and_refuses_the_rest():
     for keys in ("none", "shared", "threshold"):
         SimulationConfig(mode="updates", keys=keys)
@@ -311,7 +326,7 @@ def test_config_accepts_updates_keys_and_refuses_the_rest():
         SimulationConfig(mode="embeddings", keys="none")
     with pytest.raises(ConfigError, match="tolerates at most 2 dropouts"):
         SimulationConfig(mode="updates", keys="threshold", hospitals=5, dropouts=3)
-    with pytest.raises(ConfigError, match="mode 'updates' only"):
+    with pytest.raises(ConfigError, match="need --keys threshold"):
         SimulationConfig(mode="embeddings", dropouts=1)
     with pytest.raises(ConfigError, match="rounds 2 or more"):
         SimulationConfig(mode="updates", dropouts=1, rounds=1)

@@ -177,16 +177,29 @@ def small_bucket_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
 def summary_table(metrics: Mapping[str, Any]) -> Table:
     """Mode "embeddings": the encrypted-trained head against the same loop on plaintext."""
     m = metrics
+    th = m.get("threshold")
+    if th:  # OpenFHE t-of-n keys: the collective refresh, no masked sums to bound
+        title = f"medfed: {m['hospitals']} hospitals, mode {m['mode']}, threshold keys "
+        title += f"({th['t']}-of-{th['n']}, OpenFHE)"
+        gone = ", ".join(d["hospital"] for d in m.get("dropped", [])) or "none"
+        after = [
+            ("dropped (key shares recovered)", f"{gone} ({len(th.get('recoveries', []))})"),
+            ("seconds per epoch", _num(m.get("seconds_per_epoch"), "{:.2f}")),
+            ("refreshed ciphertexts per epoch", _num(m.get("refreshes_per_epoch"), "{:g}")),
+        ]
+    else:
+        title = f"medfed: {m['hospitals']} hospitals, mode {m['mode']}, {m['keys']} key, "
+        title += f"CKKS {m['ckks']['name']}"
+        after = [("refresh security (bits)", refresh_security_row(m))]
     return run_table(
         m,
-        f"medfed: {m['hospitals']} hospitals, mode {m['mode']}, {m['keys']} key, "
-        f"CKKS {m['ckks']['name']}",
+        title,
         head="encrypted-trained head",
         row_head="encrypted training",
         same_note="the encrypted loop, layout and polynomial on numpy"
         + (" (DP: without the noise)" if m.get("dp") else ""),
         between=dp_rows(m),
-        after=[("refresh security (bits)", refresh_security_row(m))],
+        after=after,
     )
 
 

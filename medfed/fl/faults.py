@@ -70,7 +70,7 @@ _REQUIRED = {
 _ROUND = re.compile(r"^[a-z][a-z-]*(-\d+)?$")
 #: Within one numbered round, the order of its stage families: mode "updates" decrypts the
 #: aggregate (``partial-<r>``, threshold keys) before it trains (``train-<r>``).
-_FAMILY_ORDER = {"sum": 0, "partial": 0, "train": 1}
+_FAMILY_ORDER = {"element": -1, "sum": 0, "partial": 0, "train": 1}
 STATE_KEY = "medfed.faults"  # ConfigRecord in the node's Context.state
 
 
@@ -84,7 +84,7 @@ def stage_rank(stage: str) -> tuple[int, str, int] | None:
     fixed = {"stats": 0, "public-context": 1, "upload": 2, "final": 9}
     if stage in fixed:
         return (fixed[stage], "", 0)
-    m = re.fullmatch(r"(sum|train|partial)(?:-(\d+))?", stage)
+    m = re.fullmatch(r"(element|sum|train|partial)(?:-(\d+))?", stage)
     if m is not None:
         return (3, m.group(1), int(m.group(2) or 0))
     return None  # e.g. the key-setup rounds of mode "updates": matched by name only

@@ -81,16 +81,32 @@ def _updates_apps() -> FederationApps:
     return FederationApps(UpdatesAggregator, make_updates_hospital_app, make_updates_server_app)
 
 
-#: The built-in modes' protocols, by mode name.
+def _threshold_embeddings_apps() -> FederationApps:
+    from medfed.fl.threshold_embeddings import (
+        ThresholdEmbeddingsAggregator,
+        make_threshold_embeddings_hospital_app,
+        make_threshold_embeddings_server_app,
+    )
+
+    return FederationApps(
+        ThresholdEmbeddingsAggregator,
+        make_threshold_embeddings_hospital_app,
+        make_threshold_embeddings_server_app,
+    )
+
+
+#: The built-in modes' protocols, by mode name (and key setup, where it changes the protocol).
 _BUILTIN_APPS: dict[str, Callable[[], FederationApps]] = {
     "embeddings": _embeddings_apps,
+    "embeddings/threshold": _threshold_embeddings_apps,
     "updates": _updates_apps,
 }
 
 
-def builtin_apps(mode: str) -> FederationApps:
-    """The protocol of built-in mode ``mode`` (imported now: TenSEAL only for "embeddings")."""
-    return _BUILTIN_APPS[mode]()
+def builtin_apps(mode: str, keys: str | None = None) -> FederationApps:
+    """The protocol of built-in mode ``mode`` under ``keys`` (imported now: TenSEAL only for
+    "embeddings" with a shared key)."""
+    return _BUILTIN_APPS.get(f"{mode}/{keys}", _BUILTIN_APPS[mode])()
 
 
 def run_federation(
@@ -114,7 +130,9 @@ def run_federation(
     hospital's ClientApp (its factory's ``mods=``), on either backend.
     """
     if apps is None:
-        apps = builtin_apps(getattr(settings, "mode", "embeddings"))
+        apps = builtin_apps(
+            getattr(settings, "mode", "embeddings"), getattr(settings, "keys", None)
+        )
     Aggregator, make_hospital_app, make_aggregator_app = apps
     client_app = make_hospital_app(workspace, mods=fault_mods(faults))
     if backend == "local":

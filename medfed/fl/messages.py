@@ -43,6 +43,13 @@ MSG_PARTIAL = "query.partial"  # threshold: aggregate in, partial decryptions se
 MSG_LOCAL_TRAIN = "train.local"  # aggregate in; decrypt, train locally, encrypted update out
 MSG_UPDATE_FINAL = "evaluate.updatefinal"  # final aggregate in; decrypt, evaluate, ack out
 
+# Mode "embeddings" with threshold keys (medfed/fl/threshold_embeddings.py)
+MSG_THRESHOLD_STATS = "query.thresholdstats"  # hospitals -> Enc_joint(stats), bucket count
+MSG_THRESHOLD_UPLOAD = "train.thresholdupload"  # stats partials in; blocks under the joint key
+MSG_REFRESH_ELEMENT = "query.refreshelement"  # the refresh's lead: fresh elements, digests sealed
+MSG_REFRESH = "query.refresh"  # c1s and elements in; every held key share's refresh shares out
+MSG_THRESHOLD_FINAL = "evaluate.thresholdfinal"  # head partials in; fuse, evaluate, ack out
+
 RECORD = "medfed"  # the one ConfigRecord in every message
 
 # Keys inside the record
@@ -87,6 +94,16 @@ ENDORSEMENT = "endorsement"  # threshold: a hospital's signature over an item it
 ENDORSEMENTS = "endorsements"  # threshold: the endorsement of each PEERS bundle, by party index
 SIGNER = "signer"  # threshold: the hospital whose ENDORSEMENT a request relays
 SIGNERS = "signers"  # threshold: the hospital name of each party index 1..n
+STEPS = "steps"  # threshold: rotation steps the joint rotation keys are made for
+SHARE = "share"  # threshold: a party's share of the joint evaluation keys (round A)
+LEAD_SHARE = "lead_share"  # threshold: party 1's round-A share, whose public parts others use
+SWITCH_KEY = "switch_key"  # threshold: the joint key-switching key (round A's result)
+KEY_SHARES = "key_shares"  # threshold: the key shares a party answers for (own, recovered)
+SHARES = "shares"  # threshold: one item per key share / per refreshed ciphertext
+ELEMENTS = "elements"  # threshold: the refresh's common random elements, made by its lead
+C1 = "c1"  # threshold: the second element of each ciphertext to refresh
+LEAD = "lead"  # threshold: the party index that made this refresh's elements
+COUNT = "count"  # threshold: how many elements the refresh's lead makes
 
 # Envelope keys (every stage, every mode): the aggregator names the stage and sends a fresh
 # round id with each message; the hospital echoes the round id and adds a digest of its reply.

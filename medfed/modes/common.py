@@ -160,7 +160,7 @@ def _deploy(cfg, workspace, hospitals, settings, provisions, shared_key, faults,
         workspace,
         settings,
         [h.name for h in hospitals],
-        mode=cfg.mode,
+        mode=f"{cfg.mode}/{cfg.keys}",  # the protocol: the mode's, under its key setup
         shared_key=shared_key,
         faults=faults,
         on_step=on_step,
@@ -300,4 +300,16 @@ def dp_guarantee(
         "stats_sensitivity": STATS_SENSITIVITY,
         **details,
         "accountant": "dp-accounting PLD (epsilon_rdp: RDP upper bound)",
+    }
+
+
+def used_subsets(fed: Mapping[str, Any], hospitals: list[HospitalData]) -> dict[str, list[int]]:
+    """Hospital indices whose data the federation used: ``normalized_over`` (passed
+    ``stats``), ``trained_on`` (passed ``upload``), ``evaluated_on`` (evaluated the head)."""
+    names = [h.name for h in hospitals]
+    used = fed.get("contributors") or {}
+    return {
+        "normalized_over": indices(hospitals, used.get("stats", names)),
+        "trained_on": indices(hospitals, used.get("upload", names)),
+        "evaluated_on": indices(hospitals, fed.get("evaluated_by", names)),
     }

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from medfed.config import SimulationConfig, mode_spec
 from medfed.modes import register_mode
-from medfed.modes.base import Mode
+from medfed.modes.base import Mode, Prepared
 from medfed.modes.common import (
     bytes_per_sample,
     check_count,
     described_run,
     dp_guarantee,
     finish,
-    indices,
     pooled_accuracy,
     run_in_workspace,
     traffic,
+    used_subsets,
     yardsticks,
 )
 
@@ -50,6 +50,17 @@ class EmbeddingsMode(Mode):
 
     spec = mode_spec("embeddings")
 
+    def prepare(self, cfg: SimulationConfig) -> Prepared:
+        """A features file (``--features``, no torch) or the embeddings pipeline."""
+        if cfg.keys == "threshold":  # fail before any data work on a Python without OpenFHE
+            from medfed.crypto.threshold import _require_openfhe
+
+            _require_openfhe()
+        from medfed.experiments.prepare import hospitals_from_features, hospitals_from_pipeline
+
+        load = hospitals_from_features if cfg.features else hospitals_from_pipeline
+        return Prepared(*load(cfg))
+
     def federate(
         self,
         cfg: SimulationConfig,
@@ -59,6 +70,10 @@ class EmbeddingsMode(Mode):
         started: float | None = None,
     ) -> dict[str, Any]:
         """The encrypted federation and its plaintext references on prepared hospitals."""
+        if cfg.keys == "threshold":
+            from medfed.modes.embeddings_threshold import federate_threshold
+
+            return federate_threshold(self, cfg, hospitals, n_classes, described, started)
         from medfed.crypto.masking import refresh_security
         from medfed.crypto.params import get_preset
         from medfed.experiments.references import plaintext_reference
@@ -181,11 +196,11 @@ class EmbeddingsMode(Mode):
         rounds = fed["rounds"] + [{"stage": "refresh", **r} for r in fed["refreshes"]]
         return finish(cfg, metrics, rounds)
 
-    def federation_apps(self) -> FederationApps:
-        """The aggregator and the Flower apps of this mode's protocol."""
+    def federation_apps(self, keys: str = "shared") -> FederationApps:
+        """The aggregator and the Flower apps of this mode's protocol under ``keys``."""
         from medfed.fl.launch import builtin_apps
 
-        return builtin_apps(self.name)
+        return builtin_apps(self.name, keys)
 
     def summary_table(self, metrics: Mapping[str, Any]) -> Table:
         """The summary table: the encrypted-trained head against the same loop on plaintext."""
@@ -255,18 +270,6 @@ def dp_setup(
     sigma = cfg.dp_noise or noise_multiplier_for(cfg.dp_epsilon, 2, cfg.dp_delta)
     hospitals = HospitalDP(float(sigma), contributors=cfg.hospitals, clip=cfg.dp_clip)
     return schedule, EmbeddingsDP(hospitals, OutputNoise(float(sigma), bound), schedule)
-
-
-def used_subsets(fed: Mapping[str, Any], hospitals: list[HospitalData]) -> dict[str, list[int]]:
-    """Hospital indices whose data the federation used: ``normalized_over`` (passed
-    ``stats``), ``trained_on`` (passed ``upload``), ``evaluated_on`` (evaluated the head)."""
-    names = [h.name for h in hospitals]
-    used = fed.get("contributors") or {}
-    return {
-        "normalized_over": indices(hospitals, used.get("stats", names)),
-        "trained_on": indices(hospitals, used.get("upload", names)),
-        "evaluated_on": indices(hospitals, fed.get("evaluated_by", names)),
-    }
 
 
 MODE = register_mode(EmbeddingsMode())

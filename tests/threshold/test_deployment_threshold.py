@@ -53,3 +53,32 @@ def test_threshold_deployment_with_a_dropout_matches_the_in_process_run(tmp_path
     # Shamir shares held (2 windows each, or 1 for the 64-byte identity)
     assert sep["memory"]["patterns"] >= 3 * 6 and sep["memory"]["found"] == []
     assert (Path(tmp_path) / "deployment" / "superlink.log").exists()
+
+
+def test_embeddings_under_threshold_keys_run_as_a_deployment(tmp_path):
+    """Mode "embeddings" with threshold keys over gRPC: the evaluation-key rounds (in chunks,
+    below gRPC's 512 MB), the upload under the joint key and the per-epoch refresh, each a
+    message to a per-message ClientApp process that reloads the hospital's key share."""
+    from tests.threshold.test_embeddings_threshold import make_hospitals as embedding_hospitals
+
+    hospitals = embedding_hospitals(n_hospitals=3, n=150, d=8, seed=2)
+    cfg = medfed.SimulationConfig(
+        hospitals=3,
+        mode="embeddings",
+        keys="threshold",
+        epochs=2,
+        lr=16.0,
+        components=0,
+        backend="deploy",
+        progress=False,
+        out=str(tmp_path),
+    )
+    local = medfed.federate(cfg.replace(backend="local", out=None), hospitals)
+    deployed = medfed.federate(cfg, hospitals)
+    assert deployed["excluded"] == [] and deployed["threshold"]["n"] == 3
+    assert deployed["refreshes_per_epoch"] == local["refreshes_per_epoch"] > 0
+    # the same federation: only the flooding noise of the head's decryption differs
+    assert abs(deployed["accuracy"] - local["accuracy"]) <= 2 / 150 + 1e-9
+    assert abs(deployed["accuracy"] - deployed["plaintext_accuracy"]) <= 0.02
+    d = deployed["deployment"]
+    assert d["tls"] and d["supernode_auth"] and d["left_running"] == []

@@ -67,7 +67,8 @@ class ThresholdAggregator:
     def join_eval_key_shares(self, shares: Sequence[bytes]) -> bytes:
         """Round A: fold every party's :meth:`ThresholdParty.eval_key_share` (all n, party 1's
         first); the joint rotation keys go into this context, and the joint key-switching key
-        returned goes to every party for round B."""
+        returned goes to every party for round B. Called once per chunk of steps, the
+        rotation keys add up (any one chunk's key-switching key serves round B)."""
         cc, tag = self.context._cc, self._need_tag()
         if len(shares) != self.context.params.parties:
             raise ThresholdError(
@@ -85,7 +86,8 @@ class ThresholdAggregator:
             cc.InsertEvalAutomorphismKey(rotations, tag)
         except RuntimeError as e:
             raise ThresholdError(f"cannot join the evaluation-key shares: {e}") from None
-        self.rotation_steps = parts[0][2]
+        # several rounds A (steps in chunks, to keep messages small) add up their rotations
+        self.rotation_steps = sorted(set(getattr(self, "rotation_steps", ())) | set(parts[0][2]))
         return self.context._serialize(switch)
 
     def join_mult_key_shares(self, shares: Sequence[bytes]) -> None:

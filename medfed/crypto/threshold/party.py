@@ -209,38 +209,47 @@ class ThresholdParty:
     # --- collective refresh (OpenFHE's interactive multiparty bootstrapping) -------------------
 
     def refresh_element(self, *, round: int) -> tuple[bytes, dict[int, bytes]]:
-        """Party 1, once per refresh: a fresh common random element ``a`` and, sealed to each
-        other party, its SHA-256 digest. ``a`` must not come from the aggregator: with ``a =
-        0`` the shares would add up to a decryption."""
-        if self.index != 1:
-            raise ThresholdError("party 1 makes the refresh's common random element")
+        """The refresh's lead (party 1, or the lowest party still online), once per refresh:
+        a fresh common random element ``a`` and, sealed to each other party, its SHA-256
+        digest. ``a`` must not come from the aggregator: with ``a = 0`` the shares would add up
+        to a decryption."""
         if self._joint is None:
             raise ThresholdError("the joint public key is not known yet")
         a = self.context._serialize(self.context._cc.IntMPBootRandomElementGen(self._joint))
         digest = _digest(a)
         sealed = {
             j: self.seal_to(j, digest, round=round, purpose=PURPOSE_REFRESH)
-            for j in range(2, self.context.params.parties + 1)
+            for j in range(1, self.context.params.parties + 1)
+            if j != self.index
         }
         return a, sealed
 
     def refresh_shares(
-        self, c1: bytes, a: bytes, *, round: int, sealed_digest: bytes | None = None
+        self,
+        c1: bytes,
+        a: bytes,
+        *,
+        round: int,
+        sealed_digest: bytes | None = None,
+        lead: int = 1,
     ) -> bytes:
         """This party's shares of a collective refresh (``IntMPBootDecrypt``) for every key
         share it holds: a masked decryption share and a re-encryption share under ``a``.
 
-        Parties other than 1 pass party 1's ``sealed_digest`` of ``a``, and refuse an ``a``
-        that is not the one party 1 made (the aggregator relays both).
+        Parties other than the ``lead`` (the party that made ``a``) pass its
+        ``sealed_digest`` of ``a``, and refuse an ``a`` that is not the one it made (the
+        aggregator relays both).
         """
         self._need_secret()
-        if self.index != 1:
+        if self.index != lead:
             if sealed_digest is None:
-                raise ThresholdError("the refresh needs party 1's sealed digest of its element")
-            expected = self.open_from(1, sealed_digest, round=round, purpose=PURPOSE_REFRESH)
+                raise ThresholdError(
+                    f"the refresh needs party {lead}'s sealed digest of its element"
+                )
+            expected = self.open_from(lead, sealed_digest, round=round, purpose=PURPOSE_REFRESH)
             if expected != _digest(a):
                 raise ThresholdError(
-                    "the refresh's common random element is not the one party 1 made"
+                    f"the refresh's common random element is not the one party {lead} made"
                 )
         cc = self.context._cc
         c1_ct = self.context._ciphertext(c1, "refresh input")

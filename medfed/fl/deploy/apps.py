@@ -53,7 +53,8 @@ def _hospital_app(workspace: str, mode: str, faults: str) -> ClientApp:
     from medfed.fl.launch import builtin_apps
 
     specs = [f for f in faults.split(";") if f]
-    return builtin_apps(mode).hospital_app(workspace, mods=fault_mods(parse_faults(specs)))
+    apps = builtin_apps(*mode.split("/", 1))  # "mode/keys" (or a bare mode)
+    return apps.hospital_app(workspace, mods=fault_mods(parse_faults(specs)))
 
 
 class NodeHospitalApp(ClientApp):
@@ -120,9 +121,10 @@ def main(grid: Grid, context: Context) -> None:
         settings = pickle.load(f)  # written by the operator into the aggregator's own directory
     settings = dataclasses.replace(settings, signing=aggregator_key(directory))
     progress = open(directory / PROGRESS, "ab", buffering=0)  # noqa: SIM115 - closed below
-    aggregator = builtin_apps(getattr(settings, "mode", "embeddings")).aggregator(
-        settings, on_step=lambda step: progress.write(b".")
+    protocol = builtin_apps(
+        getattr(settings, "mode", "embeddings"), getattr(settings, "keys", None)
     )
+    aggregator = protocol.aggregator(settings, on_step=lambda step: progress.write(b"."))
     try:
         results = aggregator.run(grid)
     except Exception as e:  # noqa: BLE001 - reported to the operator, then raised

@@ -43,17 +43,21 @@ class ThresholdAggregatorCipher(AggregatorCipher):
         self.params = preset.with_parties(n, settings.threshold)
         # each round decrypts one aggregate (more when a partial round is redone); OpenFHE's
         # flooding noise is sized for max_decryptions under one joint key
-        if settings.rounds + 2 > self.params.max_decryptions // 2:
+        decryptions = getattr(settings, "decryptions", None) or settings.rounds + 2
+        if decryptions > self.params.max_decryptions // 2:
             raise ThresholdParamsError(
-                f"rounds={settings.rounds}: the threshold preset's flooding covers "
+                f"{decryptions} decryptions: the threshold preset's flooding covers "
                 f"{self.params.max_decryptions} decryptions per key; use fewer rounds"
             )
+        self.session_prefix = f"medfed-{getattr(settings, 'mode', 'updates')}"
         self.agg = None
         self.party: dict[int, int] = {}  # node -> party index
         self.holders: dict[int, int] = {}
         self.seal_round = 0
         self.recoveries: list[dict] = []
         self.decryptions: dict[int, int] = {}  # key share -> partial decryptions made with it
+        self.refresh_round = 0  # sealed-digest rounds of the collective refresh so far
+        self.refreshes: list[dict] = []  # per refresh round: step, ciphertexts, lead, parties
 
     @property
     def t(self) -> int:
@@ -92,7 +96,7 @@ class ThresholdAggregatorCipher(AggregatorCipher):
             "key-context",
             {lead: {M.SETUP_STEP: "context", M.THRESHOLD_CONTEXT: params_json}},
         )[lead][M.THRESHOLD_CONTEXT]
-        session = f"medfed-updates-{secrets.token_hex(8)}"  # bound into every sealed message
+        session = f"{self.session_prefix}-{secrets.token_hex(8)}"  # bound into every sealed message
         joined = self._all(
             exchange,
             "key-join",
@@ -144,6 +148,119 @@ class ThresholdAggregatorCipher(AggregatorCipher):
         )
         self.agg = ThresholdAggregator(ctx, running)
         return nodes
+
+    # -- joint evaluation keys (mode "embeddings") -----------------------------------------
+    def eval_keys(self, exchange: Exchange, steps: Sequence[int], chunk: int = 6) -> None:
+        """The joint relinearization and rotation keys (``steps``), from every hospital.
+
+        Round A in chunks of ``chunk`` steps (a hospital's share is ~18 MB per step at the
+        training preset; chunks keep each message far below gRPC's 512 MB): party 1 first,
+        then the others on its public parts. Round B: each key share's relinearization share
+        from the hospital holding it. Every hospital must answer, as in the key chain.
+        """
+        nodes = sorted(self.party)
+        lead = self._node(1)
+        others = [n for n in nodes if n != lead]
+        switch = None
+        steps = sorted({int(k) for k in steps})
+        for c, start in enumerate(range(0, len(steps), chunk)):
+            part = steps[start : start + chunk]
+            ask = {M.SETUP_STEP: "eval_keys", M.STEPS: part}
+            first = self._all(exchange, f"eval-keys-{c}-lead", {lead: dict(ask)})[lead][M.SHARE]
+            rest = self._all(
+                exchange,
+                f"eval-keys-{c}",
+                {n: {**ask, M.LEAD_SHARE: first} for n in others},
+            )
+            shares = [bytes(first)] + [bytes(rest[n][M.SHARE]) for n in others]
+            joined = self.agg.join_eval_key_shares(shares)
+            switch = switch or joined
+        held = {n: sorted(s for s, h in self.holders.items() if h == self.party[n]) for n in nodes}
+        got = self._all(
+            exchange,
+            "mult-keys",
+            {
+                n: {M.SETUP_STEP: "mult_key", M.SWITCH_KEY: switch, M.KEY_SHARES: held[n]}
+                for n in nodes
+                if held[n]
+            },
+        )
+        by_share: dict[int, bytes] = {}
+        for n, rec in got.items():
+            blobs = list(rec[M.SHARES])
+            if len(blobs) != len(held[n]):
+                raise M.FederationError(f"{len(blobs)} relinearization shares for {held[n]}")
+            by_share.update({s: bytes(b) for s, b in zip(held[n], blobs, strict=True)})
+        self.agg.join_mult_key_shares([by_share[s] for s in sorted(by_share)])
+
+    # -- collective refresh (mode "embeddings") ---------------------------------------------
+    def refresh(
+        self, exchange: Exchange, live: list[int], blobs: Sequence[bytes], step: int
+    ) -> tuple[list[bytes], list[int]]:
+        """Fresh top-level encryptions of ``blobs`` by every key share (a live hospital answers
+        for the key shares it recovered), and the nodes still live afterwards.
+
+        Two rounds: ``element-<step>`` (the lowest live party makes the common random
+        elements and seals their digests to the others) and ``sum-<step>`` (every live
+        hospital's shares). A hospital gone in either is dropped, its key share recovered,
+        and the refresh redone with fresh elements.
+        """
+        while True:
+            live = self._recover(exchange, list(live), step)
+            lead_party = min(self.party[n] for n in live)
+            lead = self._node(lead_party)
+            inputs = [self.agg.refresh_input(bytes(b)) for b in blobs]
+            first = self.refresh_round + 1
+            self.refresh_round += len(blobs)
+            got = exchange(
+                f"element-{step}",
+                {lead: {M.COUNT: len(blobs), M.STEP: first}},
+                M.MSG_REFRESH_ELEMENT,
+            )
+            if lead not in got:
+                live = [n for n in live if n != lead]
+                continue
+            elements = [bytes(a) for a in got[lead][M.ELEMENTS]]
+            digests = dict(zip(got[lead][M.RECIPIENTS], got[lead][M.SEALED], strict=True))
+            if len(elements) != len(blobs) or set(digests) != set(
+                range(1, self.params.parties + 1)
+            ) - {lead_party}:
+                raise M.FederationError(
+                    f"the refresh's lead sent {len(elements)} elements for {len(blobs)} ciphertexts"
+                )
+            c1s = [c1 for _, c1 in inputs]
+            payloads = {
+                n: {
+                    M.C1: c1s,
+                    M.ELEMENTS: elements,
+                    M.STEP: first,
+                    M.LEAD: lead_party,
+                    **({} if n == lead else {M.SEALED: digests[self.party[n]]}),
+                }
+                for n in live
+            }
+            replies = exchange(f"sum-{step}", payloads, M.MSG_REFRESH)
+            usable = {
+                n: list(rec[M.SHARES])
+                for n, rec in replies.items()
+                if len(rec[M.SHARES]) == len(blobs)
+            }
+            if set(usable) != set(live):
+                live = [n for n in live if n in usable]
+                continue
+            fresh = [
+                self.agg.refresh_output(adjusted, elements[k], [bytes(usable[n][k]) for n in live])
+                for k, (adjusted, _) in enumerate(inputs)
+            ]
+            self.refreshes.append(
+                {
+                    "step": step,
+                    "ciphertexts": len(blobs),
+                    "lead": lead_party,
+                    "hospitals": len(live),
+                }
+            )
+            return fresh, live
 
     def check(self, blob: bytes, *, sender: str, length: int) -> None:
         """Parses every ciphertext, checking its context and joint-key tag."""

@@ -123,8 +123,9 @@ class ThresholdHospital(HospitalCipher):
         return load_signing_key(self.workspace, self.index)
 
     def setup(self, step: str, record: Mapping) -> dict:
-        """Steps context (lead only), join, keygen, share, accept, recovery_share, recover;
-        the state is stored after each."""
+        """Steps context (lead only), join, keygen, share, accept, recovery_share, recover,
+        and for training on the joint keys eval_keys and mult_key; the state is stored after
+        each."""
         out = self._setup(step, record)
         self._save()
         return out
@@ -202,12 +203,69 @@ class ThresholdHospital(HospitalCipher):
             }
             party.recover_key(int(record[M.DROPPED]), shares, round=int(record[M.STEP]))
             return {M.OK: 1}
+        if step == "eval_keys":  # round A of the joint evaluation keys (mode "embeddings")
+            lead = record.get(M.LEAD_SHARE)
+            steps = [int(k) for k in record[M.STEPS]]
+            return {M.SHARE: party.eval_key_share(steps, bytes(lead) if lead else None)}
+        if step == "mult_key":  # round B: one share per key share this party answers for
+            switch = bytes(record[M.SWITCH_KEY])
+            held = set(party.key_shares)
+            asked = [int(k) for k in record[M.KEY_SHARES]]
+            if not asked or not set(asked) <= held:
+                raise KeyMaterialError(
+                    f"asked for relinearization shares of key shares {asked}; this hospital "
+                    f"holds {sorted(held)}"
+                )
+            return {M.SHARES: [party.mult_key_share(switch, share=k) for k in asked]}
         return super().setup(step, record)
 
     def encrypt(self, vector: np.ndarray) -> bytes:
         """The vector under the joint public key, framed over ciphertexts of the context's slots."""
         party = self._need_party()
         return frame([party.encrypt(c) for c in chunks(vector, party.context.slots)])
+
+    def encrypt_each(self, vectors: Sequence[np.ndarray]) -> list[bytes]:
+        """Each slot vector as one ciphertext under the joint public key."""
+        party = self._need_party()
+        return [party.encrypt(v) for v in vectors]
+
+    # --- collective refresh (mode "embeddings") ----------------------------------------------
+
+    def refresh_elements(self, count: int, first_round: int) -> dict:
+        """As the refresh's lead: ``count`` fresh common random elements and, for every other
+        party, the digests of all of them sealed to it (one frame per recipient)."""
+        party = self._need_party()
+        if not 1 <= count <= 4096:
+            raise ValueError(f"asked for {count} refresh elements")
+        made = [party.refresh_element(round=first_round + k) for k in range(count)]
+        others = sorted(made[0][1])
+        return {
+            M.ELEMENTS: [a for a, _ in made],
+            M.RECIPIENTS: others,
+            M.SEALED: [frame([sealed[r] for _, sealed in made]) for r in others],
+        }
+
+    def refresh_shares(self, record: Mapping) -> dict:
+        """This hospital's refresh shares (every key share it holds) for each ``c1``, after
+        checking each element against the lead's sealed digest."""
+        party = self._need_party()
+        c1s, elements = list(record[M.C1]), list(record[M.ELEMENTS])
+        if len(c1s) != len(elements) or not c1s:
+            raise CiphertextError(f"{len(c1s)} ciphertexts to refresh but {len(elements)} elements")
+        lead, first = int(record[M.LEAD]), int(record[M.STEP])
+        if lead == party.index:
+            digests = [None] * len(c1s)
+        else:
+            digests = unframe(bytes(record[M.SEALED]), sender="the refresh's lead", item="digests")
+            if len(digests) != len(c1s):
+                raise CiphertextError(f"{len(digests)} sealed digests for {len(c1s)} elements")
+        shares = [
+            party.refresh_shares(
+                bytes(c1), bytes(a), round=first + k, sealed_digest=digests[k], lead=lead
+            )
+            for k, (c1, a) in enumerate(zip(c1s, elements, strict=True))
+        ]
+        return {M.SHARES: shares}
 
     def partials(self, aggregate: bytes, recipients: Sequence[int], seal_round: int) -> dict:
         """This hospital's flooded partial decryptions of ``aggregate``, sealed to each peer."""
