@@ -103,13 +103,11 @@ class ThresholdEmbeddingsSettings:
 
 
 def rotation_steps_for(width: int, slots: int) -> list[int]:
-    """The rotations the threshold epoch needs keys for, known before any layout: the
-    diagonal products' (from the group the width gives) and the powers of two of the key
-    holder's map (:func:`~medfed.train.diagonal.threshold.threshold_rotation_steps`)."""
-    from medfed.crypto.diagonal import rotation_steps
+    """The rotations the threshold epoch needs keys for, known before any layout: those of
+    the group the widest trained width gives (a narrower public width keeps the group)."""
+    from medfed.train.diagonal.threshold import rotation_steps_for_group
 
-    powers = [1 << i for i in range(slots.bit_length() - 1)]
-    return sorted(set(rotation_steps(*choose_group(width, slots))) | set(powers))
+    return rotation_steps_for_group(*choose_group(width, slots), slots)
 
 
 class _FlowerRefresher:

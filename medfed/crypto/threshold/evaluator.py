@@ -153,12 +153,12 @@ class ThresholdEngine:
         return ThresholdVec(self, self.cc.EvalRotate(ct, step))
 
     def sum_rotations(self, v: ThresholdVec, unit: int, count: int) -> ThresholdVec:
-        """``sum_j rot(v, j * unit)`` for ``j < count`` (a power of two): ``log2(count)``
-        rotations and additions."""
-        if count & (count - 1):
+        """``sum_j rot(v, j * unit)`` for ``j < count`` (a power of two; ``unit`` may be
+        negative): ``log2(count)`` rotations and additions."""
+        if count < 1 or count & (count - 1):
             raise ThresholdError(f"count {count} must be a power of two")
-        shift = unit
-        while shift < unit * count:
-            v = v + self.rotate(v, shift)
-            shift *= 2
+        k = 1
+        while k < count:
+            v = v + self.rotate(v, unit * k)
+            k *= 2
         return v

@@ -20,7 +20,7 @@ from medfed.train.diagonal.backend import (
     decay_share,
     group_products,
 )
-from medfed.train.diagonal.keyholder import bias_map, pattern_map
+from medfed.train.diagonal.keyholder import pattern_map
 
 
 class Refresher(Protocol):
@@ -31,10 +31,15 @@ class Refresher(Protocol):
 
 
 def threshold_rotation_steps(layout: DiagonalLayout) -> list[int]:
-    """The rotations the threshold round needs keys for: the epoch's, and the powers of two
-    of the linear map (multiples of the group width, and all of them for the bias)."""
-    powers = [1 << i for i in range(layout.slots.bit_length() - 1)]  # 1 .. S/2
-    return sorted(set(rotation_steps(layout.group, layout.baby)) | set(powers))
+    """The rotations the threshold round needs keys for (:func:`rotation_steps_for_group`)."""
+    return rotation_steps_for_group(layout.group, layout.baby, layout.slots)
+
+
+def rotation_steps_for_group(group: int, baby: int, slots: int) -> list[int]:
+    """The epoch's rotations and the powers of two of the linear map from the group width up
+    (``group .. S/2``); the bias's sum within a group uses the epoch's ``-1 .. -group/2``."""
+    multiples = [group << i for i in range((slots // group).bit_length() - 1)]  # g .. S/2
+    return sorted(set(rotation_steps(group, baby)) | set(multiples))
 
 
 class ThresholdDiagonalBackend:
@@ -84,7 +89,6 @@ class ThresholdDiagonalBackend:
         shrink = decay_share(L, weights, decay)
         shrink_b = bias_decay_share(L, biases, decay)
         unit, count = pattern_map(L)
-        bias_unit, bias_count = bias_map(L)
         mapped = []
         for k in range(L.n_heads):
             for g in range(L.n_groups):
@@ -95,7 +99,10 @@ class ThresholdDiagonalBackend:
             qb = _total(bias_products(parts, k))
             if shrink_b:
                 qb = qb + biases[k] * shrink_b
-            mapped.append(e.sum_rotations(qb, bias_unit, bias_count))
+            # the total in every slot: within each group by the epoch's negative steps, then
+            # across groups as for the products (fewer rotation keys than bias_map's 1 .. S/2)
+            within = e.sum_rotations(qb, -1, L.group)
+            mapped.append(e.sum_rotations(within, unit, count))
         sent = [e.to_bytes(v) for v in mapped]
         fresh = [
             e.from_bytes(b, sender="refresh", item=f"refreshed update {j}")
