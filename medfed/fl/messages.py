@@ -103,7 +103,8 @@ SHARES = "shares"  # threshold: one item per key share / per refreshed ciphertex
 ELEMENTS = "elements"  # threshold: the refresh's common random elements, made by its lead
 C1 = "c1"  # threshold: the second element of each ciphertext to refresh
 LEAD = "lead"  # threshold: the party index that made this refresh's elements
-COUNT = "count"  # threshold: how many elements the refresh's lead makes
+SLICE = "slice"  # threshold: which slice of a hospital's upload ciphertexts a message carries
+COUNT = "count"  # threshold: elements the refresh's lead makes; a hospital's upload ciphertexts
 
 # Envelope keys (every stage, every mode): the aggregator names the stage and sends a fresh
 # round id with each message; the hospital echoes the round id and adds a digest of its reply.

@@ -81,6 +81,7 @@ class ThresholdEmbeddingsSettings:
     reply_timeout: float | None = None
     workers: int = 0  # no Ray batch workers under threshold keys
     upload_batch: int = 8  # hospitals per upload wave
+    upload_ciphertexts: int = 96  # ciphertexts per upload message (~355 MB, under gRPC's cap)
     components: int = 0
     samples_per_component: int = 0
     signing: SigningKey | None = None
@@ -210,26 +211,18 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
         failed = []
         for start in range(0, len(nodes), batch):
             wave = nodes[start : start + batch]
-            payloads = {
-                n: {M.LAYOUT: layout_json, M.POSITION: nodes.index(n), **material[n]} for n in wave
-            }
-            replies = self.exchange("upload", payloads, M.MSG_THRESHOLD_UPLOAD)
-            failed += [n for n in wave if n not in replies]
-            for node, rec in replies.items():
+            for node, items in self._upload_wave(wave, nodes, material, layout_json).items():
                 position, name = nodes.index(node), self._name(node)
                 try:
-                    blocks = [int(b) for b in rec[M.BLOCKS]]
+                    blocks, items = items
                     if blocks != layout.blocks_of(position):
                         raise CiphertextError(f"{name} sent blocks {blocks}")
-                    xs, ms, ys = list(rec[M.FEATURES]), list(rec[M.MASKS]), list(rec[M.LABELS])
-                    if (len(xs), len(ms), len(ys)) != (
-                        len(blocks) * per_block,
-                        len(blocks),
-                        len(blocks) * H,
-                    ):
-                        raise CiphertextError(
-                            f"{name} sent {len(xs)}/{len(ms)}/{len(ys)} ciphertexts"
-                        )
+                    nb = len(blocks)
+                    expected = nb * (per_block + 1 + H)
+                    if len(items) != expected:
+                        raise CiphertextError(f"{name} sent {len(items)} of {expected} ciphertexts")
+                    xs, ms = items[: nb * per_block], items[nb * per_block : nb * (per_block + 1)]
+                    ys = items[nb * (per_block + 1) :]
 
                     def load(b, item, name=name):
                         return engine.from_bytes(bytes(b), sender=name, item=item)
@@ -242,7 +235,7 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
                         )
                         for k, blk in enumerate(blocks)
                     }
-                except (CiphertextError, KeyError, ValueError) as e:
+                except (CiphertextError, KeyError, ValueError, TypeError) as e:
                     self.ledger.exclude("upload", name, log_safe(str(e)))
                     failed.append(node)
                     continue
@@ -255,6 +248,8 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
                         cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
                         cur["m"] = cur["m"] + m
                         cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
+            done = set(self.contributors.get("upload", []))
+            failed += [n for n in wave if n not in done and n not in failed]
         self.drop(failed, "upload")
         out = []
         for blk in sorted(sums):
@@ -264,6 +259,52 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
             ]
             out.append(Block(diagonals, sums[blk]["m"], sums[blk]["y"]))
         return out
+
+    def _upload_wave(
+        self, wave: list[int], nodes: list[int], material: dict[int, dict], layout_json: str
+    ) -> dict[int, tuple[list[int], list[bytes]]]:
+        """Each hospital of ``wave``'s blocks and ciphertexts (feature diagonals, masks,
+        labels), in slices of at most ``upload_ciphertexts`` per message (gRPC caps a message
+        at 512 MB; a training-preset ciphertext is ~3.7 MB); slice 0 carries the statistics'
+        partial decryptions. A hospital that fails a slice is left out."""
+        per = max(1, self.s.upload_ciphertexts)
+        got: dict[int, tuple[list[int], list[bytes]]] = {}
+        totals: dict[int, int] = {}
+        ask = list(wave)
+        k = 0
+        while ask:
+            payloads = {
+                n: {
+                    M.LAYOUT: layout_json,
+                    M.POSITION: nodes.index(n),
+                    M.SLICE: k,
+                    M.COUNT: per,
+                    **(material[n] if k == 0 else {}),
+                }
+                for n in ask
+            }
+            replies = self.exchange("upload", payloads, M.MSG_THRESHOLD_UPLOAD)
+            for n in ask:
+                rec = replies.get(n)
+                if rec is None:
+                    got.pop(n, None)
+                    continue
+                try:
+                    blocks, items = [int(b) for b in rec[M.BLOCKS]], list(rec[M.FEATURES])
+                    total = int(rec[M.COUNT]) if k == 0 else totals[n]
+                    if k == 0:
+                        totals[n] = total
+                        got[n] = (blocks, [])
+                    if blocks != got[n][0] or len(items) != min(per, total - k * per):
+                        raise CiphertextError(f"slice {k} holds {len(items)} ciphertexts")
+                except (CiphertextError, KeyError, ValueError, TypeError) as e:
+                    self.ledger.exclude("upload", self._name(n), log_safe(str(e)))
+                    got.pop(n, None)
+                    continue
+                got[n][1].extend(items)
+            k += 1
+            ask = [n for n in ask if n in got and len(got[n][1]) < totals[n]]
+        return got
 
     def run(self, grid: Grid) -> dict:
         """The whole protocol over ``grid``; returns the aggregator-side results."""
@@ -417,34 +458,49 @@ def make_threshold_embeddings_hospital_app(
         data, meta = _load(workspace, i)
         rec = msg.content[M.RECORD]
         layout = DiagonalLayout.from_dict(json.loads(rec[M.LAYOUT]))
-        d, components = data.train_features.shape[1], meta.components
-        length = stats_length(d, components)
-        total = cipher(meta, i).decrypt(None, rec, length)
-        total[length - 1] = _count(total[length - 1])
-        padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
-        width = public_width(d, components, padded, meta.samples_per_component)
-        if width != layout.n_features:
-            raise ValueError(
-                f"the layout trains {layout.n_features} features, not {width}; every party "
-                "must run one medfed version with one --components and --samples-per-component"
-            )
-        fmap = feature_map_from_stats(total, d, components and width, meta.feature_scale)
-        np.savez(
-            W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
-        )
+        norm = W.hospital_dir(Path(workspace), i) / W.NORM
+        if int(rec.get(M.SLICE, 0)) == 0:  # the first slice: fuse the statistics total
+            d, components = data.train_features.shape[1], meta.components
+            length = stats_length(d, components)
+            total = cipher(meta, i).decrypt(None, rec, length)
+            total[length - 1] = _count(total[length - 1])
+            padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
+            width = public_width(d, components, padded, meta.samples_per_component)
+            if width != layout.n_features:
+                raise ValueError(
+                    f"the layout trains {layout.n_features} features, not {width}; every party "
+                    "must run one medfed version with one --components and "
+                    "--samples-per-component"
+                )
+            fmap = feature_map_from_stats(total, d, components and width, meta.feature_scale)
+            np.savez(norm, mean=fmap.mean, projection=fmap.projection)
+        else:  # later slices: the feature map the first one made
+            with np.load(norm) as f:
+                fmap = FeatureMap(f["mean"], f["projection"])
         position = int(rec[M.POSITION])
         if not 0 <= position < len(layout.allocations):
             raise ValueError(f"{data.name}: slot position {position} is outside the layout")
         x = mapped_features(data.train_features, fmap)
         packed = pack_diagonal(x, data.train_labels, layout, position)
-        enc = cipher(meta, i).encrypt_each
-        blocks, xs, masks, ys = [], [], [], []
-        for block, b in sorted(packed.items()):
-            blocks.append(block)
-            xs.extend(enc(list(b.diagonals.reshape(-1, layout.slots))))
-            masks.extend(enc([b.mask]))
-            ys.extend(enc(list(b.targets)))
-        return reply(msg, data, **{M.BLOCKS: blocks, M.FEATURES: xs, M.MASKS: masks, M.LABELS: ys})
+        blocks = sorted(packed)
+        vectors = [v for b in blocks for v in packed[b].diagonals.reshape(-1, layout.slots)]
+        vectors += [packed[b].mask for b in blocks]
+        vectors += [t for b in blocks for t in packed[b].targets]
+        k, per = int(rec.get(M.SLICE, 0)), int(rec.get(M.COUNT, 0)) or len(vectors)
+        part = vectors[k * per : (k + 1) * per]
+        if not part:
+            raise ValueError(
+                f"{data.name}: upload slice {k} is past the {len(vectors)} ciphertexts"
+            )
+        return reply(
+            msg,
+            data,
+            **{
+                M.BLOCKS: blocks,
+                M.FEATURES: cipher(meta, i).encrypt_each(part),
+                M.COUNT: len(vectors),
+            },
+        )
 
     @app.query("refreshelement")
     @W.guarded(workspace, "refresh")

@@ -62,7 +62,7 @@ def schedule() -> HeadSchedule:
     return HeadSchedule(EPOCHS, LR, fit_sigmoid(3, 24.0), L2)
 
 
-def run_federation(ws, hospitals, faults=()):
+def run_federation(ws, hospitals, faults=(), upload_ciphertexts=96):
     meta = {
         "keys": "threshold",
         "bucket": BUCKET,
@@ -81,6 +81,7 @@ def run_federation(ws, hospitals, faults=()):
         expected_hospitals=len(hospitals),
         min_hospitals=2,
         signing=ring.aggregator,
+        upload_ciphertexts=upload_ciphertexts,
     )
     grid = LocalGrid(
         make_threshold_embeddings_hospital_app(ws, mods=fault_mods(faults)), len(hospitals)
@@ -116,7 +117,8 @@ def check_against_plaintext(ws, hospitals, result):
 def run3(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     hospitals = make_hospitals()
-    aggregator, result = run_federation(ws, hospitals)
+    # 10 ciphertexts per hospital (8 diagonals, mask, labels), uploaded in slices of 7
+    aggregator, result = run_federation(ws, hospitals, upload_ciphertexts=7)
     yield aggregator, result, hospitals, ws
     forget_threshold_parties(ws)
 
@@ -129,6 +131,8 @@ def test_three_hospitals_train_on_joint_keys_like_plaintext(run3):
     per_epoch = (layout.n_groups + 1) * layout.n_heads
     assert [r["step"] for r in result["refreshes"]] == list(range(EPOCHS))
     assert all(r["ciphertexts"] == per_epoch and r["hospitals"] == 3 for r in result["refreshes"])
+    uploads = [r for r in result["rounds"] if r["stage"] == "upload"]
+    assert [len(r["hospitals"]) for r in uploads] == [3, 3]  # two slices each
     check_against_plaintext(ws, hospitals, result)
 
 
@@ -143,7 +147,7 @@ def test_the_aggregator_holds_no_secret_and_receives_no_plaintext(run3):
             # only names, counts, indices, envelope fields; never a value of the data
             assert plain <= {
                 M.HOSPITAL, M.BUCKETS, M.N_FEATURES, M.ROUND_ID, M.DIGEST, M.PARTY,
-                M.RECIPIENTS, M.BLOCKS, M.OK, M.SIGNATURE, M.ENDORSEMENT,
+                M.RECIPIENTS, M.BLOCKS, M.COUNT, M.OK, M.SIGNATURE, M.ENDORSEMENT,
             }, (kind, plain)  # fmt: skip
 
 
