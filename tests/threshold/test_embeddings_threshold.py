@@ -3,10 +3,10 @@ multiparty key generation with joint evaluation keys, statistics and blocks unde
 key, the collective refresh every epoch, t-of-n decryption of the head, dropouts recovered.
 
 Tolerance: the head is compared with the same schedule on numpy (the encrypted path's own
-training code, :func:`~medfed.experiments.references.plaintext_reference`). The statistics'
-threshold decryption adds up to ``context.tolerance`` (~0.03) per sum, which moves the
-standardization by ~1e-4 here; each refresh adds ~2^-31; the head's fused decryption adds
-the flooding noise (a weight is the mean of its slot copies). 0.02 per weight bounds it;
+training code, :func:`~medfed.experiments.references.plaintext_reference`). The statistics are
+encrypted times ``STATS_SCALE`` (2^20), so their threshold decryption's error is ~1e-8; each
+refresh adds ~2^-31; the head's fused decryption adds the flooding noise (``context.tolerance``,
+~0.05 per slot at most; a weight is the mean of its slot copies). 0.02 per weight bounds it;
 test accuracy must equal the reference's within 1 point (the issue's bar).
 """
 
