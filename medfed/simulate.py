@@ -37,8 +37,8 @@ def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentPa
         "--keys",
         default=S,
         metavar="{shared,threshold,none}",
-        help="shared (default; one CKKS key held by every hospital), threshold (mode updates: "
-        "OpenFHE t-of-n keys, Python 3.10) or none (mode updates: plain FedAvg baseline)",
+        help="shared (default; one CKKS key held by every hospital), threshold (OpenFHE t-of-n "
+        "keys, Python 3.10 with --features) or none (mode updates: plain FedAvg baseline)",
     )
     p.add_argument(
         "--dataset",
@@ -90,13 +90,14 @@ def build_parser(prog: str = "python -m medfed.simulate") -> argparse.ArgumentPa
         "--dropouts",
         type=int,
         default=S,
-        help="mode updates: hospitals that stop answering from the middle round on (0)",
+        help="hospitals that stop answering mid-training (mode updates: from the middle round; "
+        "mode embeddings, threshold keys: from the middle epoch's refresh) (0)",
     )
     p.add_argument(
         "--features",
         default=S,
-        help="mode updates: precomputed embeddings (.npz with train_features, train_labels, "
-        "test_features, test_labels) instead of --dataset/--model; needs no torch",
+        help="precomputed embeddings (.npz with train_features, train_labels, test_features, "
+        "test_labels) instead of --dataset/--model; needs no torch",
     )
     p.add_argument("--sigmoid-degree", type=int, default=S, help="1, 3 (default) or 5")
     p.add_argument("--sigmoid-radius", type=float, default=S, help="approximation interval (24)")

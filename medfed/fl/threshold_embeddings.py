@@ -61,13 +61,6 @@ from medfed.train.normalization import (
 
 log = logging.getLogger(__name__)
 
-#: The statistics are encrypted times this public factor and divided after the threshold
-#: decryption: its flooding noise is absolute (~0.007 per slot at the training preset), and
-#: PCA whitening of near-degenerate embeddings amplifies an error of that size in the
-#: covariance into a different feature map (measured on BreastMNIST: +-2 pp of accuracy).
-#: Scaled, the error is ~1e-8 (values stay far below the context's headroom).
-STATS_SCALE = 2.0**20
-
 
 @dataclass
 class ThresholdEmbeddingsSettings:
@@ -437,11 +430,12 @@ def make_threshold_embeddings_hospital_app(
                 f"{data.name}: no usable training embeddings (empty or NaN/Inf); re-embed the "
                 "images before joining the federation"
             )
+        c = cipher(meta, i)
         return reply(
             msg,
             data,
             **{
-                M.UPDATE: cipher(meta, i).encrypt(hospital_stats(x, meta.components) * STATS_SCALE),
+                M.UPDATE: c.encrypt(hospital_stats(x, meta.components) * c.stats_scale),
                 M.BUCKETS: n_buckets(len(x), int(meta.bucket)),
                 M.N_FEATURES: int(x.shape[1]),
             },
@@ -469,7 +463,8 @@ def make_threshold_embeddings_hospital_app(
         if int(rec.get(M.SLICE, 0)) == 0:  # the first slice: fuse the statistics total
             d, components = data.train_features.shape[1], meta.components
             length = stats_length(d, components)
-            total = cipher(meta, i).decrypt(None, rec, length) / STATS_SCALE
+            c = cipher(meta, i)
+            total = c.decrypt(None, rec, length) / c.stats_scale
             total[length - 1] = _count(total[length - 1])
             padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
             width = public_width(d, components, padded, meta.samples_per_component)

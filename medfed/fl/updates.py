@@ -282,7 +282,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
         stats = hospital_stats(x, meta.components, _dp(meta))
-        return reply(msg, data, **{M.UPDATE: cipher(meta, i).encrypt(stats)})
+        c = cipher(meta, i)
+        return reply(msg, data, **{M.UPDATE: c.encrypt(stats * c.stats_scale)})
 
     @app.query("partial")
     @W.guarded(workspace, "partial")
@@ -304,7 +305,8 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
         hdir = W.hospital_dir(Path(workspace), i)
         if int(rec[M.FL_ROUND]) == 0:  # the aggregate is the stats sum
             length = stats_length(d, components)
-            total = cipher(meta, i).decrypt(aggregate, rec, length)
+            c = cipher(meta, i)
+            total = c.decrypt(aggregate, rec, length) / c.stats_scale
             total[length - 1] = _count(total[length - 1])
             fmap = feature_map_from_stats(
                 total,

@@ -152,7 +152,7 @@ def test_control_without_the_check_the_aggregator_decrypts_the_statistics(tmp_pa
         (part,) = unframe(bytes(reply[M.UPDATE]))
         plain = cc.Decrypt(keys["context"]._ciphertext(part, "stats"), secret)
         plain.SetLength(3)
-        sums.append(plain.GetRealPackedValue()[0])
+        sums.append(plain.GetRealPackedValue()[0] / TH.ThresholdHospital.stats_scale)
     # a hospital's plaintext feature sum (first slot of its statistics), read by the aggregator
     expected = sorted(float(h.train_features[:, 0].sum()) for h in hospitals)
     np.testing.assert_allclose(sorted(sums), expected, rtol=1e-3)

@@ -20,6 +20,9 @@ class HospitalCipher(ABC):
 
     #: True when decryption needs the other hospitals (a partial-decryption round).
     collective = False
+    #: The statistics are encrypted times this public factor (and divided after decrypting),
+    #: where the decryption's error is absolute and large (threshold keys' flooding noise).
+    stats_scale = 1.0
 
     @classmethod
     def for_hospital(cls, workspace: str, index: int) -> HospitalCipher:
