@@ -45,7 +45,7 @@ from medfed.fl.public_keys import load_public_keys
 from medfed.fl.server_app import Ledger, RoundExchange, make_aggregator_server_app
 from medfed.privacy.mechanisms import secure_rng
 from medfed.privacy.sensitivity import OutputNoise
-from medfed.train.diagonal.backend import Block
+from medfed.train.diagonal.backend import Block, BlockSums
 from medfed.train.diagonal.compute import DiagonalCompute
 from medfed.train.diagonal.encrypted import EncryptedDiagonalBackend
 from medfed.train.diagonal.epoch import perturb_head, train_diagonal
@@ -224,7 +224,7 @@ class EmbeddingsAggregator(RoundExchange):
         }
         G, A, B, H = layout.n_groups, layout.giant, layout.baby, layout.n_heads
         per_block = G * A * B
-        sums: dict[int, dict] = {}
+        sums = BlockSums()
         e = self.engine
         # hospitals upload in waves, folded into the block sums as they arrive, so the
         # aggregator never holds every hospital's ciphertexts at once (100+ hospitals)
@@ -273,22 +273,9 @@ class EmbeddingsAggregator(RoundExchange):
                     continue
                 self.contributors.setdefault("upload", []).append(node)
                 for blk, (x, m, y) in loaded.items():
-                    if blk not in sums:
-                        sums[blk] = {"x": x, "m": m, "y": y}
-                    else:
-                        cur = sums[blk]
-                        cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
-                        cur["m"] = cur["m"] + m
-                        cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
+                    sums.add(blk, x, m, y)
         self._check_quorum("upload", len(self.contributors.get("upload", [])))
-        out = []
-        for blk in sorted(sums):
-            x = sums[blk]["x"]
-            diagonals = [
-                [[x[(g * A + a) * B + b] for b in range(B)] for a in range(A)] for g in range(G)
-            ]
-            out.append(Block(diagonals, sums[blk]["m"], sums[blk]["y"]))
-        return out
+        return sums.blocks(layout)
 
     def train(self, grid: Grid, blocks: list[Block]) -> tuple[list, list]:
         """Train the head on the summed blocks (in-process or on Ray workers).

@@ -31,10 +31,9 @@ from medfed.train.diagonal.epoch import head_matrix
 from medfed.train.diagonal.keyholder import hospital_sums
 from medfed.train.normalization import (
     FeatureMap,
-    feature_map_from_stats,
     hospital_stats,
+    layout_feature_map,
     mapped_features,
-    public_width,
     stats_ciphertexts,
     trained_width,
 )
@@ -123,14 +122,10 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
             [engine.decrypt(engine.from_bytes(b, sender="aggregator", item="stats")) for b in blobs]
         )
         padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
-        width = public_width(d, components, padded, meta.samples_per_component)
-        if width != layout.n_features:
-            raise ValueError(
-                f"the layout trains {layout.n_features} features, not {width} (the run's "
-                "components for its padded sample count); every party must run one medfed "
-                "version with one --components and --samples-per-component"
-            )
-        fmap = feature_map_from_stats(total, d, components and width, meta.feature_scale)
+        fmap = layout_feature_map(
+            total, d, components, meta.samples_per_component, meta.feature_scale, padded,
+            layout.n_features,
+        )  # fmt: skip
         np.savez(
             W.hospital_dir(Path(workspace), i) / W.NORM, mean=fmap.mean, projection=fmap.projection
         )

@@ -23,7 +23,6 @@ refresh or decryption. Imports neither TenSEAL nor torch: runs in the Python 3.1
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -46,13 +45,14 @@ from medfed.fl import workspace as W
 from medfed.fl.ciphers import aggregator_cipher, hospital_cipher
 from medfed.fl.ciphers.framing import frame
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
-from medfed.train.diagonal.backend import Block
+from medfed.fl.updates import add_key_handlers, decrypted_count, hospital_data
+from medfed.train.diagonal.backend import Block, BlockSums
 from medfed.train.diagonal.epoch import head_matrix, train_diagonal
 from medfed.train.head import HeadSchedule
 from medfed.train.normalization import (
     FeatureMap,
-    feature_map_from_stats,
     hospital_stats,
+    layout_feature_map,
     mapped_features,
     public_width,
     stats_length,
@@ -206,7 +206,7 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
         layout_json = json.dumps(layout.to_dict())
         G, A, B, H = layout.n_groups, layout.giant, layout.baby, layout.n_heads
         per_block = G * A * B
-        sums: dict[int, dict] = {}
+        sums = BlockSums()
         batch = max(1, self.s.upload_batch)
         failed = []
         for start in range(0, len(nodes), batch):
@@ -241,24 +241,11 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
                     continue
                 self.contributors.setdefault("upload", []).append(node)
                 for blk, (x, m, y) in loaded.items():
-                    cur = sums.get(blk)
-                    if cur is None:
-                        sums[blk] = {"x": x, "m": m, "y": y}
-                    else:
-                        cur["x"] = [a + b for a, b in zip(cur["x"], x, strict=True)]
-                        cur["m"] = cur["m"] + m
-                        cur["y"] = [a + b for a, b in zip(cur["y"], y, strict=True)]
+                    sums.add(blk, x, m, y)
             done = set(self.contributors.get("upload", []))
             failed += [n for n in wave if n not in done and n not in failed]
         self.drop(failed, "upload")
-        out = []
-        for blk in sorted(sums):
-            x = sums[blk]["x"]
-            diagonals = [
-                [[x[(g * A + a) * B + b] for b in range(B)] for a in range(A)] for g in range(G)
-            ]
-            out.append(Block(diagonals, sums[blk]["m"], sums[blk]["y"]))
-        return out
+        return sums.blocks(layout)
 
     def _upload_wave(
         self, wave: list[int], nodes: list[int], material: dict[int, dict], layout_json: str
@@ -383,19 +370,6 @@ def make_threshold_embeddings_server_app(
 # ------------------------------------------------------------------------------ hospitals
 
 
-@functools.lru_cache(maxsize=64)
-def _load(workspace: str, index: int) -> tuple[W.HospitalData, W.HospitalProvision]:
-    return W.load_hospital(Path(workspace), index)
-
-
-def _count(value: float) -> float:
-    """The summed sample count is an integer; refuse a decryption far from one."""
-    n = round(float(value))
-    if n < 1 or abs(float(value) - n) > 0.25:
-        raise CiphertextError(f"the decrypted sample count {value:.3f} is not a positive integer")
-    return float(n)
-
-
 def make_threshold_embeddings_hospital_app(
     workspace: str | Path, mods: list | None = None
 ) -> ClientApp:
@@ -411,19 +385,13 @@ def make_threshold_embeddings_hospital_app(
     def reply(msg: Message, data: W.HospitalData, **values) -> Message:
         return M.make_reply(msg, **{M.HOSPITAL: data.name, **values})
 
-    @app.query("keysetup")
-    @W.guarded(workspace, "key-setup")
-    def key_setup(msg: Message, context: Context) -> Message:
-        i = M.node_index(context)
-        data, meta = _load(workspace, i)
-        rec = msg.content[M.RECORD]
-        return reply(msg, data, **cipher(meta, i).setup(str(rec[M.SETUP_STEP]), rec))
+    add_key_handlers(app, workspace)
 
     @app.query("thresholdstats")
     @W.guarded(workspace, "stats")
     def stats(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(
@@ -441,22 +409,11 @@ def make_threshold_embeddings_hospital_app(
             },
         )
 
-    @app.query("partial")
-    @W.guarded(workspace, "partial")
-    def partial(msg: Message, context: Context) -> Message:
-        i = M.node_index(context)
-        data, meta = _load(workspace, i)
-        rec = msg.content[M.RECORD]
-        out = cipher(meta, i).partials(
-            bytes(rec[M.AGGREGATE]), [int(r) for r in rec[M.RECIPIENTS]], int(rec[M.STEP])
-        )
-        return reply(msg, data, **out)
-
     @app.train("thresholdupload")
     @W.guarded(workspace, "upload")
     def upload(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         rec = msg.content[M.RECORD]
         layout = DiagonalLayout.from_dict(json.loads(rec[M.LAYOUT]))
         norm = W.hospital_dir(Path(workspace), i) / W.NORM
@@ -465,16 +422,12 @@ def make_threshold_embeddings_hospital_app(
             length = stats_length(d, components)
             c = cipher(meta, i)
             total = c.decrypt(None, rec, length) / c.stats_scale
-            total[length - 1] = _count(total[length - 1])
+            total[length - 1] = decrypted_count(total[length - 1])
             padded = sum(size for _, size in layout.allocations)  # public: the bucket counts
-            width = public_width(d, components, padded, meta.samples_per_component)
-            if width != layout.n_features:
-                raise ValueError(
-                    f"the layout trains {layout.n_features} features, not {width}; every party "
-                    "must run one medfed version with one --components and "
-                    "--samples-per-component"
-                )
-            fmap = feature_map_from_stats(total, d, components and width, meta.feature_scale)
+            fmap = layout_feature_map(
+                total, d, components, meta.samples_per_component, meta.feature_scale, padded,
+                layout.n_features,
+            )  # fmt: skip
             np.savez(norm, mean=fmap.mean, projection=fmap.projection)
         else:  # later slices: the feature map the first one made
             with np.load(norm) as f:
@@ -508,7 +461,7 @@ def make_threshold_embeddings_hospital_app(
     @W.guarded(workspace, "refresh")
     def element(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         rec = msg.content[M.RECORD]
         return reply(
             msg, data, **cipher(meta, i).refresh_elements(int(rec[M.COUNT]), int(rec[M.STEP]))
@@ -518,14 +471,14 @@ def make_threshold_embeddings_hospital_app(
     @W.guarded(workspace, "refresh")
     def refresh(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         return reply(msg, data, **cipher(meta, i).refresh_shares(msg.content[M.RECORD]))
 
     @app.evaluate("thresholdfinal")
     @W.guarded(workspace, "final")
     def final(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         rec = msg.content[M.RECORD]
         layout = DiagonalLayout.from_dict(json.loads(rec[M.LAYOUT]))
         per_head = layout.n_groups + 1

@@ -242,12 +242,39 @@ def make_updates_server_app(
 
 
 @functools.lru_cache(maxsize=64)
-def _load(workspace: str, index: int) -> tuple[W.HospitalData, W.HospitalProvision]:
+def hospital_data(workspace: str, index: int) -> tuple[W.HospitalData, W.HospitalProvision]:
+    """Hospital ``index``'s data and provisioning, read once per process."""
     return W.load_hospital(Path(workspace), index)
 
 
 def _head_from(total: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return fedavg_from_sum(total, shape)[0]
+
+
+def add_key_handlers(app: ClientApp, workspace: str) -> None:
+    """Register a hospital's key-setup and partial-decryption handlers on ``app``: each runs
+    the step with the hospital's cipher (:mod:`medfed.fl.ciphers`, the key setup it was
+    provisioned with). Mode "embeddings" under threshold keys uses them too."""
+
+    def answer(msg: Message, context: Context, step) -> Message:
+        i = M.node_index(context)
+        data, meta = hospital_data(workspace, i)
+        out = step(hospital_cipher(str(meta.keys), workspace, i), msg.content[M.RECORD])
+        return M.make_reply(msg, **{M.HOSPITAL: data.name, **out})
+
+    @app.query("keysetup")
+    @W.guarded(workspace, "key-setup")
+    def key_setup(msg: Message, context: Context) -> Message:
+        return answer(msg, context, lambda c, rec: c.setup(str(rec[M.SETUP_STEP]), rec))
+
+    @app.query("partial")
+    @W.guarded(workspace, "partial")
+    def partial(msg: Message, context: Context) -> Message:
+        def step(c, rec):
+            recipients = [int(r) for r in rec[M.RECIPIENTS]]
+            return c.partials(bytes(rec[M.AGGREGATE]), recipients, int(rec[M.STEP]))
+
+        return answer(msg, context, step)
 
 
 def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -> ClientApp:
@@ -265,36 +292,19 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     def reply(msg: Message, data: W.HospitalData, **values) -> Message:
         return M.make_reply(msg, **{M.HOSPITAL: data.name, **values})
 
-    @app.query("keysetup")
-    @W.guarded(workspace, "key-setup")
-    def key_setup(msg: Message, context: Context) -> Message:
-        i = M.node_index(context)
-        data, meta = _load(workspace, i)
-        rec = msg.content[M.RECORD]
-        return reply(msg, data, **cipher(meta, i).setup(str(rec[M.SETUP_STEP]), rec))
+    add_key_handlers(app, workspace)
 
     @app.query("updatestats")
     @W.guarded(workspace, "stats")
     def stats(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         x = data.train_features
         if not len(x) or not np.all(np.isfinite(x)):
             raise ValueError(f"{data.name}: no usable training embeddings (empty or NaN/Inf)")
         stats = hospital_stats(x, meta.components, _dp(meta))
         c = cipher(meta, i)
         return reply(msg, data, **{M.UPDATE: c.encrypt(stats * c.stats_scale)})
-
-    @app.query("partial")
-    @W.guarded(workspace, "partial")
-    def partial(msg: Message, context: Context) -> Message:
-        i = M.node_index(context)
-        data, meta = _load(workspace, i)
-        rec = msg.content[M.RECORD]
-        out = cipher(meta, i).partials(
-            bytes(rec[M.AGGREGATE]), [int(r) for r in rec[M.RECIPIENTS]], int(rec[M.STEP])
-        )
-        return reply(msg, data, **out)
 
     def global_head(rec, data, meta, i) -> tuple[np.ndarray, FeatureMap]:
         """Decrypt this request's aggregate: (global head, the shared feature map)."""
@@ -307,7 +317,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
             length = stats_length(d, components)
             c = cipher(meta, i)
             total = c.decrypt(aggregate, rec, length) / c.stats_scale
-            total[length - 1] = _count(total[length - 1])
+            total[length - 1] = decrypted_count(total[length - 1])
             fmap = feature_map_from_stats(
                 total,
                 d,
@@ -332,7 +342,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     @W.guarded(workspace, "train")
     def local(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)
         x = features(data.train_features, fmap, meta)
@@ -353,7 +363,7 @@ def make_updates_hospital_app(workspace: str | Path, mods: list | None = None) -
     @W.guarded(workspace, "final")
     def final(msg: Message, context: Context) -> Message:
         i = M.node_index(context)
-        data, meta = _load(workspace, i)
+        data, meta = hospital_data(workspace, i)
         rec = msg.content[M.RECORD]
         w, fmap = global_head(rec, data, meta, i)
         x = features(data.test_features, fmap, meta)
@@ -387,7 +397,7 @@ def _spend_steps(hdir: Path, epochs: int, dp: HospitalDP) -> None:
     path.write_text(str(spent + epochs))
 
 
-def _count(value: float) -> float:
+def decrypted_count(value: float) -> float:
     """The securely summed sample count is an integer; refuse a decryption far from one."""
     n = round(float(value))
     if n < 1 or abs(float(value) - n) > 0.25:

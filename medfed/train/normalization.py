@@ -177,6 +177,28 @@ def feature_map_from_stats(
     return FeatureMap(mean, vecs * (scale * inv_sqrt))
 
 
+def layout_feature_map(
+    total: np.ndarray,
+    d: int,
+    components: int,
+    samples_per_component: int,
+    feature_scale: float,
+    padded: int,
+    layout_width: int,
+) -> FeatureMap:
+    """The shared feature map from the decrypted statistics ``total``, for a layout of
+    ``padded`` samples (public: the bucket counts) that trains ``layout_width`` features;
+    ``ValueError`` unless that is the width this party computes for it."""
+    width = public_width(d, components, padded, samples_per_component)
+    if width != layout_width:
+        raise ValueError(
+            f"the layout trains {layout_width} features, not {width} (the run's components "
+            "for its padded sample count); every party must run one medfed version with one "
+            "--components and --samples-per-component"
+        )
+    return feature_map_from_stats(total, d, components and width, feature_scale)
+
+
 def shared_feature_map(
     train_sets: list[np.ndarray],
     over: list[int],

@@ -82,6 +82,38 @@ def blocks_from_packed(packed, layout: DiagonalLayout, to_vec=None) -> list[Bloc
     ]
 
 
+class BlockSums:
+    """Hospitals' uploaded blocks, added as they arrive (the aggregator never holds every
+    hospital's ciphertexts at once); :meth:`blocks` gives the summed training blocks."""
+
+    def __init__(self) -> None:
+        self._sums: dict[int, tuple[list, object, list]] = {}
+
+    def add(self, block: int, features: list, mask, targets: list) -> None:
+        """Add one hospital's block ``block``: its flat diagonals, mask and per-head targets."""
+        if block not in self._sums:
+            self._sums[block] = (list(features), mask, list(targets))
+            return
+        x, m, y = self._sums[block]
+        self._sums[block] = (
+            [a + b for a, b in zip(x, features, strict=True)],
+            m + mask,
+            [a + b for a, b in zip(y, targets, strict=True)],
+        )
+
+    def blocks(self, layout: DiagonalLayout) -> list[Block]:
+        """The summed blocks in block order, diagonals nested ``[group][giant][baby]``."""
+        G, A, B = layout.n_groups, layout.giant, layout.baby
+        out = []
+        for blk in sorted(self._sums):
+            x, m, y = self._sums[blk]
+            diagonals = [
+                [[x[(g * A + a) * B + b] for b in range(B)] for a in range(A)] for g in range(G)
+            ]
+            out.append(Block(diagonals, m, y))
+        return out
+
+
 def decay_share(layout: DiagonalLayout, weights, decay: float) -> float:
     """The multiple of a group's weight pattern that joins its products for the L2 penalty:
     ``decay * g / S``, which the key holder's sum over the ``S / g`` repeats turns into
