@@ -80,8 +80,10 @@ class ThresholdEmbeddingsSettings:
     node_wait_seconds: float = 120.0
     reply_timeout: float | None = None
     workers: int = 0  # no Ray batch workers under threshold keys
-    upload_batch: int = 8  # hospitals per upload wave
-    upload_ciphertexts: int = 96  # ciphertexts per upload message (~355 MB, under gRPC's cap)
+    # hospitals per upload wave, and ciphertexts (3.7 MB each) per upload message: a local
+    # deployment of 5 hospitals on 23 GB lost one to the OOM killer with 5 x 96 at once
+    upload_batch: int = 2
+    upload_ciphertexts: int = 32
     components: int = 0
     samples_per_component: int = 0
     signing: SigningKey | None = None
@@ -252,7 +254,8 @@ class ThresholdEmbeddingsAggregator(RoundExchange):
     ) -> dict[int, tuple[list[int], list[bytes]]]:
         """Each hospital of ``wave``'s blocks and ciphertexts (feature diagonals, masks,
         labels), in slices of at most ``upload_ciphertexts`` per message (gRPC caps a message
-        at 512 MB; a training-preset ciphertext is ~3.7 MB); slice 0 carries the statistics'
+        at 512 MB, and each copy of a message costs memory: a training-preset ciphertext is ~3.7
+        MB); slice 0 carries the statistics'
         partial decryptions. A hospital that fails a slice is left out."""
         per = max(1, self.s.upload_ciphertexts)
         got: dict[int, tuple[list[int], list[bytes]]] = {}
