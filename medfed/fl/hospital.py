@@ -27,7 +27,7 @@ from medfed.crypto.seal import SealEngine
 from medfed.fl import messages as M
 from medfed.fl import workspace as W
 from medfed.privacy.mechanisms import HospitalDP
-from medfed.train.diagonal.epoch import head_matrix
+from medfed.train.diagonal.epoch import decrypted_head
 from medfed.train.diagonal.keyholder import hospital_sums
 from medfed.train.normalization import (
     FeatureMap,
@@ -175,15 +175,7 @@ def make_hospital_app(workspace: str | Path, mods: list | None = None) -> Client
         vals = [
             engine.decrypt(engine.from_bytes(b, sender="aggregator", item="head")) for b in blobs
         ]
-        weights = head_matrix(
-            [vals[k * per_head : (k + 1) * per_head - 1] for k in range(layout.n_heads)],
-            [vals[(k + 1) * per_head - 1] for k in range(layout.n_heads)],
-            layout,
-        )
-        if not np.all(np.isfinite(weights)) or np.abs(weights).max() > 1e6:
-            raise CiphertextError(
-                f"{data.name}: the decrypted head is not finite or absurdly large"
-            )
+        weights = decrypted_head(vals, layout, data.name)
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
             fmap = FeatureMap(f["mean"], f["projection"])
         dp = _dp(meta)

@@ -47,7 +47,7 @@ from medfed.fl.ciphers.framing import frame
 from medfed.fl.server_app import Ledger, RoundExchange, log_safe, make_aggregator_server_app
 from medfed.fl.updates import add_key_handlers, decrypted_count, hospital_data
 from medfed.train.diagonal.backend import Block, BlockSums
-from medfed.train.diagonal.epoch import head_matrix, train_diagonal
+from medfed.train.diagonal.epoch import decrypted_head, train_diagonal
 from medfed.train.head import HeadSchedule
 from medfed.train.normalization import (
     FeatureMap,
@@ -487,16 +487,7 @@ def make_threshold_embeddings_hospital_app(
         per_head = layout.n_groups + 1
         slots = layout.slots
         values = cipher(meta, i).decrypt(None, rec, per_head * layout.n_heads * slots)
-        vals = values.reshape(-1, slots)
-        weights = head_matrix(
-            [list(vals[k * per_head : (k + 1) * per_head - 1]) for k in range(layout.n_heads)],
-            [vals[(k + 1) * per_head - 1] for k in range(layout.n_heads)],
-            layout,
-        )
-        if not np.all(np.isfinite(weights)) or np.abs(weights).max() > 1e6:
-            raise CiphertextError(
-                f"{data.name}: the decrypted head is not finite or absurdly large"
-            )
+        weights = decrypted_head(list(values.reshape(-1, slots)), layout, data.name)
         with np.load(W.hospital_dir(Path(workspace), i) / W.NORM) as f:
             fmap = FeatureMap(f["mean"], f["projection"])
         W.write_evaluation(

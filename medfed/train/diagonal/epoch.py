@@ -113,6 +113,22 @@ def train_diagonal(
     return weights, biases
 
 
+def decrypted_head(vectors: list[np.ndarray], layout, who: str) -> np.ndarray:
+    """The head matrix from its decrypted slot vectors (per head: one per group, then the
+    bias); :class:`CiphertextError` if it is not finite or absurdly large."""
+    from medfed.crypto.errors import CiphertextError
+
+    per_head = layout.n_groups + 1
+    weights = head_matrix(
+        [list(vectors[k * per_head : (k + 1) * per_head - 1]) for k in range(layout.n_heads)],
+        [vectors[(k + 1) * per_head - 1] for k in range(layout.n_heads)],
+        layout,
+    )
+    if not np.all(np.isfinite(weights)) or np.abs(weights).max() > 1e6:
+        raise CiphertextError(f"{who}: the decrypted head is not finite or absurdly large")
+    return weights
+
+
 def head_matrix(weights: list[list[np.ndarray]], biases: list[np.ndarray], layout) -> np.ndarray:
     """Decrypted/plain pattern vectors -> ``(d + 1, heads)`` matrix (bias row last)."""
     cols = []
