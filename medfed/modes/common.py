@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.config import ConfigError, SimulationConfig
+from medfed.modes.base import Prepared
 
 if TYPE_CHECKING:
     from medfed.fl.faults import Fault
@@ -313,3 +314,16 @@ def used_subsets(fed: Mapping[str, Any], hospitals: list[HospitalData]) -> dict[
         "trained_on": indices(hospitals, used.get("upload", names)),
         "evaluated_on": indices(hospitals, fed.get("evaluated_by", names)),
     }
+
+
+def prepared_hospitals(cfg: SimulationConfig) -> Prepared:
+    """The built-in modes' data: a features file (``--features``, no torch) or the embeddings
+    pipeline; with threshold keys, OpenFHE is checked first (before any data work)."""
+    if cfg.keys == "threshold":
+        from medfed.crypto.threshold import _require_openfhe
+
+        _require_openfhe()
+    from medfed.experiments.prepare import hospitals_from_features, hospitals_from_pipeline
+
+    load = hospitals_from_features if cfg.features else hospitals_from_pipeline
+    return Prepared(*load(cfg))

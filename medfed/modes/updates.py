@@ -23,6 +23,7 @@ from medfed.modes.common import (
     finish,
     indices,
     pooled_accuracy,
+    prepared_hospitals,
     run_in_workspace,
     traffic,
     yardsticks,
@@ -50,14 +51,7 @@ class UpdatesMode(Mode):
 
     def prepare(self, cfg: SimulationConfig) -> Prepared:
         """A features file (``--features``, no torch) or the embeddings pipeline."""
-        if cfg.keys == "threshold":  # fail before any data work on a Python without OpenFHE
-            from medfed.crypto.threshold import _require_openfhe
-
-            _require_openfhe()
-        from medfed.experiments.prepare import hospitals_from_features, hospitals_from_pipeline
-
-        load = hospitals_from_features if cfg.features else hospitals_from_pipeline
-        return Prepared(*load(cfg))
+        return prepared_hospitals(cfg)
 
     def federate(
         self,
